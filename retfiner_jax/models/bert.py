@@ -1,0 +1,146 @@
+"""BERT with an optional cross-attention sub-layer in every layer, and the tied MLM prediction head.
+
+Post-LN layers (LayerNorm eps 1e-12), exact GELU, token type 0, absolute positions. Each layer runs
+self-attention -> cross-attention (when image keys/values are given) -> feed-forward. The image keys/values
+of every layer depend only on the image tokens, so `cross_keys_values` computes them once and every pass
+that attends to images takes them as an input (gathered per row for pairs with other images).
+Parameter names follow Hugging Face's BERT (`embeddings`, `layer_N/attention`, `crossattention`, ...).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from retfiner_jax.models.attention import attention
+from retfiner_jax.models.config import ModelConfig
+from retfiner_jax.models.vit import compute_dtype, gelu, layer_norm
+
+BERT_LN_EPS = 1e-12
+init_normal = nn.initializers.normal(0.02)  # BERT's initializer_range.
+
+
+def dense(features, dtype, name=None):
+  return nn.Dense(features, dtype=dtype, kernel_init=init_normal, name=name)
+
+
+class BertAttention(nn.Module):
+  """Multi-head attention + output dense + residual + LayerNorm (BERT's `attention` / `crossattention`)."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  def setup(self):
+    cfg, dtype = self.cfg, compute_dtype(self.cfg)
+    self.query = dense(cfg.text_dim, dtype)
+    self.key = dense(cfg.text_dim, dtype)
+    self.value = dense(cfg.text_dim, dtype)
+    self.output_dense = dense(cfg.text_dim, dtype)
+    self.output_LayerNorm = layer_norm(BERT_LN_EPS)
+    self.dropout = nn.Dropout(cfg.text_dropout)
+
+  def _heads(self, x):
+    return x.reshape(x.shape[:2] + (self.cfg.text_heads, self.cfg.text_dim // self.cfg.text_heads))
+
+  def keys_values(self, source):
+    """(B, Lk, D) -> key, value of shape (B, Lk, H, d)."""
+    return self._heads(self.key(source)), self._heads(self.value(source))
+
+  def __call__(self, hidden, keys_values, bias=None):
+    key, value = keys_values
+    dropout = None
+    if self.cfg.text_dropout > 0 and not self.deterministic:
+      dropout = lambda p: self.dropout(p, deterministic=False)
+    context = attention(self._heads(self.query(hidden)), key, value, bias, dropout)
+    out = self.output_dense(context.reshape(hidden.shape[:2] + (self.cfg.text_dim,)))
+    out = self.dropout(out, deterministic=self.deterministic)
+    return self.output_LayerNorm(out + hidden).astype(hidden.dtype)
+
+
+class BertLayer(nn.Module):
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  def setup(self):
+    cfg, dtype = self.cfg, compute_dtype(self.cfg)
+    self.attention = BertAttention(cfg, self.deterministic)
+    self.crossattention = BertAttention(cfg, self.deterministic)
+    self.intermediate_dense = dense(cfg.text_intermediate, dtype)
+    self.output_dense = dense(cfg.text_dim, dtype)
+    self.output_LayerNorm = layer_norm(BERT_LN_EPS)
+    self.dropout = nn.Dropout(cfg.text_dropout)
+
+  def cross_keys_values(self, image_tokens):
+    return self.crossattention.keys_values(image_tokens)
+
+  def __call__(self, hidden, self_bias, cross_kv=None):
+    hidden = self.attention(hidden, self.attention.keys_values(hidden), self_bias)
+    if cross_kv is not None:
+      hidden = self.crossattention(hidden, cross_kv)  # No mask: every image token is visible.
+    out = self.output_dense(gelu(self.intermediate_dense(hidden)))
+    out = self.dropout(out, deterministic=self.deterministic)
+    return self.output_LayerNorm(out + hidden).astype(hidden.dtype)
+
+
+class BertEmbeddings(nn.Module):
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  def setup(self):
+    cfg = self.cfg
+    self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.text_dim, embedding_init=init_normal)
+    self.position_embeddings = nn.Embed(cfg.max_position_embeddings, cfg.text_dim, embedding_init=init_normal)
+    self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.text_dim, embedding_init=init_normal)
+    self.LayerNorm = layer_norm(BERT_LN_EPS)
+    self.dropout = nn.Dropout(cfg.text_dropout)
+
+  def __call__(self, input_ids):
+    length = input_ids.shape[-1]
+    x = (self.word_embeddings(input_ids) + self.position_embeddings(jnp.arange(length))[None]
+         + self.token_type_embeddings(jnp.zeros_like(input_ids)))
+    x = self.dropout(self.LayerNorm(x), deterministic=self.deterministic)
+    return x.astype(compute_dtype(self.cfg))
+
+
+class MlmHead(nn.Module):
+  """dense -> GELU -> LayerNorm -> decoder tied to the word embeddings, plus a bias."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, hidden, word_embeddings: nn.Embed):
+    x = gelu(dense(self.cfg.text_dim, compute_dtype(self.cfg), name="transform_dense")(hidden))
+    x = layer_norm(BERT_LN_EPS, "transform_LayerNorm")(x)
+    bias = self.param("bias", nn.initializers.zeros, (self.cfg.vocab_size,))
+    logits = jnp.dot(x.astype(compute_dtype(self.cfg)), word_embeddings.embedding.T.astype(compute_dtype(self.cfg)),
+                     preferred_element_type=jnp.float32)
+    return logits + bias
+
+
+class BertTextEncoder(nn.Module):
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  def setup(self):
+    self.embeddings = BertEmbeddings(self.cfg, self.deterministic)
+    self.layer = [BertLayer(self.cfg, self.deterministic) for _ in range(self.cfg.text_layers)]
+    self.mlm_head = MlmHead(self.cfg)
+
+  def cross_keys_values(self, image_tokens):
+    """Per layer, the cross-attention (key, value) of the image tokens: a tuple of (B, N, H, d) pairs."""
+    return tuple(layer.cross_keys_values(image_tokens) for layer in self.layer)
+
+  def __call__(self, input_ids, self_bias, cross_kv=None):
+    """Sequence output (B, L, D). `self_bias` is the additive self-attention mask (see attention.py);
+    `cross_kv` (from `cross_keys_values`, rows matching `input_ids`) switches cross-attention on."""
+    hidden = self.embeddings(input_ids)
+    for i, layer in enumerate(self.layer):
+      hidden = layer(hidden, self_bias, None if cross_kv is None else cross_kv[i])
+    return hidden
+
+  def mlm_logits(self, hidden):
+    """Vocabulary logits (float32) of the given hidden states (any leading shape)."""
+    return self.mlm_head(hidden, self.embeddings.word_embeddings)
+
+  def init_all(self, input_ids, attention_mask, image_tokens):
+    """Touches every parameter (for `init`)."""
+    from retfiner_jax.models.attention import padding_bias
+    hidden = self(input_ids, padding_bias(attention_mask), self.cross_keys_values(image_tokens))
+    return self.mlm_logits(hidden)

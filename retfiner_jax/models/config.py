@@ -1,0 +1,122 @@
+"""Model sizes: one flat, JSON-friendly description of a RetFiner model (or of one of its encoders).
+
+The field names are those of the `config` block of a reference bundle's `expected.json`, so that block is a
+valid model config. Sizes a PyTorch checkpoint cannot tell (head counts) come from a named variant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+BACKBONES = ("retfound", "visionfm", "urfound")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  # Vision encoder (timm/MAE ViT).
+  backbone: str = "retfound"
+  image_size: int = 224
+  patch_size: int = 16
+  vision_dim: int = 1024
+  vision_depth: int = 24
+  vision_heads: int = 16
+  vision_mlp_dim: int = 4096
+  vision_projection: bool = True  # RETFound: a new Linear(vision_dim -> text_dim) after the final norm.
+  vision_final_norm: bool | None = None  # None: as the backbone does (UrFound's RetFiner path skips it).
+  # Text encoder (BERT with cross-attention).
+  text_dim: int = 768
+  text_layers: int = 12
+  text_heads: int = 12
+  text_intermediate: int = 3072
+  vocab_size: int = 30522
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  text_dropout: float = 0.0  # BERT's hidden and attention-probability dropout during training.
+  # Heads and objectives.
+  contrastive_dim: int = 512
+  temperature: float = 0.07
+  label_smoothing: float = 0.1
+  max_text_length: int = 30
+  # Numerics: "float32" (parity) or "bfloat16" (bf16 compute, f32 params, softmax, LayerNorm and losses).
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.backbone not in BACKBONES:
+      raise ValueError(f"model config: backbone must be one of {BACKBONES}, got {self.backbone!r}")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"model config: dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+    if self.vision_dim % self.vision_heads or self.text_dim % self.text_heads:
+      raise ValueError("model config: vision_dim/text_dim must be divisible by their head counts")
+    if not self.vision_projection and self.vision_dim != self.text_dim:
+      raise ValueError(
+          f"model config: vision_dim {self.vision_dim} != text_dim {self.text_dim} needs vision_projection=True")
+
+  @property
+  def apply_final_norm(self) -> bool:
+    if self.vision_final_norm is not None:
+      return self.vision_final_norm
+    return self.backbone != "urfound"
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict, source: str = "model config") -> "ModelConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"{source}: unknown model-config keys {unknown}; known keys: {sorted(known)}")
+    d = dict(d)
+    if "vision_mlp_dim" not in d and "vision_dim" in d:
+      d["vision_mlp_dim"] = 4 * d["vision_dim"]
+    return cls(**d)
+
+  @classmethod
+  def from_json(cls, path: str | Path) -> "ModelConfig":
+    """Reads a model config JSON; a reference bundle's `expected.json` (its `config` block) also works."""
+    path = Path(path)
+    try:
+      d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"{path}: cannot read a model config: {e}") from e
+    if "config" in d and isinstance(d["config"], dict):  # A reference bundle's expected.json.
+      block = dict(d["config"])
+      if "backbone" in d and "backbone" not in block:
+        block["backbone"] = d["backbone"]
+      d = block
+    return cls.from_dict(d, source=str(path))
+
+
+_VIT_L = dict(vision_dim=1024, vision_depth=24, vision_heads=16, vision_mlp_dim=4096)
+_VIT_B = dict(vision_dim=768, vision_depth=12, vision_heads=12, vision_mlp_dim=3072)
+_BERT_BASE = dict(text_dim=768, text_layers=12, text_heads=12, text_intermediate=3072)
+_TINY_TEXT = dict(text_dim=48, text_layers=2, text_heads=4, text_intermediate=192, contrastive_dim=32)
+
+VARIANTS: dict[str, ModelConfig] = {
+    "retfound": ModelConfig(backbone="retfound", vision_projection=True, **_VIT_L, **_BERT_BASE),
+    "visionfm": ModelConfig(backbone="visionfm", vision_projection=False, **_VIT_B, **_BERT_BASE),
+    "urfound": ModelConfig(backbone="urfound", vision_projection=False, **_VIT_B, **_BERT_BASE),
+    # Text-only sizes: the vision part is left at its defaults and unused.
+    "bert-base": ModelConfig(**_BERT_BASE),
+    # Tiny models for tests (same shapes as the reference bundles).
+    "tiny-retfound": ModelConfig(backbone="retfound", image_size=32, vision_dim=64, vision_depth=2,
+                                 vision_heads=4, vision_mlp_dim=256, vision_projection=True, **_TINY_TEXT),
+    "tiny-visionfm": ModelConfig(backbone="visionfm", image_size=32, vision_dim=48, vision_depth=2,
+                                 vision_heads=4, vision_mlp_dim=192, vision_projection=False, **_TINY_TEXT),
+    "tiny-urfound": ModelConfig(backbone="urfound", image_size=32, vision_dim=48, vision_depth=2,
+                                vision_heads=4, vision_mlp_dim=192, vision_projection=False, **_TINY_TEXT),
+}
+
+
+def get_variant(name: str) -> ModelConfig:
+  if name not in VARIANTS:
+    raise ValueError(f"unknown model variant {name!r}; known: {sorted(VARIANTS)}")
+  return VARIANTS[name]

@@ -1,0 +1,201 @@
+"""RetFiner's four objectives (ITC, ITM, MLM, GM) as pure functions of explicit inputs.
+
+`compute_objectives` takes the sampled MLM/GM views and (optionally) the ITM negatives; `make_loss_fn`
+wraps it with the sampling (sampling.py) into the one function (params, batch, rng) -> (total, metrics).
+
+Work the original repeats is done once here: the text-only pass feeds both ITC and the ITM sampling
+weights; the image tokens' cross-attention keys/values are computed once per image and layer and gathered
+for every pass; with `fused=True` the MLM, GM and ITM passes run as one batched BERT call with per-row
+self-attention masks (bidirectional or causal) and per-row image indices. `fused=False` computes the plain
+way (one call per pass, keys/values recomputed per pass) and gives the same numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from retfiner_jax.models.attention import padding_bias, self_attention_bias
+from retfiner_jax.models.retfiner import RetFiner
+from retfiner_jax.sampling import IGNORE_LABEL, sample_hard_negatives, sample_token_masks
+
+OBJECTIVES = ("itc", "itm", "mlm", "gm")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSettings:
+  weights: tuple = (("itc", 1.0), ("itm", 1.0), ("mlm", 1.0), ("gm", 1.0))  # weight 0 switches one off.
+  mlm_probability: float = 0.15
+  gm_probability: float = 0.6
+  fused: bool = True
+  # Vocabulary logits are computed only at target positions: at most this fraction of the batch's
+  # positions is gathered (the exact all-positions path runs when a batch has more targets). 1.0: all.
+  mlm_target_fraction: float = 1.0
+  gm_target_fraction: float = 1.0
+
+  def weight(self, name):
+    return dict(self.weights)[name]
+
+  def enabled(self, name):
+    return self.weight(name) != 0
+
+
+def smoothed_cross_entropy(logits, labels, smoothing=0.0):
+  """Mean cross-entropy with integer labels and label smoothing as torch's CrossEntropyLoss defines it."""
+  logits = logits.astype(jnp.float32)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def itc_loss(image_embedding, text_embedding, temperature, label_smoothing):
+  """Symmetric contrastive loss over the (global) batch. Returns (loss, sim_i2t, sim_t2i, metrics)."""
+  sim_i2t = image_embedding @ text_embedding.T / temperature
+  sim_t2i = text_embedding @ image_embedding.T / temperature
+  targets = jnp.arange(sim_i2t.shape[0])
+  loss = (smoothed_cross_entropy(sim_i2t, targets, label_smoothing)
+          + smoothed_cross_entropy(sim_t2i, targets, label_smoothing)) / 2
+  metrics = {"itc_i2t_accuracy": (sim_i2t.argmax(-1) == targets).mean(),
+             "itc_t2i_accuracy": (sim_t2i.argmax(-1) == targets).mean()}
+  return loss, sim_i2t, sim_t2i, metrics
+
+
+def itm_loss(itm_logits):
+  """(3B, 2) logits for [positives; text-with-negative-image; negative-text-with-image]."""
+  batch = itm_logits.shape[0] // 3
+  labels = jnp.concatenate([jnp.ones(batch, jnp.int32), jnp.zeros(2 * batch, jnp.int32)])
+  loss = smoothed_cross_entropy(itm_logits, labels)
+  return loss, {"itm_accuracy": (itm_logits.argmax(-1) == labels).mean()}
+
+
+def token_prediction_loss(logits_fn, hidden, labels, target_fraction=1.0):
+  """Cross-entropy averaged over the target positions (labels != -100) of the whole batch.
+
+  `logits_fn` maps hidden states (n, D) to vocabulary logits (n, V). Logits are computed only for the first
+  `target_fraction` of the positions after sorting targets first; a batch with more targets takes the exact
+  all-positions path, so the result never depends on the fraction.
+  Returns (loss, accuracy over targets).
+  """
+  flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+  flat_labels = labels.reshape(-1)
+  is_target = flat_labels != IGNORE_LABEL
+  count = jnp.maximum(is_target.sum(), 1)
+
+  def loss_at(rows):
+    logits = logits_fn(flat_hidden[rows]).astype(jnp.float32)
+    lab = flat_labels[rows]
+    valid = lab != IGNORE_LABEL
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, lab, 0))
+    correct = (logits.argmax(-1) == lab) & valid
+    return jnp.where(valid, ce, 0.0).sum() / count, correct.sum() / count
+
+  total = flat_labels.shape[0]
+  capacity = int(round(target_fraction * total))
+  every_row = jnp.arange(total)
+  if capacity >= total:
+    return loss_at(every_row)
+  targets_first = jnp.argsort(~is_target, stable=True)[:capacity]
+  return jax.lax.cond(is_target.sum() <= capacity, lambda: loss_at(targets_first), lambda: loss_at(every_row))
+
+
+def _gather_rows(tree, index):
+  return jax.tree.map(lambda a: a[index], tree)
+
+
+def compute_objectives(model: RetFiner, params, batch, views, settings: ObjectiveSettings = ObjectiveSettings(),
+                       negatives=None, negative_rng=None, dropout_rng=None):
+  """All enabled objectives for given masked views and (optionally) given ITM negatives.
+
+  batch: images (B, S, S, 3) NHWC, input_ids and attention_mask (B, L), optional pair_ids (B,).
+  views: mlm_input_ids, mlm_labels, gm_input_ids, gm_labels (B, L).
+  negatives: (neg_image_idx, neg_text_idx), each (B,); if None they are sampled with `negative_rng` from the
+  ITC similarities. Returns (total_loss, metrics).
+  """
+  rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+  m = model.bind({"params": params}, rngs=rngs)
+  cfg, on = model.cfg, settings.enabled
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  batch_size = ids.shape[0]
+  losses, metrics = {}, {}
+
+  image_tokens = m.image_tokens(batch["images"])
+  text_only = m.text_only(ids, mask)  # Computed once: ITC and the ITM sampling weights.
+  losses["itc"], sim_i2t, sim_t2i, itc_metrics = itc_loss(
+      m.image_embedding(image_tokens), m.text_embedding(text_only[:, 0]), cfg.temperature, cfg.label_smoothing)
+  metrics.update(itc_metrics)
+
+  # The passes through the text encoder with cross-attention: (name, ids, mask, causal, image index).
+  rows = jnp.arange(batch_size)
+  passes = []
+  if on("mlm"):
+    passes.append(("mlm", views["mlm_input_ids"], mask, False, rows))
+  if on("gm"):
+    passes.append(("gm", views["gm_input_ids"], mask, True, rows))
+  if on("itm"):
+    if negatives is None:
+      neg_image, neg_text, no_distinct = sample_hard_negatives(negative_rng, sim_i2t, sim_t2i,
+                                                               batch.get("pair_ids"))
+      metrics["itm_rows_without_distinct_negative"] = no_distinct
+    else:
+      neg_image, neg_text = negatives
+    passes += [("itm_pos", ids, mask, False, rows),
+               ("itm_neg_image", ids, mask, False, neg_image),
+               ("itm_neg_text", ids[neg_text], mask[neg_text], False, rows)]
+
+  hidden = {}
+  if passes and settings.fused:
+    image_kv = m.image_keys_values(image_tokens)  # Once per image and layer.
+    all_ids = jnp.concatenate([p[1] for p in passes])
+    all_mask = jnp.concatenate([p[2] for p in passes])
+    causal = jnp.concatenate([jnp.full((batch_size,), p[3]) for p in passes])
+    image_index = jnp.concatenate([p[4] for p in passes])
+    out = m.text_with_image(all_ids, self_attention_bias(all_mask, causal), _gather_rows(image_kv, image_index))
+    hidden = {p[0]: out[i * batch_size:(i + 1) * batch_size] for i, p in enumerate(passes)}
+  elif passes:  # The plain way, one call per objective as the original computes it.
+    def run(p_ids, p_mask, causal, tokens):
+      bias = self_attention_bias(p_mask, jnp.full((p_ids.shape[0],), causal))
+      return m.text_with_image(p_ids, bias, m.image_keys_values(tokens))
+    for name, p_ids, p_mask, causal, _ in passes:
+      if name in ("mlm", "gm"):
+        hidden[name] = run(p_ids, p_mask, causal, image_tokens)
+    itm_passes = [p for p in passes if p[0].startswith("itm")]
+    if itm_passes:
+      out = run(jnp.concatenate([p[1] for p in itm_passes]), jnp.concatenate([p[2] for p in itm_passes]), False,
+                jnp.concatenate([image_tokens[p[4]] for p in itm_passes]))
+      hidden.update({p[0]: out[i * batch_size:(i + 1) * batch_size] for i, p in enumerate(itm_passes)})
+
+  if on("mlm"):
+    losses["mlm"], metrics["mlm_accuracy"] = token_prediction_loss(
+        m.mlm_logits, hidden["mlm"], views["mlm_labels"], settings.mlm_target_fraction)
+  if on("gm"):
+    losses["gm"], metrics["gm_accuracy"] = token_prediction_loss(
+        m.mlm_logits, hidden["gm"], views["gm_labels"], settings.gm_target_fraction)
+  if on("itm"):
+    cls = jnp.concatenate([hidden["itm_pos"][:, 0], hidden["itm_neg_image"][:, 0], hidden["itm_neg_text"][:, 0]])
+    losses["itm"], itm_metrics = itm_loss(m.itm_logits(cls))
+    metrics.update(itm_metrics)
+
+  total = sum(settings.weight(k) * losses[k] for k in OBJECTIVES if on(k))
+  metrics.update({f"loss_{k}": v for k, v in losses.items()})
+  metrics["loss"] = total
+  return total, metrics
+
+
+def sample_views(rng, input_ids, vocab_size, settings: ObjectiveSettings):
+  """The MLM (15 %) and GM (60 %) masked views of a batch of token ids."""
+  key_mlm, key_gm = jax.random.split(rng)
+  mlm_ids, mlm_labels = sample_token_masks(key_mlm, input_ids, settings.mlm_probability, vocab_size)
+  gm_ids, gm_labels = sample_token_masks(key_gm, input_ids, settings.gm_probability, vocab_size)
+  return {"mlm_input_ids": mlm_ids, "mlm_labels": mlm_labels, "gm_input_ids": gm_ids, "gm_labels": gm_labels}
+
+
+def make_loss_fn(model: RetFiner, settings: ObjectiveSettings = ObjectiveSettings()):
+  """(params, batch, rng) -> (total_loss, metrics): samples the masks and negatives, then the losses."""
+  def loss_fn(params, batch, rng):
+    key_views, key_negatives, key_dropout = jax.random.split(rng, 3)
+    views = sample_views(key_views, batch["input_ids"], model.cfg.vocab_size, settings)
+    dropout = key_dropout if not model.deterministic else None
+    return compute_objectives(model, params, batch, views, settings, negative_rng=key_negatives,
+                              dropout_rng=dropout)
+  return loss_fn

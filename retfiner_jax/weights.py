@@ -1,0 +1,210 @@
+"""Model weights on disk: PyTorch checkpoints converted to Flax, the converted (Orbax) form, and exports.
+
+A converted checkpoint is a folder holding `params/` (an Orbax checkpoint of the Flax parameters, in the
+RetFiner model's tree: any of `vision_encoder`, `text_encoder`, heads) and `model.json` (the model config
+it implies, which subtrees it holds, and where it came from). Every command that takes model weights
+accepts such a folder, or a PyTorch checkpoint that it converts on the fly with `convert_checkpoint`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from retfiner_jax import convert as cv
+from retfiner_jax.models.bert import BertTextEncoder
+from retfiner_jax.models.config import ModelConfig, get_variant
+from retfiner_jax.models.retfiner import RetFiner
+from retfiner_jax.models.vit import VisionTransformer
+
+DEFAULT_VARIANT = {"retfound": "retfound", "urfound": "urfound", "visionfm": "visionfm", "hf-bert": "bert-base"}
+HEADS = ("contra_head_v", "contra_head_t", "itm_head")
+
+
+def abstract_params(cfg: ModelConfig):
+  """Shapes of the full model's parameters, without computing anything."""
+  images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, cfg.max_text_length), jnp.int32)
+  return jax.eval_shape(lambda i, t: RetFiner(cfg).init(jax.random.PRNGKey(0), i, t, t)["params"], images, ids)
+
+
+def init_subtree(cfg: ModelConfig, name: str, seed: int = 0):
+  """Fresh parameters of one encoder (to fill what a checkpoint lacks)."""
+  rng = jax.random.PRNGKey(seed)
+  if name == "vision_encoder":
+    images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+    return jax.jit(VisionTransformer(cfg).init)(rng, images)["params"]
+  if name == "text_encoder":
+    ids = jnp.zeros((1, cfg.max_text_length), jnp.int32)
+    tokens = jnp.zeros((1, 1 + cfg.grid_size ** 2, cfg.text_dim))
+    init = jax.jit(lambda r: BertTextEncoder(cfg).init(r, ids, jnp.ones_like(ids), tokens,
+                                                       method=BertTextEncoder.init_all))
+    return init(rng)["params"]
+  raise ValueError(name)
+
+
+def _config_from_hf(hf: dict, base: ModelConfig, where: str) -> ModelConfig:
+  act, eps = hf.get("hidden_act", "gelu"), hf.get("layer_norm_eps", 1e-12)
+  if act != "gelu" or abs(eps - 1e-12) > 1e-15 or hf.get("position_embedding_type", "absolute") != "absolute":
+    raise cv.CheckpointError(f"{where}: only BERT with exact GELU, LayerNorm eps 1e-12 and absolute positions "
+                             f"is supported (got hidden_act={act}, layer_norm_eps={eps})")
+  return base.replace(text_dim=hf["hidden_size"], text_layers=hf["num_hidden_layers"],
+                      text_heads=hf["num_attention_heads"], text_intermediate=hf["intermediate_size"],
+                      vocab_size=hf["vocab_size"], max_position_embeddings=hf["max_position_embeddings"],
+                      type_vocab_size=hf.get("type_vocab_size", 2))
+
+
+def convert_checkpoint(path, fmt: str | None = None, variant: str | None = None,
+                       model_config: ModelConfig | str | Path | None = None, extra_ignore=(), seed: int = 0,
+                       log=print):
+  """Reads any supported PyTorch checkpoint. Returns (ModelConfig, params (nested dict), meta dict).
+
+  Sizes come from `model_config` (a ModelConfig or a JSON file), else the named `variant`, else the format's
+  own FM; a Hugging Face folder's config.json sets the text sizes.
+  """
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+  hf_config = None
+  if path.is_dir():
+    state, hf_config = cv.read_hf_bert_folder(path)
+    obj = state
+  elif path.suffix == ".safetensors":
+    from safetensors.numpy import load_file
+    obj = dict(load_file(path))
+  else:
+    obj = cv.read_torch_file(path)
+  detected = fmt or cv.detect_format(obj, path)
+  if detected not in cv.FORMATS:
+    raise cv.CheckpointError(f"unknown --format {detected!r}; known: {cv.FORMATS}")
+  if fmt is not None and path.is_dir() != (fmt == "hf-bert"):
+    raise cv.CheckpointError(f"{path}: format {fmt} does not match (hf-bert is a folder, the others files)")
+  state = obj if hf_config is not None or path.suffix == ".safetensors" else cv.extract_state(obj, detected, path)
+
+  if isinstance(model_config, (str, Path)):
+    cfg = ModelConfig.from_json(model_config)
+  elif model_config is not None:
+    cfg = model_config
+  elif variant is not None:
+    cfg = get_variant(variant)
+  elif detected in DEFAULT_VARIANT:
+    cfg = get_variant(DEFAULT_VARIANT[detected])
+  elif detected == "backbone" and "proj.weight" in state:
+    cfg = get_variant("retfound")
+  else:
+    raise cv.CheckpointError(f"{path}: format {detected} does not say which backbone or how many heads; "
+                             f"pass --variant (retfound, visionfm, urfound, ...) or --model-config FILE")
+  if hf_config is not None:
+    cfg = _config_from_hf(hf_config, cfg, str(path))
+
+  ignore = list(cv.IGNORED.get(detected, [])) + list(extra_ignore)
+  tied = []
+  if detected == "lightning":
+    table, contents = cv.lightning_table(cfg), ["vision_encoder", "text_encoder", *HEADS]
+    tied = cv.tied_keys("model.multimodal_encoder.", "model.multimodal_encoder.bert.")
+    allow = lambda e: False
+  elif detected == "hf-bert":
+    bert_prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
+    table, contents = cv.bert_table(cfg, bert_prefix, ""), ["text_encoder"]
+    tied = cv.tied_keys("", bert_prefix)
+    allow = lambda e: "crossattention" in e.flax_path or "mlm_head" in e.flax_path
+  else:
+    table, contents = cv.vision_table(cfg), ["vision_encoder"]
+    allow = lambda e: e.flax_path[1] == "proj"  # RETFound's projection is RetFiner's own, new layer.
+
+  expected = cv.flatten(jax.tree.map(lambda s: s.shape, abstract_params(cfg)))
+  flat, report = cv.import_state(state, table, expected, ignore, allow, tied, grid=cfg.grid_size)
+  if report.initialised:
+    by_root = {e.flax_path[0] for e in table if e.torch_key in report.initialised}
+    for root in sorted(by_root):
+      fresh = cv.flatten({root: init_subtree(cfg, root, seed)})
+      for e in table:
+        if e.torch_key in report.initialised:
+          flat[e.flax_path] = np.asarray(fresh[e.flax_path])
+  log(f"{path}: format {detected}, {cfg.backbone if 'vision_encoder' in contents else 'text'} model")
+  log(report.summary())
+  meta = {"source": str(path), "source_format": detected, "contents": contents, "report": {
+      "loaded": len(report.loaded), "ignored": report.ignored, "initialised": report.initialised,
+      "notes": report.notes}}
+  return cfg, cv.unflatten(flat), meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The converted form.
+
+def save_converted(out_dir, cfg: ModelConfig, params: dict, meta: dict):
+  import orbax.checkpoint as ocp
+  out_dir = Path(out_dir).absolute()
+  out_dir.mkdir(parents=True, exist_ok=True)
+  target = out_dir / "params"
+  if target.exists():
+    raise FileExistsError(f"{target} exists; choose an empty --output folder")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(target, jax.tree.map(np.asarray, params))
+    ckptr.wait_until_finished()
+  (out_dir / "model.json").write_text(json.dumps({"model_config": cfg.to_dict(), **meta}, indent=1))
+
+
+def load_converted(folder):
+  import orbax.checkpoint as ocp
+  folder = Path(folder).absolute()
+  info_path = folder / "model.json"
+  if not info_path.exists() or not (folder / "params").exists():
+    raise FileNotFoundError(f"{folder}: not a converted checkpoint (needs model.json and params/); convert a "
+                            f"PyTorch file with: python tools/convert_weights.py --input FILE --output DIR")
+  info = json.loads(info_path.read_text())
+  cfg = ModelConfig.from_dict(info.pop("model_config"), source=str(info_path))
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(folder / "params")
+  return cfg, jax.tree.map(np.asarray, params), info
+
+
+def load_weights(path, **convert_kw):
+  """A converted folder or any PyTorch checkpoint (converted on the fly) -> (cfg, params, meta)."""
+  path = Path(path)
+  if path.is_dir() and (path / "model.json").exists():
+    return load_converted(path)
+  return convert_checkpoint(path, **convert_kw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exports back to PyTorch layouts.
+
+def export_vision_state_dict(cfg: ModelConfig, params: dict) -> dict:
+  """The vision encoder as a state_dict in the FMs' own (timm/MAE/iBOT) key layout, numpy values."""
+  return cv.export_state(cv.flatten({"vision_encoder": params["vision_encoder"]}), cv.vision_table(cfg))
+
+
+def export_lightning_state_dict(cfg: ModelConfig, params: dict) -> dict:
+  """The whole model in RetFiner's Lightning `state_dict` layout (`model.` prefix), tied decoder included."""
+  return cv.export_state(cv.flatten(params), cv.lightning_table(cfg),
+                         cv.tied_keys("model.multimodal_encoder.", "model.multimodal_encoder.bert."))
+
+
+def save_torch_state_dict(state: dict, path):
+  import torch
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, path)
+
+
+def export_hf_bert(cfg: ModelConfig, params: dict, folder):
+  """The text encoder as a Hugging Face folder that transformers' BertLMHeadModel loads with no missing keys."""
+  from safetensors.numpy import save_file
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  table = cv.bert_table(cfg, "bert.", "")
+  state = cv.export_state(cv.flatten({"text_encoder": params["text_encoder"]}), table,
+                          cv.tied_keys("", "bert."))
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, str(folder / "model.safetensors"),
+            metadata={"format": "pt"})
+  hf = {"architectures": ["BertLMHeadModel"], "model_type": "bert", "hidden_size": cfg.text_dim,
+        "num_hidden_layers": cfg.text_layers, "num_attention_heads": cfg.text_heads,
+        "intermediate_size": cfg.text_intermediate, "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings, "type_vocab_size": cfg.type_vocab_size,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02, "pad_token_id": 0,
+        "position_embedding_type": "absolute", "is_decoder": True, "add_cross_attention": True,
+        "tie_word_embeddings": True}
+  (folder / "config.json").write_text(json.dumps(hf, indent=1))
