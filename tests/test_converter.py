@@ -1,0 +1,181 @@
+"""The weight converter: every checkpoint format, strict errors, and exports back to PyTorch."""
+import numpy as np
+import pytest
+import torch
+
+from retfiner_jax import convert, weights
+from retfiner_jax.models.config import get_variant
+from torch_reference import TorchViT
+
+quiet = dict(log=lambda *a: None)
+CFG = get_variant("tiny-retfound")
+
+
+def _vit_state(proj=False, seed=0):
+  torch.manual_seed(seed)
+  sd = TorchViT(dim=CFG.vision_dim, mlp=CFG.vision_mlp_dim, proj_dim=CFG.text_dim if proj else None).state_dict()
+  return {k: v.clone() for k, v in sd.items()}
+
+
+def _mae_extras():
+  return {"mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.zeros(32, 64),
+          "decoder_pos_embed": torch.zeros(1, 5, 32), "decoder_blocks.0.norm1.weight": torch.ones(32),
+          "decoder_norm.weight": torch.ones(32), "decoder_pred.weight": torch.zeros(768, 32)}
+
+
+def _lightning_state(seed=0):
+  """A full RetFiner Lightning state_dict of the tiny-retfound sizes, built from independent PyTorch modules."""
+  from transformers import BertConfig, BertLMHeadModel
+  sd = {f"model.vision_encoder.{k}": v for k, v in _vit_state(proj=True, seed=seed).items()}
+  torch.manual_seed(seed)
+  bert = BertLMHeadModel(BertConfig(vocab_size=CFG.vocab_size, hidden_size=CFG.text_dim, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=CFG.text_intermediate,
+                                    is_decoder=True, add_cross_attention=True))
+  bert_sd = bert.state_dict()
+  bert_sd["cls.predictions.decoder.weight"] = bert_sd["bert.embeddings.word_embeddings.weight"]
+  bert_sd["cls.predictions.decoder.bias"] = bert_sd["cls.predictions.bias"]
+  sd.update({f"model.multimodal_encoder.{k}": v.clone() for k, v in bert_sd.items()})
+  g = torch.Generator().manual_seed(seed)
+  d, c = CFG.text_dim, CFG.contrastive_dim
+  for name, shape in [("contra_head_v.linear.weight", (c, d)), ("contra_head_t.linear.weight", (c, d)),
+                      ("itm_head.linear1.weight", (d, d)), ("itm_head.linear1.bias", (d,)),
+                      ("itm_head.layernorm.weight", (d,)), ("itm_head.layernorm.bias", (d,)),
+                      ("itm_head.linear2.weight", (2, d)), ("itm_head.linear2.bias", (2,))]:
+    sd[f"model.{name}"] = torch.randn(shape, generator=g)
+  return sd
+
+
+def _save(tmp_path, obj, name="ckpt.pth"):
+  torch.save(obj, tmp_path / name)
+  return tmp_path / name
+
+
+def test_fm_formats_are_detected_and_loaded(tmp_path):
+  vit = _vit_state()
+  cases = {
+      "retfound": ({"model": {**vit, **_mae_extras()}}, "tiny-retfound"),
+      "urfound": ({"model": {**vit, **_mae_extras(), "bert_encoder.layer.0.w": torch.zeros(2),
+                             "bert_mlp.fc.weight": torch.zeros(2)}}, "tiny-retfound"),
+      "visionfm": ({"teacher": {**{f"backbone.{k}": v for k, v in vit.items() if not k.startswith("head")},
+                                "head.mlp.0.weight": torch.zeros(3, 3)}}, "tiny-retfound"),
+  }
+  for fmt, (obj, variant) in cases.items():
+    cfg, params, meta = weights.convert_checkpoint(_save(tmp_path, obj, f"{fmt}.pth"), variant=variant, **quiet)
+    assert meta["source_format"] == fmt
+    assert set(params) == {"vision_encoder"}
+    np.testing.assert_array_equal(params["vision_encoder"]["blocks_1"]["attn"]["qkv"]["kernel"],
+                                  vit["blocks.1.attn.qkv.weight"].numpy().T)
+    assert meta["report"]["initialised"] == ["proj.weight", "proj.bias"]  # RetFiner's new layer.
+    assert any(k.startswith(("decoder_", "head.")) for k in meta["report"]["ignored"])
+  student = {"student": {**{f"module.backbone.{k}": v for k, v in vit.items() if not k.startswith("head")},
+                         "module.head.last_layer.weight": torch.zeros(3, 3)}}
+  _, params, meta = weights.convert_checkpoint(_save(tmp_path, student, "student.pth"), variant="tiny-retfound",
+                                               **quiet)
+  assert meta["source_format"] == "visionfm"
+  np.testing.assert_array_equal(params["vision_encoder"]["cls_token"], vit["cls_token"].numpy())
+
+
+def test_extracted_backbone_and_pos_embed_resampling(tmp_path):
+  vit = _vit_state(proj=True)
+  _, params, meta = weights.convert_checkpoint(_save(tmp_path, vit), variant="tiny-retfound", **quiet)
+  assert meta["source_format"] == "backbone" and meta["report"]["initialised"] == []
+  cfg48 = CFG.replace(image_size=48)  # A 3x3 grid instead of the checkpoint's 2x2.
+  _, params, meta = weights.convert_checkpoint(tmp_path / "ckpt.pth", model_config=cfg48, **quiet)
+  assert params["vision_encoder"]["pos_embed"].shape == (1, 10, CFG.vision_dim)
+  assert any("resampled" in n for n in meta["report"]["notes"])
+
+
+def test_lightning_round_trip_is_bit_exact(tmp_path):
+  sd = _lightning_state()
+  path = _save(tmp_path, {"state_dict": sd, "epoch": 3, "global_step": 10, "pytorch-lightning_version": "2.0"})
+  cfg, params, meta = weights.convert_checkpoint(path, variant="tiny-retfound", **quiet)
+  weights.save_converted(tmp_path / "converted", cfg, params, meta)
+  cfg2, params2, _ = weights.load_converted(tmp_path / "converted")
+  assert cfg2 == cfg
+  back = weights.export_lightning_state_dict(cfg2, params2)
+  expected = {k: v for k, v in sd.items() if "position_ids" not in k and ".head." not in k}
+  assert set(back) == set(expected)
+  for k, v in expected.items():
+    assert np.array_equal(back[k], v.numpy()), k
+
+
+def test_vision_export_loads_strictly_into_the_fm(tmp_path):
+  vit = _vit_state(proj=True)
+  cfg, params, _ = weights.convert_checkpoint(_save(tmp_path, vit), variant="tiny-retfound", **quiet)
+  weights.save_torch_state_dict(weights.export_vision_state_dict(cfg, params), tmp_path / "out.pth")
+  net = TorchViT(dim=CFG.vision_dim, mlp=CFG.vision_mlp_dim, proj_dim=CFG.text_dim)
+  result = net.load_state_dict(torch.load(tmp_path / "out.pth", weights_only=True), strict=False)
+  assert result.unexpected_keys == [] and sorted(result.missing_keys) == ["head.bias", "head.weight"]
+  for k, v in net.state_dict().items():
+    if not k.startswith("head."):
+      assert torch.equal(v, vit[k]), k
+
+
+def test_hf_bert_folders_and_export(tmp_path):
+  from transformers import BertConfig, BertLMHeadModel, BertModel
+  small = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+  torch.manual_seed(0)
+  BertModel(BertConfig(**small), add_pooling_layer=True).save_pretrained(tmp_path / "plain")  # No `bert.`, no head.
+  cfg, params, meta = weights.convert_checkpoint(tmp_path / "plain", **quiet)
+  assert cfg.text_dim == 32 and cfg.vocab_size == 300
+  initialised = meta["report"]["initialised"]
+  assert any("crossattention" in k for k in initialised) and "cls.predictions.bias" in initialised
+  assert any("pooler" in k for k in meta["report"]["ignored"])
+  # pytorch_model.bin flavour.
+  (tmp_path / "bin").mkdir()
+  lm = BertLMHeadModel(BertConfig(**small, is_decoder=True, add_cross_attention=True)).eval()
+  torch.save(lm.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+  (tmp_path / "bin" / "config.json").write_text((tmp_path / "plain" / "config.json").read_text())
+  cfg, params, meta = weights.convert_checkpoint(tmp_path / "bin", **quiet)
+  assert meta["report"]["initialised"] == []
+  weights.export_hf_bert(cfg, params, tmp_path / "exported")
+  back, info = BertLMHeadModel.from_pretrained(str(tmp_path / "exported"), output_loading_info=True)
+  assert not info["missing_keys"], info
+  assert not info["unexpected_keys"], info
+  for k, v in lm.state_dict().items():
+    assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_errors_name_the_problem(tmp_path):
+  vit = _vit_state(proj=True)
+  path = _save(tmp_path, vit)
+  truncated = tmp_path / "truncated.pth"
+  truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  with pytest.raises(convert.CheckpointError, match="truncated.pth"):
+    weights.convert_checkpoint(truncated, variant="tiny-retfound", **quiet)
+
+  wrong = dict(vit, **{"blocks.0.mlp.fc1.weight": torch.zeros(10, CFG.vision_dim)})
+  with pytest.raises(convert.CheckpointError, match=r"shape mismatch blocks\.0\.mlp\.fc1\.weight"):
+    weights.convert_checkpoint(_save(tmp_path, wrong, "wrong.pth"), variant="tiny-retfound", **quiet)
+
+  with pytest.raises(convert.CheckpointError, match="unknown checkpoint format"):
+    weights.convert_checkpoint(_save(tmp_path, {"weights": {"a": torch.zeros(1)}}, "odd.pth"), **quiet)
+
+  extra = dict(vit, **{"blocks.0.gamma": torch.zeros(3)})
+  with pytest.raises(convert.CheckpointError, match=r"unknown key blocks\.0\.gamma"):
+    weights.convert_checkpoint(_save(tmp_path, extra, "extra.pth"), variant="tiny-retfound", **quiet)
+  weights.convert_checkpoint(tmp_path / "extra.pth", variant="tiny-retfound", extra_ignore=["*.gamma"], **quiet)
+
+  missing = {k: v for k, v in vit.items() if k != "norm.bias"}
+  with pytest.raises(convert.CheckpointError, match=r"missing key norm\.bias"):
+    weights.convert_checkpoint(_save(tmp_path, missing, "missing.pth"), variant="tiny-retfound", **quiet)
+
+  with pytest.raises(convert.CheckpointError, match="pass --variant"):
+    weights.convert_checkpoint(_save(tmp_path, {"state_dict": {"model.x": torch.zeros(1)}}, "l.ckpt"), **quiet)
+
+
+def test_cli(tmp_path, capsys):
+  import importlib.util
+  from pathlib import Path
+  spec = importlib.util.spec_from_file_location("convert_weights",
+                                                Path(__file__).parents[1] / "tools" / "convert_weights.py")
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  path = _save(tmp_path, {"model": {**_vit_state(), **_mae_extras()}})
+  assert cli.main(["--input", str(path), "--output", str(tmp_path / "out"), "--variant", "tiny-retfound"]) == 0
+  assert (tmp_path / "out" / "model.json").exists()
+  out = capsys.readouterr().out
+  assert "format retfound" in out and "ignored" in out and "initialised 2" in out
+  assert cli.main(["--input", str(tmp_path / "out"), "--export-vision", str(tmp_path / "v.pth")]) == 0
+  assert cli.main(["--input", str(tmp_path / "nope.pth"), "--output", str(tmp_path / "x")]) == 1
+  assert "no such checkpoint" in capsys.readouterr().err
