@@ -1,0 +1,1 @@
+"""OCT–report data: manifests, image decoding and preprocessing, Grain pipelines, the synthetic corpus."""

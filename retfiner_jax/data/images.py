@@ -1,0 +1,157 @@
+"""Reading OCT B-scans of every common export format into one 2-D array, and preprocessing them for an FM.
+
+Formats: `.npy` (2-D, or a 3-D volume with a slice index), PNG, JPEG, TIFF (8/16-bit, grayscale or RGB),
+DICOM (single frame, or one frame of a multi-frame volume; needs pydicom). Colour images become one channel
+(ITU-R 601 luma, as PIL's "L" conversion). Preprocessing follows the FM's recipe: intensity scaled to [0, 1]
+(by bit depth, or min-max), bicubic resize to the model's size, one channel repeated to three, the FM's
+normalisation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+NORMALISATION = {
+    "retfound": IMAGENET,
+    "urfound": IMAGENET,
+    "visionfm": ((0.21091926, 0.21091926, 0.21091919), (0.17598894, 0.17598891, 0.17598893)),
+}
+IMAGE_SUFFIXES = {".npy", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom"}
+LUMA = np.array([0.299, 0.587, 0.114])
+
+
+class ImageError(ValueError):
+  """An image that cannot be used; `kind` names the problem for the data checker."""
+
+  def __init__(self, kind: str, message: str):
+    super().__init__(message)
+    self.kind = kind
+
+
+def _to_gray(a: np.ndarray, path) -> np.ndarray:
+  if a.ndim == 3 and a.shape[-1] in (3, 4):
+    dtype = a.dtype
+    a = (a[..., :3].astype(np.float64) @ LUMA)
+    return np.round(a).astype(dtype) if np.issubdtype(dtype, np.integer) else a.astype(dtype)
+  if a.ndim == 3 and a.shape[-1] == 1:
+    return a[..., 0]
+  return a
+
+
+def _select_slice(a: np.ndarray, slice_index, path, volume_capable: bool) -> np.ndarray:
+  """Picks one B-scan of a volume (N, H, W[, C]); a 2-D image accepts no slice index but 0."""
+  is_volume = volume_capable and (a.ndim == 4 or (a.ndim == 3 and (slice_index is not None
+                                                                   or a.shape[-1] not in (1, 3, 4))))
+  if is_volume:
+    if slice_index is None:
+      raise ImageError("not_2d", f"{path}: a volume of shape {a.shape} needs a slice index")
+    if not 0 <= int(slice_index) < a.shape[0]:
+      raise ImageError("slice_out_of_range", f"{path}: slice index {slice_index} outside 0..{a.shape[0] - 1}")
+    return a[int(slice_index)]
+  if slice_index is not None and int(slice_index) != 0:
+    raise ImageError("slice_out_of_range", f"{path}: slice index {slice_index} given for a single image")
+  return a
+
+
+def read_image(path, slice_index=None) -> np.ndarray:
+  """Any supported file -> a 2-D array in its stored dtype (uint8, uint16 or float)."""
+  path = Path(path)
+  if not path.exists():
+    raise ImageError("missing_file", f"{path}: file not found")
+  suffix = path.suffix.lower()
+  try:
+    if suffix == ".npy":
+      a = np.load(path, allow_pickle=False)
+    elif suffix in (".tif", ".tiff"):
+      import tifffile
+      a = tifffile.imread(path)
+    elif suffix in (".dcm", ".dicom"):
+      try:
+        import pydicom
+      except ImportError as e:
+        raise ImageError("undecodable", f"{path}: reading DICOM needs pydicom (pip install pydicom)") from e
+      a = pydicom.dcmread(path).pixel_array
+    elif suffix in IMAGE_SUFFIXES:
+      from PIL import Image
+      with Image.open(path) as im:
+        if im.mode in ("P", "LA", "PA", "1", "CMYK", "YCbCr"):
+          im = im.convert("RGB")
+        a = np.asarray(im)
+    else:
+      raise ImageError("unsupported_format", f"{path}: unsupported image format {suffix!r} "
+                       f"(supported: {sorted(IMAGE_SUFFIXES)})")
+  except ImageError:
+    raise
+  except Exception as e:  # Decoders raise many types for corrupt files.
+    raise ImageError("undecodable", f"{path}: cannot decode ({type(e).__name__}: {e})") from e
+  if a.dtype == bool:
+    a = a.astype(np.uint8) * 255
+  a = _select_slice(a, slice_index, path, volume_capable=suffix in ('.npy', '.tif', '.tiff', '.dcm', '.dicom'))
+  a = _to_gray(a, path)
+  if a.ndim != 2:
+    raise ImageError("not_2d", f"{path}: expected a 2-D B-scan after slice selection, got shape {a.shape}")
+  if min(a.shape) < 2:
+    raise ImageError("not_2d", f"{path}: image of shape {a.shape} is too small")
+  if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+    raise ImageError("non_finite", f"{path}: image holds NaN or infinite pixels")
+  return a
+
+
+def scale_intensity(a: np.ndarray, mode: str = "bit_depth") -> np.ndarray:
+  """-> float32 in [0, 1]. `bit_depth`: uint8 / 255, uint16 / 65535, floats kept if already in [0, 1] else
+  min-max; `minmax`: (a - min) / (max - min)."""
+  if mode == "bit_depth":
+    if a.dtype == np.uint8:
+      return a.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+      return a.astype(np.float32) / 65535.0
+    if np.issubdtype(a.dtype, np.floating) and a.min() >= 0 and a.max() <= 1:
+      return a.astype(np.float32)
+  elif mode != "minmax":
+    raise ValueError(f"intensity scaling must be 'bit_depth' or 'minmax', got {mode!r}")
+  a = a.astype(np.float32)
+  low, high = float(a.min()), float(a.max())
+  return (a - low) / (high - low) if high > low else np.zeros_like(a)
+
+
+def resize_bicubic(a: np.ndarray, size: int) -> np.ndarray:
+  """Bicubic resize of a float image to (size, size), as PIL does it."""
+  from PIL import Image
+  if a.shape == (size, size):
+    return a.astype(np.float32)
+  return np.asarray(Image.fromarray(a.astype(np.float32)).resize((size, size), Image.BICUBIC), np.float32)
+
+
+def normalise(gray01: np.ndarray, backbone: str) -> np.ndarray:
+  """(S, S) in [0, 1] -> (S, S, 3) float32 with the FM's per-channel mean/std."""
+  mean, std = (np.asarray(v, np.float32) for v in NORMALISATION[backbone])
+  return (np.repeat(gray01[..., None], 3, axis=-1) - mean) / std
+
+
+def augment(gray01: np.ndarray, rng: np.random.Generator, flip=True, intensity_jitter=0.1,
+            crop_scale=(0.8, 1.0)) -> np.ndarray:
+  """Training augmentation on a [0, 1] image: horizontal flip, random resized crop, brightness/contrast jitter."""
+  h, w = gray01.shape
+  if crop_scale is not None and crop_scale[0] < 1.0:
+    scale = rng.uniform(*crop_scale)
+    ch, cw = max(2, int(round(h * np.sqrt(scale)))), max(2, int(round(w * np.sqrt(scale))))
+    top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    gray01 = gray01[top:top + ch, left:left + cw]
+  if flip and rng.random() < 0.5:
+    gray01 = gray01[:, ::-1]
+  if intensity_jitter:
+    gain = 1 + rng.uniform(-intensity_jitter, intensity_jitter)
+    bias = rng.uniform(-intensity_jitter, intensity_jitter) / 2
+    gray01 = np.clip(gray01 * gain + bias, 0, 1)
+  return np.ascontiguousarray(gray01, np.float32)
+
+
+def preprocess(a: np.ndarray, size: int, backbone: str, intensity: str = "bit_depth", rng=None,
+               augment_kw=None) -> np.ndarray:
+  """A 2-D image as read -> the model's (size, size, 3) float32 input."""
+  gray = scale_intensity(a, intensity)
+  if rng is not None:
+    gray = augment(gray, rng, **(augment_kw or {}))
+  return normalise(resize_bicubic(gray, size), backbone)

@@ -1,0 +1,115 @@
+"""Manifests of OCT–report pairs: CSV, TSV, JSON Lines or Parquet, one row per B-scan.
+
+Required columns: the image path (relative to the manifest's folder, or absolute) and the report text
+(default names `image` and `report`). Optional: `id` (image/report id: pairs sharing it are never ITM
+negatives of each other), `patient`, `eye`, `split`, `slice` (index of the B-scan in a volume file).
+Rows are numbered from 1 (the first data row) in every message.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+  image: str = "image"
+  report: str = "report"
+  id: str = "id"
+  patient: str = "patient"
+  eye: str = "eye"
+  split: str = "split"
+  slice: str = "slice"
+
+
+class ManifestError(ValueError):
+  pass
+
+
+def _read_rows(path: Path) -> list[dict]:
+  suffix = path.suffix.lower()
+  if suffix in (".csv", ".tsv", ".txt"):
+    delimiter = "\t" if suffix == ".tsv" else ","
+    # surrogateescape keeps invalid UTF-8 bytes visible to the checker instead of failing the whole file.
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+      return list(csv.DictReader(f, delimiter=delimiter))
+  if suffix in (".jsonl", ".ndjson"):
+    rows = []
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
+      for n, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            rows.append(json.loads(line))
+          except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}: row {len(rows) + 1} (line {n}) is not valid JSON: {e}") from e
+    return rows
+  if suffix == ".parquet":
+    import pyarrow.parquet as pq
+    return pq.read_table(path).to_pylist()
+  raise ManifestError(f"{path}: unsupported manifest type {suffix!r} (use .csv, .tsv, .jsonl or .parquet)")
+
+
+def _optional_int(value, path, row, column):
+  if value is None or value == "":
+    return None
+  try:
+    return int(float(value))
+  except (TypeError, ValueError):
+    raise ManifestError(f"{path}: row {row}: column {column!r} must be an integer, got {value!r}") from None
+
+
+def read_manifest(path, columns: Columns = Columns()) -> list[dict]:
+  """-> one dict per row: row, image (absolute path), report, id, patient, eye, split, slice."""
+  path = Path(path)
+  if not path.exists():
+    raise ManifestError(f"{path}: manifest not found")
+  rows = _read_rows(path)
+  if not rows:
+    raise ManifestError(f"{path}: the manifest has no rows")
+  present = set(rows[0])
+  for col in (columns.image, columns.report):
+    if col not in present:
+      raise ManifestError(f"{path}: required column {col!r} not found; columns are {sorted(present)}")
+  records = []
+  for n, r in enumerate(rows, 1):
+    image = r.get(columns.image)
+    if image is None or str(image).strip() == "":
+      image_path = ""
+    else:
+      image_path = str(image)
+      if not Path(image_path).is_absolute():
+        image_path = str((path.parent / image_path).resolve())
+    ident = r.get(columns.id)
+    records.append({
+        "row": n,
+        "image": image_path,
+        "report": "" if r.get(columns.report) is None else str(r.get(columns.report)),
+        "id": None if ident in (None, "") else str(ident),
+        "patient": None if r.get(columns.patient) in (None, "") else str(r.get(columns.patient)),
+        "eye": None if r.get(columns.eye) in (None, "") else str(r.get(columns.eye)),
+        "split": None if r.get(columns.split) in (None, "") else str(r.get(columns.split)),
+        "slice": _optional_int(r.get(columns.slice), path, n, columns.slice),
+    })
+  return records
+
+
+def write_manifest(path, records: list[dict], fields=("image", "report", "id", "patient", "eye", "split", "slice")):
+  """Writes records as CSV/TSV/JSONL/Parquet by suffix (image paths as given)."""
+  path = Path(path)
+  rows = [{f: r.get(f) for f in fields if f in r} for r in records]
+  suffix = path.suffix.lower()
+  if suffix in (".csv", ".tsv"):
+    with path.open("w", newline="", encoding="utf-8") as f:
+      w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if suffix == ".tsv" else ",")
+      w.writeheader()
+      w.writerows(rows)
+  elif suffix == ".jsonl":
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+  elif suffix == ".parquet":
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), path)
+  else:
+    raise ManifestError(f"{path}: unsupported manifest type {suffix!r}")

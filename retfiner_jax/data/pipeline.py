@@ -1,0 +1,125 @@
+"""Grain pipelines of OCT–report pairs: seeded shuffle, repeat, load + preprocess, batch, workers, sharding.
+
+Reports are tokenised once when the pipeline is built (the fast WordPiece tokeniser does a whole manifest in
+seconds); images are read and preprocessed in the Grain map, with each record's augmentation seeded by its
+position in the stream, so the batches are the same for any number of worker processes. A training stream
+is one global shuffled, repeated sequence; process p of P takes elements p, p+P, ...; evaluation keeps every
+example and pads the last batch, marking real rows with `valid`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import grain
+import numpy as np
+
+from retfiner_jax.data.images import ImageError, preprocess, read_image
+from retfiner_jax.text import load_tokenizer, tokenize
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+  """How images become model inputs (set by the FM's config)."""
+  image_size: int = 224
+  backbone: str = "retfound"
+  intensity: str = "bit_depth"
+  augment: bool = False
+  augment_kw: tuple = ()  # e.g. (("flip", True), ("intensity_jitter", 0.1), ("crop_scale", (0.8, 1.0)))
+
+
+def tokenise_records(records, vocab, max_length):
+  """Adds input_ids/attention_mask/pair_id to each record. Returns (records, number of truncated reports)."""
+  out = tokenize(load_tokenizer(vocab), [r["report"] for r in records], max_length)
+  ids = {}
+  tokenised = []
+  for i, r in enumerate(records):
+    pair_key = r["id"] if r.get("id") is not None else f"row:{r['row']}"
+    tokenised.append(dict(r, input_ids=out["input_ids"][i], attention_mask=out["attention_mask"][i],
+                          pair_id=ids.setdefault(pair_key, len(ids))))
+  if out["truncated"]:
+    log.warning("%d of %d reports are longer than %d tokens and were truncated", out["truncated"], len(records),
+                max_length)
+  return tokenised, out["truncated"]
+
+
+class LoadPair(grain.transforms.RandomMap):
+  """record -> {images, input_ids, attention_mask, pair_ids}; None (skipped) for a bad file under skip_bad."""
+
+  def __init__(self, spec: ImageSpec, source: str, skip_bad: bool = False):
+    self.spec, self.source, self.skip_bad = spec, source, skip_bad
+
+  def random_map(self, record, rng: np.random.Generator):
+    try:
+      pixels = read_image(record["image"], record.get("slice"))
+      image = preprocess(pixels, self.spec.image_size, self.spec.backbone, self.spec.intensity,
+                         rng if self.spec.augment else None, dict(self.spec.augment_kw))
+    except ImageError as e:
+      message = f"{self.source} row {record['row']}: {e}"
+      if self.skip_bad:
+        log.warning("skipped bad record: %s", message)
+        return None
+      raise ImageError(e.kind, message) from e
+    return {"images": image, "input_ids": record["input_ids"], "attention_mask": record["attention_mask"],
+            "pair_ids": np.int32(record["pair_id"])}
+
+
+def _ensure_absl_flags_parsed():
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+  if num_workers > 0:
+    _ensure_absl_flags_parsed()  # Grain's worker processes read absl flags.
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return ds
+
+
+def train_dataset(records, spec: ImageSpec, batch_size: int, seed: int, source: str = "manifest",
+                  num_workers: int = 0, skip_bad: bool = False, process_index: int = 0, process_count: int = 1):
+  """Infinite stream of this process's share of the global batches (drops incomplete batches)."""
+  if batch_size % process_count:
+    raise ValueError(f"global batch {batch_size} is not divisible by the {process_count} processes")
+  if len(records) < batch_size:
+    raise ValueError(f"{source}: {len(records)} records, fewer than one batch of {batch_size}")
+  ds = grain.MapDataset.source(list(records)).shuffle(seed=seed).repeat(None)
+  ds = ds[process_index::process_count]
+  ds = ds.random_map(LoadPair(spec, source, skip_bad), seed=seed)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2 if num_workers == 0 else 1, prefetch_buffer_size=4))
+  # Workers load single examples (interleaved back in stream order); batching after them keeps the batches
+  # the same for any worker count.
+  return _with_workers(ds, num_workers).batch(batch_size // process_count, drop_remainder=True)
+
+
+class PadBatch(grain.transforms.Map):
+  """Pads the last (short) evaluation batch to full size; `valid` marks the real rows."""
+
+  def __init__(self, size: int):
+    self.size = size
+
+  def map(self, batch):
+    n = len(batch["pair_ids"])
+    valid = np.zeros(self.size, bool)
+    valid[:n] = True
+    padded = {k: np.concatenate([v, np.zeros((self.size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    return dict(padded, valid=valid)
+
+
+def eval_dataset(records, spec: ImageSpec, batch_size: int, source: str = "manifest", num_workers: int = 0,
+                 skip_bad: bool = False, process_index: int = 0, process_count: int = 1):
+  """Every record once, in order; the last batch padded (`valid` False on padding rows)."""
+  per_process = batch_size // process_count
+  ds = grain.MapDataset.source(list(records))[process_index::process_count]
+  ds = ds.random_map(LoadPair(dataclasses.replace(spec, augment=False), source, skip_bad), seed=0)
+  ds = _with_workers(ds.to_iter_dataset(), num_workers)
+  return ds.batch(per_process, drop_remainder=False).map(PadBatch(per_process))
+
+
+def load_pairs(manifest, vocab, max_length, columns=None):
+  """Reads a manifest and tokenises its reports: -> (records, truncated count)."""
+  from retfiner_jax.data.manifest import Columns, read_manifest
+  return tokenise_records(read_manifest(manifest, columns or Columns()), vocab, max_length)
