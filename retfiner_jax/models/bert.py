@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from retfiner_jax.models.attention import attention
 from retfiner_jax.models.config import ModelConfig
-from retfiner_jax.models.vit import compute_dtype, gelu, layer_norm
+from retfiner_jax.models.vit import compute_dtype, gelu, layer_norm, maybe_remat
 
 BERT_LN_EPS = 1e-12
 init_normal = nn.initializers.normal(0.02)  # BERT's initializer_range.
@@ -120,7 +120,8 @@ class BertTextEncoder(nn.Module):
 
   def setup(self):
     self.embeddings = BertEmbeddings(self.cfg, self.deterministic)
-    self.layer = [BertLayer(self.cfg, self.deterministic) for _ in range(self.cfg.text_layers)]
+    layer = maybe_remat(BertLayer, self.cfg.remat)
+    self.layer = [layer(self.cfg, self.deterministic) for _ in range(self.cfg.text_layers)]
     self.mlm_head = MlmHead(self.cfg)
 
   def cross_keys_values(self, image_tokens):

@@ -40,12 +40,16 @@ class ModelConfig:
   max_text_length: int = 30
   # Numerics: "float32" (parity) or "bfloat16" (bf16 compute, f32 params, softmax, LayerNorm and losses).
   dtype: str = "float32"
+  # Rematerialisation of ViT blocks and BERT layers in the backward pass: none | full | dots.
+  remat: str = "none"
 
   def __post_init__(self):
     if self.backbone not in BACKBONES:
       raise ValueError(f"model config: backbone must be one of {BACKBONES}, got {self.backbone!r}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"model config: dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+    if self.remat not in ("none", "full", "dots"):
+      raise ValueError(f"model config: remat must be 'none', 'full' or 'dots', got {self.remat!r}")
     if self.vision_dim % self.vision_heads or self.text_dim % self.text_heads:
       raise ValueError("model config: vision_dim/text_dim must be divisible by their head counts")
     if not self.vision_projection and self.vision_dim != self.text_dim:

@@ -6,6 +6,7 @@ mlp/fc1,mlp/fc2}`, `norm`, `proj`) so conversion is a mechanical rename. Images 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from retfiner_jax.models.attention import attention
@@ -21,6 +22,14 @@ def compute_dtype(cfg: ModelConfig):
 def layer_norm(eps, name=None):
   """LayerNorm kept in float32 in every precision mode."""
   return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, name=name)
+
+
+def maybe_remat(module_cls, policy: str):
+  """The module class, rematerialised in the backward pass by the named policy."""
+  if policy == "none":
+    return module_cls
+  policies = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
+  return nn.remat(module_cls, policy=policies[policy])
 
 
 def gelu(x):
@@ -83,7 +92,8 @@ class VisionTransformer(nn.Module):
     self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.vision_dim))
     self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
                                 (1, 1 + cfg.grid_size ** 2, cfg.vision_dim))
-    self.blocks = [Block(cfg) for _ in range(cfg.vision_depth)]
+    block = maybe_remat(Block, cfg.remat)
+    self.blocks = [block(cfg) for _ in range(cfg.vision_depth)]
     self.norm = layer_norm(VIT_LN_EPS)
     if cfg.vision_projection:
       self.proj = nn.Dense(cfg.text_dim, dtype=dtype)

@@ -1,0 +1,60 @@
+"""Validation: the four losses with masks and negatives from a fixed seed, and image<->report retrieval."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from retfiner_jax.models.retfiner import RetFiner
+from retfiner_jax.objectives import ObjectiveSettings, make_loss_fn
+
+
+def make_embed_fn(model: RetFiner):
+  def embed(params, images, input_ids, attention_mask):
+    m = model.bind({"params": params})
+    image = m.image_embedding(m.image_tokens(images))
+    text = m.text_embedding(m.text_only(input_ids, attention_mask)[:, 0])
+    return image, text
+  return jax.jit(embed)
+
+
+def retrieval_recall(image_emb, text_emb, report_keys, ks=(1, 5, 10)) -> dict:
+  """Recall@k both ways; a retrieved report counts as correct when its text equals the image's own report."""
+  sims = np.asarray(image_emb, np.float64) @ np.asarray(text_emb, np.float64).T
+  keys = np.asarray(report_keys)
+  match = keys[:, None] == keys[None, :]
+  out = {}
+  for name, s, m in (("i2t", sims, match), ("t2i", sims.T, match.T)):
+    order = np.argsort(-s, axis=1, kind="stable")
+    hits = np.take_along_axis(m, order, axis=1)
+    for k in ks:
+      out[f"recall_{name}@{k}"] = float(hits[:, :k].any(axis=1).mean())
+  return out
+
+
+def evaluate(model: RetFiner, params, batches, settings: ObjectiveSettings, seed: int, to_global, ks=(1, 5, 10),
+             loss_fn=None, embed_fn=None):
+  """Mean validation losses over the full batches (padded last batches are left out of the losses) and
+  retrieval recall over every example. `to_global` makes a host batch a (sharded) device batch."""
+  loss_fn = loss_fn or jax.jit(make_loss_fn(model, settings))
+  embed_fn = embed_fn or make_embed_fn(model)
+  key = jax.random.PRNGKey(seed)
+  sums, full_batches = {}, 0
+  images, texts, report_keys = [], [], []
+  for i, batch in enumerate(batches):
+    valid = np.asarray(batch["valid"])
+    device_batch = to_global({k: v for k, v in batch.items() if k != "valid"})
+    if valid.all():
+      _, metrics = loss_fn(params, device_batch, jax.random.fold_in(key, i))
+      for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+      full_batches += 1
+    img, txt = embed_fn(params, device_batch["images"], device_batch["input_ids"], device_batch["attention_mask"])
+    images.append(np.asarray(img)[valid])
+    texts.append(np.asarray(txt)[valid])
+    ids = np.asarray(batch["input_ids"])[valid]
+    report_keys += [row.tobytes() for row in ids]
+  out = {k: v / full_batches for k, v in sums.items()} if full_batches else {}
+  out.update(retrieval_recall(np.concatenate(images), np.concatenate(texts), report_keys, ks))
+  out["examples"] = float(len(report_keys))
+  return out

@@ -1,0 +1,26 @@
+"""The main command: RetFiner refinement (or, with configs/demo.py, the self-contained demo).
+
+  python -m retfiner_jax.main --config=configs/retfound.py --workdir=runs/retfound [--config.x=value ...]
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a config file in configs/", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, exports; reused to resume")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if "demo" in config:
+    from retfiner_jax import demo
+    demo.run(config, _WORKDIR.value)
+  else:
+    from retfiner_jax import train
+    train.run(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

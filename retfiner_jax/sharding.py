@@ -1,0 +1,56 @@
+"""The device mesh and how arrays are laid out on it (the one place that touches `jax.sharding`).
+
+Mesh axes: `data` (batch) and `fsdp` (batch too, and parameters/optimizer state split along their largest
+divisible dimension). Batches are sharded over both axes on their first dimension.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None):
+  devices = devices if devices is not None else jax.devices()
+  n = len(devices)
+  if fsdp < 1 or n % fsdp:
+    raise ValueError(f"mesh: fsdp={fsdp} must divide the {n} devices")
+  if data == -1:
+    data = n // fsdp
+  if data * fsdp != n:
+    raise ValueError(f"mesh: data={data} x fsdp={fsdp} != {n} devices")
+  return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto),
+                       devices=devices)
+
+
+def batch_sharding(mesh):
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def param_sharding(mesh, shape) -> NamedSharding:
+  """FSDP: split the largest dimension divisible by the fsdp axis; small or indivisible arrays replicate."""
+  size = mesh.shape["fsdp"]
+  if size == 1 or not shape or int(np.prod(shape)) < 1024:
+    return replicated(mesh)
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "fsdp"
+      return NamedSharding(mesh, P(*spec))
+  return replicated(mesh)
+
+
+def tree_shardings(mesh, abstract_tree):
+  return jax.tree.map(lambda x: param_sharding(mesh, x.shape), abstract_tree)
+
+
+def global_batch(mesh, local_batch: dict) -> dict:
+  """This process's rows -> global arrays sharded over the batch axes (multi-host safe)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
