@@ -2,7 +2,9 @@
 
   python -m retfiner_jax.main --config=configs/retfound.py --workdir=runs/retfound [--config.x=value ...]
 """
-from absl import app, flags
+import functools
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file in configs/", lock_config=True)
@@ -13,13 +15,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO.
+  log = functools.partial(print, flush=True)
   config = _CONFIG.value
   if "demo" in config:
     from retfiner_jax import demo
-    demo.run(config, _WORKDIR.value)
+    demo.run(config, _WORKDIR.value, log)
   else:
     from retfiner_jax import train
-    train.run(config, _WORKDIR.value)
+    train.run(config, _WORKDIR.value, log)
 
 
 if __name__ == "__main__":

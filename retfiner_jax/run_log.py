@@ -40,7 +40,7 @@ class RunLog:
     self._last_time, self._last_step = now, step
     losses = "  ".join(f"{k.removeprefix('loss_')} {float(metrics[k]):.4f}" for k in
                        ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_gm") if k in metrics)
-    self.print(f"epoch {epoch:3d}  step {step:6d}/{self.total_steps}  {losses}{rate}", flush=True)
+    self.print(f"epoch {epoch:3d}  step {step:6d}/{self.total_steps}  {losses}{rate}")
 
   def close(self):
     if self._tb is not None:
@@ -71,15 +71,13 @@ def plot_run(workdir):
       axes[0].plot([r["step"] for r in train], [r[key] for r in train], label=key)
     if val and key in val[0]:
       axes[1].plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=key)
-  for ax, title in zip(axes[:2], ("training losses", "validation losses")):
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.legend(fontsize=8)
   for key in sorted({k for r in val for k in r if k.startswith("recall")}):
     axes[2].plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=key)
-  axes[2].set_title("validation retrieval")
-  axes[2].set_xlabel("step")
-  axes[2].legend(fontsize=8)
+  for ax, title in zip(axes, ("training losses", "validation losses", "validation retrieval")):
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    if ax.lines:
+      ax.legend(fontsize=8)
   fig.tight_layout()
   out = Path(workdir) / "training_curves.png"
   fig.savefig(out, dpi=90)

@@ -164,7 +164,7 @@ def make_train_step(model: RetFiner, settings: ObjectiveSettings, tx, seed: int,
       (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (split, jnp.arange(micro_batches)))
       grads, metrics = jax.tree.map(lambda x: x / micro_batches, (grads, metrics))
     updates, opt = tx.update(grads, state["opt"], params)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     return {"params": optax.apply_updates(params, updates), "opt": opt, "step": state["step"] + 1}, metrics
 
   return train_step
@@ -240,6 +240,10 @@ def run(config, workdir, log=print) -> dict:
   else:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
     state, saved = checkpoints.restore(target, train_iter)
+    saved_seed = saved.pop("seed")
+    if saved_seed != config.seed:
+      raise ValueError(f"{workdir} was trained with seed {saved_seed}, config.seed is {config.seed}: resume with "
+                       f"the same seed, or use a new workdir")
     progress = Progress(**saved)
     log(f"resumed from {workdir / 'checkpoints'} at step {resume_step} (epoch {progress.epoch})")
 

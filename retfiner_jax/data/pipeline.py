@@ -39,9 +39,6 @@ def tokenise_records(records, vocab, max_length):
     pair_key = r["id"] if r.get("id") is not None else f"row:{r['row']}"
     tokenised.append(dict(r, input_ids=out["input_ids"][i], attention_mask=out["attention_mask"][i],
                           pair_id=ids.setdefault(pair_key, len(ids))))
-  if out["truncated"]:
-    log.warning("%d of %d reports are longer than %d tokens and were truncated", out["truncated"], len(records),
-                max_length)
   return tokenised, out["truncated"]
 
 

@@ -1,0 +1,204 @@
+"""Training: sharded steps equal the single-device step, exact resume, signals, non-finite loss, smoke runs."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import shared_path
+from retfiner_jax import train
+from retfiner_jax.config_defaults import tiny_model
+from retfiner_jax.data import synthetic
+from retfiner_jax.run_log import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config(name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  out = tmp_path_factory.mktemp("corpus")
+  synthetic.generate(out, count=48, seed=0, height=64, width=64, workers=1, log=lambda *a: None)
+  return out
+
+
+def tiny_config(corpus, name="retfound", **train_kw):
+  c = tiny_model(load_config(name))
+  c.model.dtype = "float32"
+  c.tokenizer = str(shared_path("reference", "vocab.txt"))
+  c.data.train_manifest = str(corpus / "manifest.csv")  # 48 pairs: 6 steps per epoch at batch 8.
+  c.data.val_manifest = str(corpus / "manifest_val.csv")
+  c.train.batch_size = 8
+  c.train.log_every = 1
+  for k, v in train_kw.items():
+    c.train[k] = v
+  return c
+
+
+def train_losses(workdir):
+  return {r["step"]: r["loss"] for r in read_metrics(Path(workdir) / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(corpus, tmp_path):
+  config = tiny_config(corpus, epochs=2, max_steps=9)
+  whole = train.run(config, tmp_path / "whole", log=lambda *a: None)
+  assert whole["status"] == "finished" and whole["steps"] == 9 and whole["epochs"] == 1
+
+  def send_sigterm_at_step_4(line, **_):
+    if line.startswith("epoch") and "step      4/" in line:
+      os.kill(os.getpid(), signal.SIGTERM)
+  first = train.run(config, tmp_path / "split", log=send_sigterm_at_step_4)
+  assert first["status"] == "interrupted" and first["steps"] == 4
+  lines = []
+  second = train.run(config, tmp_path / "split", log=lambda line, **_: lines.append(line))
+  assert any("resumed" in line and "step 4" in line for line in lines)
+  assert second["status"] == "finished" and second["steps"] == 9
+  a, b = train_losses(tmp_path / "whole"), train_losses(tmp_path / "split")
+  assert sorted(a) == sorted(b) == list(range(1, 10))
+  for step in a:
+    assert a[step] == b[step], (step, a[step], b[step])
+  val_a = [r for r in read_metrics(tmp_path / "whole" / "metrics.jsonl") if r["kind"] == "val"]
+  val_b = [r for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if r["kind"] == "val"]
+  assert len(val_a) == 1 and val_a[0]["loss"] == val_b[0]["loss"]
+  assert 0 <= val_a[0]["recall_i2t@5"] <= 1
+  # Outputs a person reads: curves, TensorBoard events, the exported encoder in both forms.
+  assert (tmp_path / "whole" / "training_curves.png").exists()
+  assert list((tmp_path / "whole" / "tensorboard").glob("events.out.tfevents.*"))
+  exported = whole["exported"]
+  assert Path(exported["flax"], "model.json").exists() and Path(exported["safetensors"]).exists()
+
+
+def test_non_finite_loss_stops_and_names_the_step(corpus, tmp_path):
+  config = tiny_config(corpus, epochs=3, learning_rate=1e30)
+  with pytest.raises(train.NonFiniteLoss, match=r"non-finite loss nan at step \d+"):
+    train.run(config, tmp_path / "run", log=lambda *a: None)
+
+
+@pytest.mark.parametrize("name", ["retfound", "visionfm", "urfound"])
+def test_each_real_config_runs_two_steps_with_pytorch_fm_weights(corpus, tmp_path, name):
+  import torch
+  from torch_reference import TorchViT
+  config = tiny_config(corpus, name, max_steps=2, micro_batches=2)
+  cfg = train.model_config(config)
+  vit = TorchViT(dim=cfg.vision_dim, mlp=cfg.vision_mlp_dim).state_dict()
+  wrapped = {"retfound": {"model": vit}, "urfound": {"model": {**vit, "bert_mlp.w": torch.zeros(1)}},
+             "visionfm": {"teacher": {f"backbone.{k}": v for k, v in vit.items() if not k.startswith("head")}}}
+  torch.save(wrapped[name], tmp_path / "fm.pth")
+  config.weights.vision = str(tmp_path / "fm.pth")
+  lines = []
+  summary = train.run(config, tmp_path / "run", log=lambda line, **_: lines.append(line))
+  assert summary["status"] == "finished" and summary["steps"] == 2
+  assert any(line.startswith("loaded vision_encoder") for line in lines)
+  losses = train_losses(tmp_path / "run")
+  assert all(np.isfinite(v) for v in losses.values())
+
+
+def test_clear_errors_for_missing_inputs(corpus, tmp_path):
+  config = tiny_config(corpus)
+  config.data.train_manifest = str(tmp_path / "nope.csv")
+  with pytest.raises(FileNotFoundError, match="config.data.train_manifest = .*nope.csv: file not found"):
+    train.run(config, tmp_path / "a", log=lambda *a: None)
+  config = tiny_config(corpus)
+  config.weights.vision = str(tmp_path / "missing.pth")
+  with pytest.raises(FileNotFoundError, match="config.weights.vision = .*missing.pth: not found.*convert_weights"):
+    train.run(config, tmp_path / "b", log=lambda *a: None)
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "retfiner_jax.main", "--config=configs/demo.py",
+                        f"--workdir={tmp_path}", "--config.train.no_such_key=1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode != 0 and "no_such_key" in out.stderr
+
+
+SHARDED_SCRIPT = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_default_matmul_precision", "highest")
+from retfiner_jax import sharding, weights
+from retfiner_jax.models.config import get_variant
+from retfiner_jax.models.retfiner import RetFiner, init_params
+from retfiner_jax.objectives import ObjectiveSettings
+from retfiner_jax.train import make_train_step
+import optax
+cfg = get_variant("tiny-retfound")
+rng = np.random.default_rng(0)
+batch = {"images": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+         "input_ids": np.concatenate([np.full((16, 1), 101), rng.integers(1000, 2000, (16, 11)),
+                                      np.full((16, 1), 102), np.zeros((16, 17), int)], 1).astype(np.int32),
+         "pair_ids": np.arange(16, dtype=np.int32)}
+batch["attention_mask"] = (batch["input_ids"] != 0).astype(np.int32)
+params = init_params(cfg, jax.random.PRNGKey(0))
+tx = optax.adamw(1e-3, weight_decay=0.01)
+results = {}
+for name, devices, data, fsdp in (("single", jax.devices()[:1], 1, 1), ("data", jax.devices(), 8, 1),
+                                  ("fsdp", jax.devices(), 2, 4)):
+  mesh = sharding.make_mesh(data, fsdp, devices)
+  state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  state_sh = sharding.tree_shardings(mesh, jax.eval_shape(lambda: state))
+  state = jax.device_put(state, state_sh)
+  step = jax.jit(make_train_step(RetFiner(cfg), ObjectiveSettings(), tx, 0, 1),
+                 in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, sharding.replicated(mesh)))
+  new_state, metrics = step(state, sharding.global_batch(mesh, batch))
+  if name == "fsdp":
+    kernel = new_state["params"]["vision_encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+    assert len(kernel.sharding.device_set) == 8 and kernel.addressable_shards[0].data.shape != kernel.shape
+  results[name] = (jax.device_get(metrics), jax.device_get(new_state["params"]))
+base_metrics, base_params = results["single"]
+for name in ("data", "fsdp"):
+  m, p = results[name]
+  for k in ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_gm"):
+    assert abs(float(m[k]) - float(base_metrics[k])) < 1e-5, (name, k, float(m[k]), float(base_metrics[k]))
+  # Attention key biases get no gradient mathematically (softmax ignores a constant per row); their float
+  # noise differs between layouts and AdamW's first step turns any noise into +-lr. They are left out.
+  worst = 0.0
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p), jax.tree.leaves(base_params)):
+    keys = [k.key for k in path]
+    if keys[-2:] == ["key", "bias"]:
+      continue
+    diff = np.abs(a - b)
+    if keys[-2:] == ["qkv", "bias"]:
+      d = a.shape[0] // 3
+      diff = np.concatenate([diff[:d], diff[2 * d:]])
+    worst = max(worst, float(diff.max()))
+  assert worst < 1e-4, (name, worst)
+  print(name, "ok", worst)
+"""
+
+
+def test_data_parallel_and_fsdp_steps_equal_the_single_device_step():
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "data ok" in out.stdout and "fsdp ok" in out.stdout
+
+
+def test_demo_in_short(tmp_path):
+  from retfiner_jax import demo
+  config = load_config("demo")
+  config.demo.count = 60
+  config.demo.image_height = 64
+  config.demo.probe_seeds = (0,)
+  config.demo.tasks = ("fluid",)
+  config.train.epochs = 1
+  config.model.image_size = 32
+  results = demo.run(config, tmp_path, log=lambda *a: None)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert set(saved["tasks"]) == {"fluid"}
+  for when in ("before", "after"):
+    assert 0 <= saved["tasks"]["fluid"][when]["bacc"] <= 1 and 0 <= saved["tasks"]["fluid"][when]["auroc"] <= 1
+  assert saved["wall_seconds"] > 0 and (tmp_path / "results.png").exists()
+  assert results["tasks"] == saved["tasks"]
