@@ -59,6 +59,7 @@ def plot(results, path: Path):
            color=colour)
   ax.set_xticks(x, tasks)
   ax.set_ylabel("balanced accuracy (%)")
+  ax.set_ylim(0, 100)
   ax.set_title("Linear probe of the vision encoder, before and after RetFiner")
   ax.legend()
   fig.tight_layout()
