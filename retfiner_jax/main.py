@@ -9,6 +9,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file in configs/", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, exports; reused to resume")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-host "
+                                  "GPU clusters, TPU pods)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -16,6 +18,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO.
+  if _DISTRIBUTED.value:
+    import jax
+    jax.distributed.initialize()
   log = functools.partial(print, flush=True)
   config = _CONFIG.value
   if "demo" in config:
