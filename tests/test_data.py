@@ -253,3 +253,31 @@ def test_synthetic_generator_is_deterministic(tmp_path):
   tasks = tmp_path / "one" / "tasks" / "fluid"
   assert {p.name for p in tasks.iterdir()} <= {"train", "val", "test"}
   assert sum(1 for _ in tasks.rglob("*.png")) == 24
+
+
+def test_tfds_path_gives_the_same_examples(tmp_path, vocab):
+  pytest.importorskip("tensorflow_datasets")
+  from retfiner_jax.data import tfds_builders
+  records, _ = _pairs(tmp_path, vocab, n=6)
+  data_dir = tfds_builders.build("pairs", tmp_path / "m.csv", tmp_path / "tfds")
+  tf_records = tfds_builders.pairs_records(data_dir.parent.parent, "train")
+  assert [r["report"] for r in tf_records] == [r["report"] for r in records]
+  tf_records, _ = pipeline.tokenise_records(tf_records, vocab, 8)
+  spec = pipeline.ImageSpec(image_size=16)
+  direct = list(pipeline.eval_dataset(records, spec, 3))
+  via_tfds = list(pipeline.eval_dataset(tf_records, spec, 3))
+  for a, b in zip(direct, via_tfds):
+    np.testing.assert_allclose(a["images"], b["images"], atol=1e-5)
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+  # ImageFolder classification data.
+  root = tmp_path / "folder"
+  for split in ("train", "test"):
+    for label in ("a", "b"):
+      (root / split / label).mkdir(parents=True)
+      Image.fromarray(_gray(seed=hash((split, label)) % 100)).save(root / split / label / "x.png")
+  built = tfds_builders.build("folder", root, tmp_path / "tfds_folder")
+  import tensorflow_datasets as tfds
+  source = tfds.data_source("oct_image_folder", data_dir=str(built.parent.parent), split="test")
+  example = source[0]
+  want = images.read_image(root / example["path"].decode()).astype(np.uint16) * 257
+  np.testing.assert_array_equal(tfds_builders.decode_png16(example["image"]), want)

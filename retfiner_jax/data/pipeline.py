@@ -50,7 +50,11 @@ class LoadPair(grain.transforms.RandomMap):
 
   def random_map(self, record, rng: np.random.Generator):
     try:
-      pixels = read_image(record["image"], record.get("slice"))
+      if "tfds" in record:  # A record of a built TFDS dataset (data/tfds_builders.py).
+        from retfiner_jax.data.tfds_builders import read_tfds_pixels
+        pixels = read_tfds_pixels(record)
+      else:
+        pixels = read_image(record["image"], record.get("slice"))
       image = preprocess(pixels, self.spec.image_size, self.spec.backbone, self.spec.intensity,
                          rng if self.spec.augment else None, dict(self.spec.augment_kw))
     except ImageError as e:
