@@ -20,7 +20,8 @@ import numpy as np
 from retfiner_jax import train, weights
 from retfiner_jax.data import synthetic
 from retfiner_jax.models.retfiner import init_params
-from retfiner_jax.probe import ProbeSettings, probe_image_folder
+from retfiner_jax.probe.heads import ProbeSettings
+from retfiner_jax.probe.run import probe_dataset
 
 SPECIAL = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]",
                                                               "[unused99]", "[unused100]"]
@@ -41,7 +42,7 @@ def build_vocab(reports, size: int, path: Path) -> Path:
 def probe_all(cfg, vision_params, data_dir: Path, tasks, settings, log):
   results = {}
   for task in tasks:
-    summary, _ = probe_image_folder(cfg, vision_params, data_dir / "tasks" / task, settings, log=log)
+    summary, *_ = probe_dataset(cfg, vision_params, data_dir / "tasks" / task, settings, log=log)
     results[task] = {m: summary[m]["mean"] for m in ("bacc", "auroc")}
     results[task]["bacc_std"] = summary["bacc"]["std"]
   return results

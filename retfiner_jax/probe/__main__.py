@@ -1,0 +1,23 @@
+"""Linear probe of one or more frozen encoders on one or more ImageFolder datasets.
+
+  python -m retfiner_jax.probe --config=configs/probe.py --config.encoder=runs/retfound \
+      --config.data.root=data/OCTID,data/OCTDL --config.workdir=runs/probe
+"""
+import functools
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/probe.py", "probe config", lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  from retfiner_jax.probe.run import run
+  run(_CONFIG.value, functools.partial(print, flush=True))
+
+
+if __name__ == "__main__":
+  app.run(main)

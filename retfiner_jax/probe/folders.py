@@ -1,0 +1,63 @@
+"""Classification datasets in ImageFolder layout: root/{train,val,test}/<class>/<image>."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from retfiner_jax.data.images import IMAGE_SUFFIXES, ImageError, preprocess, read_image
+
+
+class ProbeDataError(ValueError):
+  pass
+
+
+def read_image_folder(root):
+  """-> ({split: [(path, class_index)]}, class names). Every split must hold the same >= 2 classes."""
+  root = Path(root)
+  if not (root / "train").is_dir() or not (root / "test").is_dir():
+    raise ProbeDataError(f"{root}: expected ImageFolder layout {root}/{{train,val,test}}/<class>/<image> "
+                         f"(val optional)")
+  splits, classes = {}, None
+  for split in ("train", "val", "test"):
+    folder = root / split
+    if not folder.is_dir():
+      continue
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if len(names) < 2:
+      raise ProbeDataError(f"{folder}: a split needs at least two classes, found {names}")
+    if classes is None:
+      classes = names
+    elif names != classes:
+      raise ProbeDataError(f"{folder}: classes {names} differ from those of {root / 'train'}: {classes}")
+    items = []
+    for index, name in enumerate(names):
+      files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+      if not files:
+        raise ProbeDataError(f"{folder / name}: empty class folder (no {sorted(IMAGE_SUFFIXES)} files)")
+      items += [(p, index) for p in files]
+    splits[split] = items
+  return splits, classes
+
+
+def stratified_split(items, fraction=0.15, seed=0):
+  """(train, val): a stratified `fraction` of `items` for validation, per class at least one."""
+  rng = np.random.default_rng(seed)
+  labels = np.array([y for _, y in items])
+  val = np.zeros(len(items), bool)
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    val[rng.permutation(idx)[:max(1, int(round(fraction * len(idx))))]] = True
+  return [it for it, v in zip(items, val) if not v], [it for it, v in zip(items, val) if v]
+
+
+def load_images(paths, image_size: int, backbone: str, workers: int = 8) -> np.ndarray:
+  """Images of any size and format -> (N, size, size, 3) model inputs (the FM's preprocessing)."""
+  def one(path):
+    try:
+      return preprocess(read_image(path), image_size, backbone)
+    except ImageError as e:
+      raise ProbeDataError(f"unreadable image: {e}") from e
+  with ThreadPoolExecutor(workers) as pool:
+    return np.stack(list(pool.map(one, paths)))

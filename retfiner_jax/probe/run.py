@@ -1,0 +1,164 @@
+"""The probe over several encoders and datasets, and its outputs (JSON, CSV, Markdown, figures)."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from retfiner_jax import weights
+from retfiner_jax.probe.features import cache_key, cached_features, extract_features, file_identity
+from retfiner_jax.probe.folders import ProbeDataError, load_images, read_image_folder, stratified_split
+from retfiner_jax.probe.heads import ProbeSettings, predict_proba, train_heads
+from retfiner_jax.probe.metrics import METRICS, classification_metrics, paired_comparison, summarise
+
+
+def load_encoder(path, variant: str | None = None, log=print):
+  """A training workdir, a converted folder, or a PyTorch checkpoint -> (ModelConfig, vision params)."""
+  path = Path(path)
+  for candidate in (path / "export" / "vision_flax", path / "refine" / "export" / "vision_flax"):
+    if (candidate / "model.json").exists():
+      path = candidate
+      break
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such encoder (a converted folder, a training workdir or a checkpoint)")
+  cfg, params, _ = weights.load_weights(path, variant=variant or None, log=log)
+  if "vision_encoder" not in params:
+    raise ProbeDataError(f"{path}: holds no vision encoder")
+  return cfg, params["vision_encoder"], path
+
+
+def probe_dataset(cfg, vision_params, root, settings: ProbeSettings, kind="concat", cache_dir=None,
+                  encoder_id="", log=print):
+  """The whole protocol on one ImageFolder dataset -> (summary, per-seed test probabilities, labels, classes)."""
+  splits, classes = read_image_folder(root)
+  if "val" not in splits:
+    splits["train"], splits["val"] = stratified_split(splits["train"], seed=0)
+    log(f"{root}: no val folder; a stratified 15 % of train (seed 0) is the validation split")
+
+  def compute():
+    out = {}
+    for split, items in splits.items():
+      images = load_images([p for p, _ in items], cfg.image_size, cfg.backbone)
+      out[f"x_{split}"] = extract_features(cfg, vision_params, images, kind)
+      out[f"y_{split}"] = np.array([y for _, y in items])
+    return out
+
+  if cache_dir:
+    files = [p for items in splits.values() for p, _ in items]
+    data, hit = cached_features(cache_dir, cache_key(encoder_id, files, cfg, kind), compute)
+    if hit:
+      log(f"{root}: features from the cache")
+  else:
+    data = compute()
+  heads = train_heads(data["x_train"], data["y_train"], data["x_val"], data["y_val"], len(classes), settings)
+  proba = predict_proba(heads, data["x_test"])
+  summary = summarise([classification_metrics(data["y_test"], p) for p in proba])
+  summary["best_epoch"] = [int(e) for e in np.asarray(heads["best_epoch"])]
+  return summary, proba, data["y_test"], classes
+
+
+def write_outputs(out_dir, results: dict, confusions: dict, log=print):
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+  with (out_dir / "results.csv").open("w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["dataset", "encoder"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")])
+    for dataset, by_encoder in results.items():
+      for encoder, r in by_encoder.items():
+        w.writerow([dataset, encoder] + [f"{r[m][s]:.4f}" for m in METRICS for s in ("mean", "std")])
+  lines = ["| dataset | encoder | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+  for dataset, by_encoder in results.items():
+    for encoder, r in by_encoder.items():
+      lines.append(f"| {dataset} | {encoder} | " + " | ".join(
+          f"{100 * r[m]['mean']:.1f} ± {100 * r[m]['std']:.1f}" for m in METRICS) + " |")
+  (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from sklearn.metrics import confusion_matrix
+  for (dataset, encoder), (proba, labels, classes) in confusions.items():
+    matrix = sum(confusion_matrix(labels, p.argmax(-1), labels=range(len(classes))) for p in proba)
+    fig, ax = plt.subplots(figsize=(1 + 0.7 * len(classes), 1 + 0.7 * len(classes)))
+    ax.imshow(matrix, cmap="Blues")
+    for i in range(len(classes)):
+      for j in range(len(classes)):
+        ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted (all seeds)")
+    ax.set_ylabel("true")
+    ax.set_title(f"{dataset} — {encoder}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"confusion_{dataset}_{encoder}.png", dpi=90)
+    plt.close(fig)
+  log(f"wrote results.json, results.csv, results.md and confusion matrices to {out_dir}")
+
+
+def plot_comparison(comparison: dict, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  names = list(comparison["difference_per_dataset"])
+  values = [100 * comparison["difference_per_dataset"][n] for n in names]
+  fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+  ax.bar(names, values, color=["#1f77b4" if v >= 0 else "#d62728" for v in values])
+  ax.axhline(0, color="black", linewidth=0.8)
+  ax.set_ylabel(f"{comparison['metric']}: {comparison['second']} − {comparison['first']} (points)")
+  ax.set_title(f"Wilcoxon signed-rank p = {comparison['wilcoxon_p']:.3g} over {comparison['pairs']} pairs")
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def parse_named(spec: str) -> list[tuple[str, str]]:
+  """'a=path1,path2' -> [('a', 'path1'), ('path2''s folder name', 'path2')]."""
+  out = []
+  for item in [s.strip() for s in spec.split(",") if s.strip()]:
+    name, _, path = item.rpartition("=")
+    out.append((name or Path(path).name, path))
+  return out
+
+
+def run(config, log=print) -> dict:
+  start = time.time()
+  encoders = parse_named(config.encoder)
+  datasets = parse_named(config.data.root)
+  if not encoders or not datasets:
+    raise ValueError("give --config.encoder=PATH[,PATH...] and --config.data.root=DIR[,DIR...]")
+  p = config.probe
+  settings = ProbeSettings(seeds=tuple(p.seeds), max_epochs=p.max_epochs, patience=p.patience,
+                           patience_from_epoch=p.patience_from_epoch, min_delta=p.min_delta,
+                           learning_rate=p.learning_rate, weight_decay=p.weight_decay,
+                           label_smoothing=p.label_smoothing, init_std=p.init_std, batch_size=p.batch_size,
+                           class_balanced=p.class_balanced)
+  out_dir = Path(config.workdir)
+  cache_dir = config.cache_dir or str(out_dir / "feature_cache")
+  results, confusions = {}, {}
+  for enc_name, enc_path in encoders:
+    cfg, params, resolved = load_encoder(enc_path, config.variant, log)
+    if config.image_size:
+      cfg = cfg.replace(image_size=config.image_size)
+    identity = file_identity(resolved)
+    for ds_name, root in datasets:
+      t = time.time()
+      summary, proba, labels, classes = probe_dataset(cfg, params, root, settings, config.representation,
+                                                      cache_dir, identity, log)
+      results.setdefault(ds_name, {})[enc_name] = summary
+      confusions[(ds_name, enc_name)] = (proba, labels, classes)
+      log(f"{ds_name} / {enc_name}: balanced accuracy {100 * summary['bacc']['mean']:.1f} ± "
+          f"{100 * summary['bacc']['std']:.1f}, AUROC {summary['auroc']['mean']:.3f} "
+          f"({len(settings.seeds)} seeds, {time.time() - t:.1f} s)")
+  write_outputs(out_dir, results, confusions, log)
+  if len(encoders) == 2:
+    comparison = paired_comparison(results, encoders[0][0], encoders[1][0])
+    (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=1))
+    plot_comparison(comparison, out_dir / "comparison.png")
+    log(f"{encoders[1][0]} - {encoders[0][0]}: {100 * comparison['mean_difference']:+.1f} points balanced "
+        f"accuracy, Wilcoxon p = {comparison['wilcoxon_p']:.3g}")
+  log(f"probe done in {time.time() - start:.0f} s")
+  return results
