@@ -45,7 +45,6 @@ def main():
                     **VISION[a.vision])
   rng = np.random.default_rng(0)
   n_train, n_val = int(a.images * 0.7), int(a.images * 0.15)
-  n_test = a.images - n_train - n_val
   labels = rng.integers(0, 3, a.images)
   images = rng.normal(0, 1, (a.images, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
   images += labels[:, None, None, None] * 0.3  # Learnable signal.

@@ -50,6 +50,10 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.train.mlm_probability = 0.15
   c.train.gm_probability = 0.6
   c.train.fused_passes = True
+  # Vocabulary logits only at target positions: room for this fraction of the batch's positions (a batch with
+  # more targets takes the exact all-positions path, so results never depend on it).
+  c.train.mlm_target_fraction = 0.3
+  c.train.gm_target_fraction = 0.75
   c.train.log_every = 10
   c.train.max_steps = -1  # Stop after this many steps (-1: epochs decide).
   c.eval = ml_collections.ConfigDict()

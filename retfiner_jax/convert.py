@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retfiner_jax.models.config import ModelConfig, get_variant
+from retfiner_jax.models.config import ModelConfig
 
 FORMATS = ("retfound", "visionfm", "urfound", "lightning", "backbone", "hf-bert")
 

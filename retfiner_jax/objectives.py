@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from retfiner_jax.models.attention import padding_bias, self_attention_bias
+from retfiner_jax.models.attention import self_attention_bias
 from retfiner_jax.models.retfiner import RetFiner
 from retfiner_jax.sampling import IGNORE_LABEL, sample_hard_negatives, sample_token_masks
 

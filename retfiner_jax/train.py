@@ -17,7 +17,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from retfiner_jax import convert, sharding, weights
 from retfiner_jax.checkpoints import RunCheckpoints
@@ -27,6 +26,7 @@ from retfiner_jax.evaluate import evaluate, make_embed_fn
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.retfiner import RetFiner
 from retfiner_jax.objectives import ObjectiveSettings, make_loss_fn
+from retfiner_jax.train_step import make_optimizer, make_train_step
 from retfiner_jax.run_log import RunLog, plot_run
 
 
@@ -38,16 +38,13 @@ def objective_settings(config) -> ObjectiveSettings:
   w = config.train.loss_weights
   return ObjectiveSettings(weights=(("itc", w.itc), ("itm", w.itm), ("mlm", w.mlm), ("gm", w.gm)),
                            mlm_probability=config.train.mlm_probability,
-                           gm_probability=config.train.gm_probability, fused=config.train.fused_passes)
+                           gm_probability=config.train.gm_probability, fused=config.train.fused_passes,
+                           mlm_target_fraction=config.train.mlm_target_fraction,
+                           gm_target_fraction=config.train.gm_target_fraction)
 
 
 def model_config(config) -> ModelConfig:
   return ModelConfig.from_dict(config.model.to_dict(), source="config.model")
-
-
-def make_optimizer(config):
-  t = config.train
-  return optax.adamw(t.learning_rate, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -135,39 +132,6 @@ def load_split(config, which: str, log=print):
     log(f"{which}: leaving out {len(bad)} bad rows (config.data.skip_bad_records):\n{table}")
     records = [r for r in records if r["row"] not in bad]
   return records, manifest
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The step.
-
-def make_train_step(model: RetFiner, settings: ObjectiveSettings, tx, seed: int, micro_batches: int):
-  loss_fn = make_loss_fn(model, settings)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  base_key = jax.random.PRNGKey(seed)
-
-  def train_step(state, batch):
-    rng = jax.random.fold_in(base_key, state["step"])
-    params = state["params"]
-    if micro_batches == 1:
-      (_, metrics), grads = grad_fn(params, batch, rng)
-    else:
-      # Micro-batch i takes rows i, i + m, ...: every micro-batch stays spread over all devices.
-      split = jax.tree.map(lambda x: x.reshape((-1, micro_batches) + x.shape[1:]).swapaxes(0, 1), batch)
-
-      def accumulate(carry, inputs):
-        micro, index = inputs
-        (_, m), g = grad_fn(params, micro, jax.random.fold_in(rng, index))
-        return jax.tree.map(jnp.add, carry, (g, m)), None
-
-      (_, metric_shapes), grad_shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split), rng)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, metric_shapes))
-      (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (split, jnp.arange(micro_batches)))
-      grads, metrics = jax.tree.map(lambda x: x / micro_batches, (grads, metrics))
-    updates, opt = tx.update(grads, state["opt"], params)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-    return {"params": optax.apply_updates(params, updates), "opt": opt, "step": state["step"] + 1}, metrics
-
-  return train_step
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,6 +1,5 @@
 """Manifests, image formats, bad-input checks, Grain pipelines and the synthetic corpus."""
 import csv
-import json
 
 import numpy as np
 import pytest
@@ -54,7 +53,7 @@ def test_every_image_format_reads_as_2d(tmp_path):
 
 
 def test_dicom_single_and_multi_frame(tmp_path):
-  pydicom = pytest.importorskip("pydicom")
+  pytest.importorskip("pydicom")
   from pydicom.dataset import FileDataset, FileMetaDataset
   from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

@@ -3,7 +3,6 @@ import json
 import shutil
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -41,7 +40,7 @@ def test_early_stopping_rule_on_constructed_curves():
   s = heads.ProbeSettings()
 
   def run_curve(bacc, loss):
-    state, stopped_at, best = heads.Stopping.start(), None, []
+    state, stopped_at = heads.Stopping.start(), None
     for epoch, (b, l) in enumerate(zip(bacc, loss)):
       state, improved, stop = heads.stopping_update(state, epoch, jnp.float32(b), jnp.float32(l), s)
       if bool(stop):

@@ -131,7 +131,7 @@ from retfiner_jax import sharding, weights
 from retfiner_jax.models.config import get_variant
 from retfiner_jax.models.retfiner import RetFiner, init_params
 from retfiner_jax.objectives import ObjectiveSettings
-from retfiner_jax.train import make_train_step
+from retfiner_jax.train_step import make_train_step
 import optax
 cfg = get_variant("tiny-retfound")
 rng = np.random.default_rng(0)
@@ -202,3 +202,14 @@ def test_demo_in_short(tmp_path):
     assert 0 <= saved["tasks"]["fluid"][when]["bacc"] <= 1 and 0 <= saved["tasks"]["fluid"][when]["auroc"] <= 1
   assert saved["wall_seconds"] > 0 and (tmp_path / "results.png").exists()
   assert results["tasks"] == saved["tasks"]
+
+
+def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
+  out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny"], capture_output=True, text=True,
+                       timeout=900, env=dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable))
+  assert out.returncode == 0, out.stderr[-3000:]
+  step = json.loads((tmp_path / "gpu_step_large.jsonl").read_text().splitlines()[-1])
+  assert step["ours"]["samples_per_s"] > 0 and step["original_style"]["samples_per_s"] > 0
+  assert 0 < step["flops_saved"] < 1
+  probe = json.loads((tmp_path / "gpu_probe.jsonl").read_text().splitlines()[-1])
+  assert probe["speedup"] > 0 and len(probe["epochs_per_seed"]) == 5

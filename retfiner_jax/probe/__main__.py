@@ -5,7 +5,7 @@
 """
 import functools
 
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/probe.py", "probe config", lock_config=True)

@@ -1,0 +1,253 @@
+"""Speed of this project's full training step against the original's way of computing it (same process).
+
+  python benchmarks/step.py --vision vit_b16 --text bert_base --batch 8 --steps 5 [--dtype float32]
+
+Ours: all four objectives, backward and the AdamW update in one jitted step. The original's way:
+benchmarks/torch_original.py (per-row host syncs, repeated passes, logits everywhere), stepped with
+torch.optim.AdamW; on a GPU in float16 autocast. The two alternate, step by step, after warm-up. Model FLOPs
+are counted analytically (and checked against XLA's cost analysis) to give achieved FLOP/s. One JSON line.
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from retfiner_jax.models.config import ModelConfig  # noqa: E402
+from retfiner_jax.models.retfiner import RetFiner, init_params  # noqa: E402
+from retfiner_jax.objectives import ObjectiveSettings  # noqa: E402
+from retfiner_jax.train_step import make_train_step  # noqa: E402
+
+VISION = {"vit_l16": dict(backbone="retfound", vision_dim=1024, vision_depth=24, vision_heads=16,
+                          vision_mlp_dim=4096, vision_projection=True, image_size=224),
+          "vit_b16": dict(backbone="visionfm", vision_dim=768, vision_depth=12, vision_heads=12,
+                          vision_mlp_dim=3072, vision_projection=False, image_size=224),
+          "tiny": dict(backbone="retfound", vision_dim=64, vision_depth=2, vision_heads=4, vision_mlp_dim=256,
+                       vision_projection=True, image_size=32)}
+TEXT = {"bert_base": dict(text_dim=768, text_layers=12, text_heads=12, text_intermediate=3072, vocab_size=30522),
+        "tiny": dict(text_dim=48, text_layers=2, text_heads=4, text_intermediate=192, vocab_size=30522)}
+TEXT_LENGTH = 30
+MLM_FRACTION, GM_FRACTION = 0.3, 0.75
+
+
+def make_batch(batch, cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(8, TEXT_LENGTH + 1, batch)
+  ids = rng.integers(1000, 29000, (batch, TEXT_LENGTH))
+  ids[:, 0] = 101
+  ids[np.arange(batch), lengths - 1] = 102
+  ids[np.arange(TEXT_LENGTH)[None] >= lengths[:, None]] = 0
+  return {"images": rng.normal(size=(batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32),
+          "input_ids": ids.astype(np.int32), "attention_mask": (ids != 0).astype(np.int32),
+          "pair_ids": np.arange(batch, dtype=np.int32)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Analytic matmul FLOPs (multiply-add = 2).
+
+def vit_flops(cfg, b):
+  n = cfg.grid_size ** 2
+  t, d, m = n + 1, cfg.vision_dim, cfg.vision_mlp_dim
+  layer = 2 * t * d * 3 * d + 4 * t * t * d + 2 * t * d * d + 4 * t * d * m
+  out = b * (2 * n * 3 * cfg.patch_size ** 2 * d + cfg.vision_depth * layer)
+  return out + (b * 2 * t * d * cfg.text_dim if cfg.vision_projection else 0)
+
+
+def bert_flops(cfg, rows, cross_rows_kv=0, cross=False):
+  """`rows` sequences through BERT; cross-attention with the image keys/values of `cross_rows_kv` images."""
+  l, d, i = TEXT_LENGTH, cfg.text_dim, cfg.text_intermediate
+  t = cfg.grid_size ** 2 + 1
+  layer = 2 * l * d * 3 * d + 4 * l * l * d + 2 * l * d * d + 4 * l * d * i
+  if cross:
+    layer += 2 * l * d * d + 4 * l * t * d + 2 * l * d * d
+  kv = 2 * 2 * t * d * d * cross_rows_kv
+  return cfg.text_layers * (rows * layer + kv)
+
+
+def vocab_flops(cfg, positions):
+  return positions * (2 * cfg.text_dim * cfg.text_dim + 2 * cfg.text_dim * cfg.vocab_size)
+
+
+def step_flops(cfg, b, ours: bool):
+  """Training FLOPs: 3x forward for differentiated work, 1x for the original's no-grad text pass."""
+  heads = 2 * b * cfg.text_dim * cfg.contrastive_dim * 2 + 3 * b * (2 * cfg.text_dim ** 2 + 4 * cfg.text_dim)
+  if ours:
+    fwd = (vit_flops(cfg, b) + bert_flops(cfg, b) + bert_flops(cfg, 5 * b, cross_rows_kv=b, cross=True)
+           + vocab_flops(cfg, int(round(MLM_FRACTION * b * TEXT_LENGTH)))
+           + vocab_flops(cfg, int(round(GM_FRACTION * b * TEXT_LENGTH))) + heads)
+    return 3 * fwd
+  fwd = (vit_flops(cfg, b) + bert_flops(cfg, b) + bert_flops(cfg, 3 * b, cross_rows_kv=3 * b, cross=True)
+         + 2 * bert_flops(cfg, b, cross_rows_kv=b, cross=True) + 2 * vocab_flops(cfg, b * TEXT_LENGTH) + heads)
+  return 3 * fwd + bert_flops(cfg, b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def reset_peak_rss():
+  """Linux: resets the process's peak resident memory (VmHWM)."""
+  Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss() -> int:
+  for line in Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmHWM:"):
+      return int(line.split()[1]) * 1024
+  return -1
+
+
+def memory_in_subprocess(args, which: str) -> int:
+  """Peak RSS of one steady-state step, in a process that holds only that implementation (CPU)."""
+  import subprocess
+  cmd = [sys.executable, __file__, "--vision", args.vision, "--text", args.text, "--batch", str(args.batch),
+         "--dtype", args.dtype, "--remat", args.remat, "--memory-of", which]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+  if out.returncode:
+    raise RuntimeError(out.stderr[-2000:])
+  return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_bytes"])
+
+
+def matmul_peak(dtype=jnp.float32, n=2048, repeats=5):
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
+  return 2 * n ** 3 / best
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--vision", default="vit_b16", choices=sorted(VISION))
+  p.add_argument("--text", default="bert_base", choices=sorted(TEXT))
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+  p.add_argument("--no-torch", action="store_true", help="time only this project's step")
+  p.add_argument("--memory-of", choices=["ours", "original"], help=argparse.SUPPRESS)
+  a = p.parse_args()
+  cfg = ModelConfig(**VISION[a.vision], **TEXT[a.text], contrastive_dim=512, max_text_length=TEXT_LENGTH,
+                    dtype=a.dtype, remat=a.remat)
+  gpu = jax.devices()[0].platform == "gpu"
+  batch = make_batch(a.batch, cfg)
+
+  # Ours.
+  tx = optax.adamw(1e-4, weight_decay=0.01)
+  params = jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(0))
+  state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  settings = ObjectiveSettings(mlm_target_fraction=MLM_FRACTION, gm_target_fraction=GM_FRACTION)
+  step = jax.jit(make_train_step(RetFiner(cfg), settings, tx, 0, 1), donate_argnums=(0,))
+  device_batch = jax.device_put(batch)
+  compiled = step.lower(state, device_batch).compile()
+  xla_flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
+  state, metrics = step(state, device_batch)  # Warm-up.
+  jax.block_until_ready(metrics)
+
+  holder = {"state": state}
+
+  def ours_step():  # The step donates its state: keep the new one.
+    holder["state"], m = step(holder["state"], device_batch)
+    jax.block_until_ready(m)
+
+  if a.memory_of == "ours":
+    reset_peak_rss()
+    ours_step()
+    print(json.dumps({"peak_rss_bytes": peak_rss()}))
+    return
+
+  torch_step = None
+  if not a.no_torch or a.memory_of == "original":
+    import torch
+    from transformers import BertConfig
+    from torch_original import OriginalStyleRetFiner
+    torch.manual_seed(0)
+    dev = "cuda" if gpu else "cpu"
+    bert_cfg = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.text_dim, num_hidden_layers=cfg.text_layers,
+                          num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
+                          is_decoder=True, add_cross_attention=True)
+    vit_kw = dict(image_size=cfg.image_size, dim=cfg.vision_dim, depth=cfg.vision_depth, heads=cfg.vision_heads,
+                  mlp=cfg.vision_mlp_dim, proj_dim=cfg.text_dim if cfg.vision_projection else None)
+    net = OriginalStyleRetFiner(vit_kw, bert_cfg).to(dev).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.01)
+    t_images = torch.tensor(batch["images"].transpose(0, 3, 1, 2), device=dev)
+    t_ids = torch.tensor(batch["input_ids"], device=dev).long()
+    t_mask = torch.tensor(batch["attention_mask"], device=dev).long()
+    scaler = torch.amp.GradScaler() if gpu else None
+
+    def torch_step():
+      opt.zero_grad(set_to_none=True)
+      if gpu:
+        with torch.autocast("cuda", dtype=torch.float16):
+          loss = net(t_images, t_ids, t_mask)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        torch.cuda.synchronize()
+      else:
+        loss = net(t_images, t_ids, t_mask)
+        loss.backward()
+        opt.step()
+      return float(loss.detach())
+    torch_step()  # Warm-up (also creates AdamW's state).
+    if a.memory_of == "original":
+      reset_peak_rss()
+      torch_step()
+      print(json.dumps({"peak_rss_bytes": peak_rss()}))
+      return
+
+  ours_times, torch_times = [], []
+  for _ in range(a.steps):
+    ours_times.append(_timed(ours_step))
+    if torch_step is not None:
+      torch_times.append(_timed(torch_step))
+  if not gpu:
+    ours_mem = memory_in_subprocess(a, "ours")
+    torch_mem = memory_in_subprocess(a, "original") if torch_step is not None else 0
+  else:
+    stats = jax.devices()[0].memory_stats() or {}
+    ours_mem = stats.get("peak_bytes_in_use", ours_mem)
+    if torch_step is not None:
+      import torch
+      torch_mem = torch.cuda.max_memory_allocated()
+
+  ours_flops, orig_flops = step_flops(cfg, a.batch, True), step_flops(cfg, a.batch, False)
+  med = statistics.median(ours_times)
+  peak = matmul_peak(jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32, n=4096 if gpu else 2048)
+  out = {"benchmark": "step", "vision": a.vision, "text": a.text, "batch": a.batch, "dtype": a.dtype,
+         "remat": a.remat, "device": jax.devices()[0].device_kind, "machine": platform.processor() or
+         platform.machine(), "jax": jax.__version__,
+         "ours": {"median_s": med, "min_s": min(ours_times), "max_s": max(ours_times),
+                  "samples_per_s": a.batch / med, "peak_memory_bytes": int(ours_mem),
+                  "peak_memory_kind": "device peak" if gpu else "process peak RSS during a step",
+                  "model_flops": ours_flops, "xla_flops": xla_flops, "achieved_flops_per_s": ours_flops / med},
+         "matmul_peak_flops_per_s": peak}
+  out["ours"]["fraction_of_matmul_peak"] = out["ours"]["achieved_flops_per_s"] / peak
+  if torch_times:
+    tmed = statistics.median(torch_times)
+    import torch
+    out["original_style"] = {"median_s": tmed, "min_s": min(torch_times), "max_s": max(torch_times),
+                             "samples_per_s": a.batch / tmed, "peak_memory_bytes": int(torch_mem),
+                             "model_flops": orig_flops, "achieved_flops_per_s": orig_flops / tmed,
+                             "torch": torch.__version__, "autocast": "float16" if gpu else "none (float32)"}
+    out["speedup"] = tmed / med
+    out["flops_saved"] = 1 - ours_flops / orig_flops
+  print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+  main()
