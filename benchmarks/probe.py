@@ -75,11 +75,13 @@ def main():
     updates, opt = tx.update(jax.grad(loss)(head), opt, head)
     return optax.apply_updates(head, updates), opt
 
+  head_batch = min(settings.batch_size, n_train)
+
   def one_epoch(head, opt):
     order = rng.permutation(n_train)
-    for s in range(0, n_train - 127, 128):
-      rows = order[s:s + 128]
-      x = feature_fn(params, images[rows[:64]]), feature_fn(params, images[rows[64:]])
+    for s in range(0, n_train - head_batch + 1, head_batch):  # Each minibatch: the encoder again.
+      rows = order[s:s + head_batch]
+      x = [feature_fn(params, images[rows[c:c + a.batch]]) for c in range(0, len(rows), a.batch)]
       head, opt = head_step(head, opt, jnp.concatenate(x), labels[rows])
     for s in range(n_train, n_train + n_val, a.batch):  # Validation pass: the encoder again.
       chunk = images[s:min(s + a.batch, n_train + n_val)]
