@@ -288,7 +288,12 @@ def run(config, workdir, log=print) -> dict:
   seconds = time.time() - start_time
   summary = {"status": status, "steps": step, "epochs": progress.epoch, "best_val_loss": progress.best_val_loss,
              "best_step": progress.best_step, "stopped_early": progress.stopped_early,
-             "train_seconds": seconds, "samples_per_second": (step - start_step) * batch_size / max(seconds, 1e-9)}
+             "train_seconds": seconds, "samples_per_second": (step - start_step) * batch_size / max(seconds, 1e-9),
+             "records_skipped_while_loading": pipeline.skipped_records(train_source)
+             + pipeline.skipped_records(val_source)}
+  if summary["records_skipped_while_loading"]:
+    log(f"skipped {summary['records_skipped_while_loading']} records that failed to load "
+        f"(config.data.skip_bad_records)")
   if status == "finished":
     best, _ = checkpoints.restore_best(jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, param_sh))

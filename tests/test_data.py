@@ -224,8 +224,9 @@ def test_bad_file_mid_run_raises_with_row_or_is_skipped(tmp_path, vocab):
   spec = pipeline.ImageSpec(image_size=16)
   with pytest.raises(images.ImageError, match=r"row 6: .*5.png: cannot decode"):
     list(pipeline.eval_dataset(records, spec, 4, source="m.csv"))
-  batches = list(pipeline.eval_dataset(records, spec, 4, skip_bad=True))
+  batches = list(pipeline.eval_dataset(records, spec, 4, source="skip.csv", skip_bad=True))
   assert sum(int(b["valid"].sum()) for b in batches) == 11
+  assert pipeline.skipped_records("skip.csv") == 1
 
 
 def test_synthetic_generator_is_deterministic(tmp_path):

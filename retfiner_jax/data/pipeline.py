@@ -19,6 +19,14 @@ from retfiner_jax.text import load_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
 
+# Records skipped while loading (config.data.skip_bad_records), per manifest. Counted in the process that
+# loads them: exact with 0 workers; worker processes log each skipped record instead.
+_SKIPPED: dict = {}
+
+
+def skipped_records(source: str) -> int:
+  return _SKIPPED.get(source, 0)
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageSpec:
@@ -60,6 +68,7 @@ class LoadPair(grain.transforms.RandomMap):
     except ImageError as e:
       message = f"{self.source} row {record['row']}: {e}"
       if self.skip_bad:
+        _SKIPPED[self.source] = _SKIPPED.get(self.source, 0) + 1
         log.warning("skipped bad record: %s", message)
         return None
       raise ImageError(e.kind, message) from e
