@@ -23,11 +23,13 @@ FORMATS = ("retfound", "visionfm", "urfound", "lightning", "backbone", "hf-bert"
 
 # Keys that a format carries but RetFiner does not use.
 IGNORED = {
-    "retfound": ["mask_token", "decoder_*", "head.*"],
-    "urfound": ["mask_token", "decoder_*", "head.*", "bert_encoder.*", "bert_mlp.*"],
+    # fc_norm: timm's global-pool norm and masked_embed: iBOT's mask token, both unused by RetFiner.
+    "retfound": ["mask_token", "decoder_*", "head.*", "fc_norm.*"],
+    "urfound": ["mask_token", "decoder_*", "head.*", "fc_norm.*", "bert_encoder.*", "bert_mlp.*"],
     "visionfm": ["head.*", "masked_embed"],
-    "backbone": ["head.*"],
-    "lightning": ["model.vision_encoder.head.*", "*position_ids"],
+    "backbone": ["head.*", "fc_norm.*", "masked_embed"],
+    "lightning": ["model.vision_encoder.head.*", "model.vision_encoder.fc_norm.*", "model.vision_encoder.masked_embed",
+                  "*position_ids"],
     "hf-bert": ["*position_ids", "*pooler.*", "cls.seq_relationship.*"],
 }
 

@@ -99,13 +99,20 @@ def convert_checkpoint(path, fmt: str | None = None, variant: str | None = None,
                              f"pass --variant (retfound, visionfm, urfound, ...) or --model-config FILE")
   if hf_config is not None:
     cfg = _config_from_hf(hf_config, cfg, str(path))
+  # The MLP width is in the checkpoint (head counts are not): take it when every block agrees on it.
+  vision_prefix = "model.vision_encoder." if detected == "lightning" else ""
+  widths = {np.shape(v)[0] for k, v in state.items()
+            if k.startswith(f"{vision_prefix}blocks.") and k.endswith(".mlp.fc1.weight")}
+  if len(widths) == 1:
+    cfg = cfg.replace(vision_mlp_dim=int(widths.pop()))
 
   ignore = list(cv.IGNORED.get(detected, [])) + list(extra_ignore)
   tied = []
   if detected == "lightning":
     table, contents = cv.lightning_table(cfg), ["vision_encoder", "text_encoder", *HEADS]
     tied = cv.tied_keys("model.multimodal_encoder.", "model.multimodal_encoder.bert.")
-    allow = lambda e: False
+    # UrFound's RetFiner path never uses the final norm: it may be absent (then initialised, and reported).
+    allow = lambda e: e.flax_path[:2] == ("vision_encoder", "norm") and not cfg.apply_final_norm
   elif detected == "hf-bert":
     bert_prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
     table, contents = cv.bert_table(cfg, bert_prefix, ""), ["text_encoder"]
@@ -113,7 +120,8 @@ def convert_checkpoint(path, fmt: str | None = None, variant: str | None = None,
     allow = lambda e: "crossattention" in e.flax_path or "mlm_head" in e.flax_path
   else:
     table, contents = cv.vision_table(cfg), ["vision_encoder"]
-    allow = lambda e: e.flax_path[1] == "proj"  # RETFound's projection is RetFiner's own, new layer.
+    # RETFound's projection is RetFiner's own, new layer; UrFound's RetFiner path skips the final norm.
+    allow = lambda e: e.flax_path[1] == "proj" or (e.flax_path[1] == "norm" and not cfg.apply_final_norm)
 
   expected = cv.flatten(jax.tree.map(lambda s: s.shape, abstract_params(cfg)))
   flat, report = cv.import_state(state, table, expected, ignore, allow, tied, grid=cfg.grid_size)

@@ -179,3 +179,22 @@ def test_cli(tmp_path, capsys):
   assert cli.main(["--input", str(tmp_path / "out"), "--export-vision", str(tmp_path / "v.pth")]) == 0
   assert cli.main(["--input", str(tmp_path / "nope.pth"), "--output", str(tmp_path / "x")]) == 1
   assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_urfound_lightning_without_final_norm_and_another_mlp_width(tmp_path):
+  """A checkpoint of another backbone and sizes: the MLP width comes from the checkpoint, UrFound's unused
+  final norm may be absent, timm's unused fc_norm is ignored."""
+  sd = {k: v for k, v in _lightning_state().items() if not k.startswith("model.vision_encoder.")}
+  torch.manual_seed(3)
+  vit = TorchViT(dim=48, mlp=96).state_dict()  # MLP ratio 2; no projection (vision width = text width).
+  sd.update({f"model.vision_encoder.{k}": v for k, v in vit.items() if not k.startswith("norm.")})
+  sd["model.vision_encoder.fc_norm.weight"] = torch.ones(48)
+  path = _save(tmp_path, {"state_dict": sd})
+  cfg = CFG.replace(backbone="urfound", vision_projection=False, vision_dim=48, vision_mlp_dim=192)
+  cfg, params, meta = weights.convert_checkpoint(path, model_config=cfg, **quiet)
+  assert cfg.vision_mlp_dim == 96 and not cfg.apply_final_norm
+  assert sorted(meta["report"]["initialised"]) == ["model.vision_encoder.norm.bias",
+                                                   "model.vision_encoder.norm.weight"]
+  assert "model.vision_encoder.fc_norm.weight" in meta["report"]["ignored"]
+  np.testing.assert_array_equal(params["vision_encoder"]["blocks_1"]["mlp"]["fc2"]["kernel"],
+                                vit["blocks.1.mlp.fc2.weight"].numpy().T)
