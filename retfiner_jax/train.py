@@ -137,6 +137,11 @@ def load_split(config, which: str, log=print):
 # ---------------------------------------------------------------------------------------------------------
 # The run.
 
+def with_shardings(abstract_tree, shardings):
+  """Shapes/dtypes plus target shardings: what Orbax restores onto."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
 @dataclasses.dataclass
 class Progress:
   epoch: int = 0
@@ -202,8 +207,7 @@ def run(config, workdir, log=print) -> dict:
     state = jax.jit(init_state, out_shardings=state_sh)(params)
     progress = Progress()
   else:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
-    state, saved = checkpoints.restore(target, train_iter)
+    state, saved = checkpoints.restore(with_shardings(abstract_state, state_sh), train_iter)
     saved_seed = saved.pop("seed")
     if saved_seed != config.seed:
       raise ValueError(f"{workdir} was trained with seed {saved_seed}, config.seed is {config.seed}: resume with "
@@ -230,10 +234,10 @@ def run(config, workdir, log=print) -> dict:
     return dataclasses.asdict(progress) | {"seed": config.seed}
 
   def check_finite(step, metrics):
-    loss = float(metrics["loss"])
-    if not np.isfinite(loss):
-      raise NonFiniteLoss(f"non-finite loss {loss} at step {step}; stopping. The last good checkpoint is "
-                          f"{workdir / 'checkpoints'} step {checkpoints.latest_step()}")
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+      raise NonFiniteLoss(f"non-finite loss {loss} (gradient norm {grad_norm}) at step {step}; stopping. The "
+                          f"last good checkpoint is {workdir / 'checkpoints'} step {checkpoints.latest_step()}")
 
   step = int(jax.device_get(state["step"]))
   start_time, start_step = time.time(), step
@@ -295,8 +299,7 @@ def run(config, workdir, log=print) -> dict:
     log(f"skipped {summary['records_skipped_while_loading']} records that failed to load "
         f"(config.data.skip_bad_records)")
   if status == "finished":
-    best, _ = checkpoints.restore_best(jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, param_sh))
+    best, _ = checkpoints.restore_best(with_shardings(abstract_params, param_sh))
     final = best if best is not None else state["params"]
     summary["exported"] = export_vision(cfg, jax.device_get(final), workdir / "export", log)
     plot_run(workdir)

@@ -81,8 +81,9 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(corpus, tmp_pat
 
 def test_non_finite_loss_stops_and_names_the_step(corpus, tmp_path):
   config = tiny_config(corpus, epochs=3, learning_rate=1e30)
-  with pytest.raises(train.NonFiniteLoss, match=r"non-finite loss nan at step \d+"):
+  with pytest.raises(train.NonFiniteLoss, match=r"non-finite loss \S+ \(gradient norm \S+\) at step \d+"):
     train.run(config, tmp_path / "run", log=lambda *a: None)
+  assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))  # Nothing non-finite was saved.
 
 
 @pytest.mark.parametrize("name", ["retfound", "visionfm", "urfound"])
