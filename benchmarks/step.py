@@ -139,6 +139,7 @@ def main():
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
   p.add_argument("--no-torch", action="store_true", help="time only this project's step")
+  p.add_argument("--plain", action="store_true", help="our step without the fused cross-attention passes")
   p.add_argument("--memory-of", choices=["ours", "original"], help=argparse.SUPPRESS)
   a = p.parse_args()
   cfg = ModelConfig(**VISION[a.vision], **TEXT[a.text], contrastive_dim=512, max_text_length=TEXT_LENGTH,
@@ -150,7 +151,7 @@ def main():
   tx = optax.adamw(1e-4, weight_decay=0.01)
   params = jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(0))
   state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-  settings = ObjectiveSettings(mlm_target_fraction=MLM_FRACTION, gm_target_fraction=GM_FRACTION)
+  settings = ObjectiveSettings(mlm_target_fraction=MLM_FRACTION, gm_target_fraction=GM_FRACTION, fused=not a.plain)
   step = jax.jit(make_train_step(RetFiner(cfg), settings, tx, 0, 1), donate_argnums=(0,))
   device_batch = jax.device_put(batch)
   compiled = step.lower(state, device_batch).compile()
@@ -229,7 +230,7 @@ def main():
   med = statistics.median(ours_times)
   peak = matmul_peak(jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32, n=4096 if gpu else 2048)
   out = {"benchmark": "step", "vision": a.vision, "text": a.text, "batch": a.batch, "dtype": a.dtype,
-         "remat": a.remat, "device": jax.devices()[0].device_kind, "machine": platform.processor() or
+         "remat": a.remat, "fused": not a.plain, "device": jax.devices()[0].device_kind, "machine": platform.processor() or
          platform.machine(), "jax": jax.__version__,
          "ours": {"median_s": med, "min_s": min(ours_times), "max_s": max(ours_times),
                   "samples_per_s": a.batch / med, "peak_memory_bytes": int(ours_mem),
