@@ -4,9 +4,10 @@
 wraps it with the sampling (sampling.py) into the one function (params, batch, rng) -> (total, metrics).
 
 Work the original repeats is done once here: the text-only pass feeds both ITC and the ITM sampling
-weights; the image tokens' cross-attention keys/values are computed once per image and layer and gathered
-for every pass; with `fused=True` the MLM, GM and ITM passes run as one batched BERT call with per-row
-self-attention masks (bidirectional or causal) and per-row image indices. `fused=False` computes the plain
+weights; the image tokens' cross-attention keys/values are computed once per image and layer; with
+`fused=True` the MLM, GM and ITM passes run as one batched BERT call with per-row self-attention masks
+(bidirectional or causal), the four passes aligned with their own image attending its keys/values as one group
+per image, and only the negative-image pass gathering the keys/values of other images. `fused=False` computes the plain
 way (one call per pass, keys/values recomputed per pass) and gives the same numbers.
 """
 from __future__ import annotations
@@ -99,10 +100,6 @@ def token_prediction_loss(logits_fn, hidden, labels, target_fraction=1.0):
   return jax.lax.cond(is_target.sum() <= capacity, lambda: loss_at(targets_first), lambda: loss_at(every_row))
 
 
-def _gather_rows(tree, index):
-  return jax.tree.map(lambda a: a[index], tree)
-
-
 def compute_objectives(model: RetFiner, params, batch, views, settings: ObjectiveSettings = ObjectiveSettings(),
                        negatives=None, negative_rng=None, dropout_rng=None):
   """All enabled objectives for given masked views and (optionally) given ITM negatives.
@@ -145,12 +142,16 @@ def compute_objectives(model: RetFiner, params, batch, views, settings: Objectiv
 
   hidden = {}
   if passes and settings.fused:
-    image_kv = m.image_keys_values(image_tokens)  # Once per image and layer.
+    # One BERT call: the image-aligned passes first (as groups attending their own image's keys/values, which
+    # are computed once), then the negative-image pass, which gathers the keys/values of its images.
+    passes.sort(key=lambda p: p[0] == "itm_neg_image")
+    aligned = [p for p in passes if p[0] != "itm_neg_image"]
+    extra_index = None if len(aligned) == len(passes) else passes[-1][4]
     all_ids = jnp.concatenate([p[1] for p in passes])
     all_mask = jnp.concatenate([p[2] for p in passes])
     causal = jnp.concatenate([jnp.full((batch_size,), p[3]) for p in passes])
-    image_index = jnp.concatenate([p[4] for p in passes])
-    out = m.text_with_image(all_ids, self_attention_bias(all_mask, causal), _gather_rows(image_kv, image_index))
+    out = m.text_with_image(all_ids, self_attention_bias(all_mask, causal), m.image_keys_values(image_tokens),
+                            extra_index)
     hidden = {p[0]: out[i * batch_size:(i + 1) * batch_size] for i, p in enumerate(passes)}
   elif passes:  # The plain way, one call per objective as the original computes it.
     def run(p_ids, p_mask, causal, tokens):

@@ -44,12 +44,38 @@ class BertAttention(nn.Module):
     """(B, Lk, D) -> key, value of shape (B, Lk, H, d)."""
     return self._heads(self.key(source)), self._heads(self.value(source))
 
-  def __call__(self, hidden, keys_values, bias=None):
+  def __call__(self, hidden, keys_values, bias=None, extra_index=None):
+    """Attention of `hidden` (R, L, D) to `keys_values` ((N, Lk, H, d) each), plus output and residual.
+
+    For self-attention N = R. For cross-attention the keys/values are per image (N images) and the rows are
+    G groups of N image-aligned rows (row g*N + i attends image i), then, if `extra_index` is given, one row
+    per entry attending image extra_index[e]. Aligned groups run as one attention per image with G*L
+    queries, so no image's keys/values are copied; only the extra rows gather theirs.
+    """
     key, value = keys_values
     dropout = None
     if self.cfg.text_dropout > 0 and not self.deterministic:
       dropout = lambda p: self.dropout(p, deterministic=False)
-    context = attention(self._heads(self.query(hidden)), key, value, bias, dropout)
+    query = self._heads(self.query(hidden))
+    rows, length, heads, depth = query.shape
+    images = key.shape[0]
+    extra = 0 if extra_index is None else extra_index.shape[0]
+    groups, remainder = divmod(rows - extra, images)
+    if remainder or groups < 1:
+      raise ValueError(f"attention: {rows} rows do not split into groups of {images} image-aligned rows "
+                       f"plus {extra} extra rows")
+    if groups == 1:
+      context = attention(query[:images], key, value, bias, dropout)
+    else:
+      if bias is not None:
+        raise ValueError("attention: grouped rows take no mask (cross-attention sees every image token)")
+      grouped = query[:groups * images].reshape(groups, images, length, heads, depth).swapaxes(0, 1)
+      context = attention(grouped.reshape(images, groups * length, heads, depth), key, value, None, dropout)
+      context = context.reshape(images, groups, length, heads, depth).swapaxes(0, 1)
+      context = context.reshape(groups * images, length, heads, depth)
+    if extra:
+      context = jnp.concatenate([context, attention(query[groups * images:], key[extra_index], value[extra_index],
+                                                    None, dropout)])
     out = self.output_dense(context.reshape(hidden.shape[:2] + (self.cfg.text_dim,)))
     out = self.dropout(out, deterministic=self.deterministic)
     return self.output_LayerNorm(out + hidden).astype(hidden.dtype)
@@ -71,10 +97,10 @@ class BertLayer(nn.Module):
   def cross_keys_values(self, image_tokens):
     return self.crossattention.keys_values(image_tokens)
 
-  def __call__(self, hidden, self_bias, cross_kv=None):
+  def __call__(self, hidden, self_bias, cross_kv=None, extra_image_index=None):
     hidden = self.attention(hidden, self.attention.keys_values(hidden), self_bias)
-    if cross_kv is not None:
-      hidden = self.crossattention(hidden, cross_kv)  # No mask: every image token is visible.
+    if cross_kv is not None:  # No mask: every image token is visible.
+      hidden = self.crossattention(hidden, cross_kv, extra_index=extra_image_index)
     out = self.output_dense(gelu(self.intermediate_dense(hidden)))
     out = self.dropout(out, deterministic=self.deterministic)
     return self.output_LayerNorm(out + hidden).astype(hidden.dtype)
@@ -128,12 +154,13 @@ class BertTextEncoder(nn.Module):
     """Per layer, the cross-attention (key, value) of the image tokens: a tuple of (B, N, H, d) pairs."""
     return tuple(layer.cross_keys_values(image_tokens) for layer in self.layer)
 
-  def __call__(self, input_ids, self_bias, cross_kv=None):
-    """Sequence output (B, L, D). `self_bias` is the additive self-attention mask (see attention.py);
-    `cross_kv` (from `cross_keys_values`, rows matching `input_ids`) switches cross-attention on."""
+  def __call__(self, input_ids, self_bias, cross_kv=None, extra_image_index=None):
+    """Sequence output (R, L, D). `self_bias` is the additive self-attention mask (see attention.py).
+    `cross_kv` (from `cross_keys_values` of N images) switches cross-attention on: rows come in groups of N
+    image-aligned rows, then one row per `extra_image_index` entry (see BertAttention)."""
     hidden = self.embeddings(input_ids)
     for i, layer in enumerate(self.layer):
-      hidden = layer(hidden, self_bias, None if cross_kv is None else cross_kv[i])
+      hidden = layer(hidden, self_bias, None if cross_kv is None else cross_kv[i], extra_image_index)
     return hidden
 
   def mlm_logits(self, hidden):

@@ -57,9 +57,10 @@ class RetFiner(nn.Module):
     """Cross-attention keys/values of the image tokens, per text layer: computed once per image."""
     return self.text_encoder.cross_keys_values(image_tokens)
 
-  def text_with_image(self, input_ids, self_bias, image_kv):
-    """Text encoding fused with image tokens through cross-attention: (B, L, D)."""
-    return self.text_encoder(input_ids, self_bias, image_kv)
+  def text_with_image(self, input_ids, self_bias, image_kv, extra_image_index=None):
+    """Text encoding fused with image tokens through cross-attention: (R, L, D). Rows: groups of N
+    image-aligned rows (N = images in `image_kv`), then one per `extra_image_index` entry."""
+    return self.text_encoder(input_ids, self_bias, image_kv, extra_image_index)
 
   def mlm_logits(self, hidden):
     return self.text_encoder.mlm_logits(hidden)
