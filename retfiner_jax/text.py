@@ -20,10 +20,15 @@ def load_tokenizer(path):
 
 
 def tokenize(tokenizer, texts, max_length: int):
-  """-> {"input_ids", "attention_mask"}: int32 arrays (len(texts), max_length); also how many were truncated."""
-  enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
-                  return_attention_mask=True, return_overflowing_tokens=False, return_length=False)
-  ids = np.asarray(enc["input_ids"], np.int32)
-  full = tokenizer(list(texts), truncation=False, add_special_tokens=True)["input_ids"]
-  truncated = int(sum(len(f) > max_length for f in full))
-  return {"input_ids": ids, "attention_mask": np.asarray(enc["attention_mask"], np.int32), "truncated": truncated}
+  """-> {"input_ids", "attention_mask"}: int32 arrays (len(texts), max_length), and "truncated": how many texts
+  were longer than max_length tokens. Truncation keeps [CLS] ... [SEP] as BERT's tokenizer does."""
+  full = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+  ids = np.zeros((len(full), max_length), np.int32)
+  truncated = 0
+  for row, seq in enumerate(full):
+    if len(seq) > max_length:
+      seq = seq[:max_length - 1] + [tokenizer.sep_token_id]
+      truncated += 1
+    ids[row, :len(seq)] = seq
+  return {"input_ids": ids, "attention_mask": (ids != tokenizer.pad_token_id).astype(np.int32),
+          "truncated": truncated}

@@ -169,6 +169,13 @@ def test_tokenisation_truncation_and_pair_ids(tmp_path, vocab):
   assert records[0]["input_ids"].tolist() == want and records[0]["input_ids"].dtype == np.int32
   assert records[0]["attention_mask"].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
   assert records[11]["input_ids"][-1] == word["[SEP]"]  # Truncated, still ends with [SEP].
+  # The same as the tokenizer's own padding and truncation.
+  from retfiner_jax.text import load_tokenizer
+  tok = load_tokenizer(vocab)
+  reports = [r["report"] for r in records]
+  want = tok(reports, padding="max_length", truncation=True, max_length=8)
+  np.testing.assert_array_equal(np.stack([r["input_ids"] for r in records]), want["input_ids"])
+  np.testing.assert_array_equal(np.stack([r["attention_mask"] for r in records]), want["attention_mask"])
   assert records[0]["pair_id"] == records[1]["pair_id"] != records[2]["pair_id"]
 
 
