@@ -38,22 +38,20 @@ def evaluate(model: RetFiner, params, batches, settings: ObjectiveSettings, seed
   loss_fn = loss_fn or jax.jit(make_loss_fn(model, settings))
   embed_fn = embed_fn or make_embed_fn(model)
   key = jax.random.PRNGKey(seed)
-  sums, full_batches = {}, 0
-  images, texts, report_keys = [], [], []
-  for i, batch in enumerate(batches):
+  batch_metrics, embeddings, valids, report_keys = [], [], [], []
+  for i, batch in enumerate(batches):  # Results stay on device until the end: no sync per batch.
     valid = np.asarray(batch["valid"])
     device_batch = to_global({k: v for k, v in batch.items() if k != "valid"})
     if valid.all():
-      _, metrics = loss_fn(params, device_batch, jax.random.fold_in(key, i))
-      for k, v in metrics.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-      full_batches += 1
-    img, txt = embed_fn(params, device_batch["images"], device_batch["input_ids"], device_batch["attention_mask"])
-    images.append(np.asarray(img)[valid])
-    texts.append(np.asarray(txt)[valid])
-    ids = np.asarray(batch["input_ids"])[valid]
-    report_keys += [row.tobytes() for row in ids]
-  out = {k: v / full_batches for k, v in sums.items()} if full_batches else {}
-  out.update(retrieval_recall(np.concatenate(images), np.concatenate(texts), report_keys, ks))
+      batch_metrics.append(loss_fn(params, device_batch, jax.random.fold_in(key, i))[1])
+    embeddings.append(embed_fn(params, device_batch["images"], device_batch["input_ids"],
+                               device_batch["attention_mask"]))
+    valids.append(valid)
+    report_keys += [row.tobytes() for row in np.asarray(batch["input_ids"])[valid]]
+  batch_metrics, embeddings = jax.device_get((batch_metrics, embeddings))
+  out = {k: float(np.mean([m[k] for m in batch_metrics])) for k in batch_metrics[0]} if batch_metrics else {}
+  images = np.concatenate([img[v] for (img, _), v in zip(embeddings, valids)])
+  texts = np.concatenate([txt[v] for (_, txt), v in zip(embeddings, valids)])
+  out.update(retrieval_recall(images, texts, report_keys, ks))
   out["examples"] = float(len(report_keys))
   return out

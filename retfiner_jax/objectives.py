@@ -6,9 +6,9 @@ wraps it with the sampling (sampling.py) into the one function (params, batch, r
 Work the original repeats is done once here: the text-only pass feeds both ITC and the ITM sampling
 weights; the image tokens' cross-attention keys/values are computed once per image and layer; with
 `fused=True` the MLM, GM and ITM passes run as one batched BERT call with per-row self-attention masks
-(bidirectional or causal), the four passes aligned with their own image attending its keys/values as one group
-per image, and only the negative-image pass gathering the keys/values of other images. `fused=False` computes the plain
-way (one call per pass, keys/values recomputed per pass) and gives the same numbers.
+(bidirectional or causal): the four passes aligned with their own image attend its keys/values as one group
+per image, and only the negative-image pass gathers the keys/values of other images. `fused=False` computes
+the plain way (one call per pass, keys/values recomputed per pass) and gives the same numbers.
 """
 from __future__ import annotations
 
@@ -145,8 +145,7 @@ def compute_objectives(model: RetFiner, params, batch, views, settings: Objectiv
     # One BERT call: the image-aligned passes first (as groups attending their own image's keys/values, which
     # are computed once), then the negative-image pass, which gathers the keys/values of its images.
     passes.sort(key=lambda p: p[0] == "itm_neg_image")
-    aligned = [p for p in passes if p[0] != "itm_neg_image"]
-    extra_index = None if len(aligned) == len(passes) else passes[-1][4]
+    extra_index = passes[-1][4] if passes[-1][0] == "itm_neg_image" else None
     all_ids = jnp.concatenate([p[1] for p in passes])
     all_mask = jnp.concatenate([p[2] for p in passes])
     causal = jnp.concatenate([jnp.full((batch_size,), p[3]) for p in passes])

@@ -18,6 +18,7 @@ NORMALISATION = {
     "urfound": IMAGENET,
     "visionfm": ((0.21091926, 0.21091926, 0.21091919), (0.17598894, 0.17598891, 0.17598893)),
 }
+VOLUME_SUFFIXES = {".npy", ".tif", ".tiff", ".dcm", ".dicom"}  # Formats that may hold several B-scans.
 IMAGE_SUFFIXES = {".npy", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom"}
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -88,7 +89,7 @@ def read_image(path, slice_index=None) -> np.ndarray:
     raise ImageError("undecodable", f"{path}: cannot decode ({type(e).__name__}: {e})") from e
   if a.dtype == bool:
     a = a.astype(np.uint8) * 255
-  a = _select_slice(a, slice_index, path, volume_capable=suffix in ('.npy', '.tif', '.tiff', '.dcm', '.dicom'))
+  a = _select_slice(a, slice_index, path, volume_capable=suffix in VOLUME_SUFFIXES)
   a = _to_gray(a, path)
   if a.ndim != 2:
     raise ImageError("not_2d", f"{path}: expected a 2-D B-scan after slice selection, got shape {a.shape}")

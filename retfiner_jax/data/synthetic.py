@@ -137,7 +137,8 @@ def render(lab: dict, rng: np.random.Generator, height=256, width=256) -> np.nda
   image += under * np.where(ped_mask > drusen_mask, 0.06, 0.45)
   choroid_top = bruch
   choroid = (rows >= choroid_top) & (rows < choroid_top + height * 0.12)
-  vessels = 0.5 + 0.25 * np.sin(rows / (3 * s) + rng.random() * 6) * np.sin(np.arange(width) / (5 * s) + rng.random() * 6)
+  vessels = (0.5 + 0.25 * np.sin(rows / (3 * s) + rng.random() * 6)
+             * np.sin(np.arange(width) / (5 * s) + rng.random() * 6))
   hyper = np.zeros(width)
   if lab["ga"]:
     w = 0.05 * size_of[lab["ga_size"]]
@@ -179,13 +180,15 @@ def render(lab: dict, rng: np.random.Generator, height=256, width=256) -> np.nda
 _PHRASES = {
     "drusen": ["{size} drusen {where}", "{size} drusenoid deposits {where}", "drusen ({size}) {where}"],
     "ped": ["{size} pigment epithelial detachment {where}", "{size} PED {where}", "RPE detachment {where}, {size}"],
-    "cysts": ["intraretinal cysts {where}", "{size} intraretinal cystoid spaces {where}", "cystoid macular edema {where}"],
+    "cysts": ["intraretinal cysts {where}", "{size} intraretinal cystoid spaces {where}",
+              "cystoid macular edema {where}"],
     "srf": ["subretinal fluid {where}", "{size} amount of subretinal fluid {where}", "SRF present {where}"],
     "erm": ["epiretinal membrane with retinal thickening", "{size} epiretinal membrane {where}", "ERM {where}"],
     "hole": ["full-thickness macular hole", "{size} full-thickness macular hole at the fovea", "macular hole present"],
     "ga": ["geographic atrophy {where} with hypertransmission", "{size} area of RPE atrophy {where}",
            "outer retinal atrophy {where} with choroidal hypertransmission"],
-    "thinning": ["diffuse thinning of the inner retina", "thin retinal nerve fibre layer", "generalised retinal thinning"],
+    "thinning": ["diffuse thinning of the inner retina", "thin retinal nerve fibre layer",
+                 "generalised retinal thinning"],
 }
 _NEGATIONS = {"srf": ["no subretinal fluid", "no SRF"], "cysts": ["no intraretinal fluid", "no cysts"],
               "drusen": ["no drusen"], "ped": ["no PED"], "erm": ["no epiretinal membrane"],

@@ -3,9 +3,10 @@
 - `oct_report_pairs`: a manifest of OCT–report pairs, split by its `split` column (rows without one: train).
 - `oct_image_folder`: an ImageFolder classification dataset root/{train,val,test}/<class>/<image>.
 
-Every B-scan is stored as the bytes of a 16-bit greyscale PNG (`decode_png16` reads it) of its 2-D array after slice selection: 8-bit images are
-multiplied by 257 (so bit-depth scaling gives exactly the same [0, 1] values), 16-bit images are kept, float
-images are min-max scaled to 16 bits. Read back with `tfds.data_source`, records feed the same Grain pipeline:
+Every B-scan is stored as the bytes of a 16-bit greyscale PNG (`decode_png16` reads it) of its 2-D array after
+slice selection: 8-bit images are multiplied by 257 (so bit-depth scaling gives exactly the same [0, 1]
+values), 16-bit images are kept, float images are min-max scaled to 16 bits. Read back with
+`tfds.data_source`, records feed the same Grain pipeline:
 
     python -m retfiner_jax.data.tfds_builders pairs MANIFEST --data-dir DIR
     python -m retfiner_jax.data.tfds_builders folder ROOT --data-dir DIR

@@ -11,7 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from retfiner_jax.models.attention import attention
+from retfiner_jax.models.attention import attention, padding_bias
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.vit import compute_dtype, gelu, layer_norm, maybe_remat
 
@@ -169,6 +169,5 @@ class BertTextEncoder(nn.Module):
 
   def init_all(self, input_ids, attention_mask, image_tokens):
     """Touches every parameter (for `init`)."""
-    from retfiner_jax.models.attention import padding_bias
     hidden = self(input_ids, padding_bias(attention_mask), self.cross_keys_values(image_tokens))
     return self.mlm_logits(hidden)
