@@ -16,6 +16,7 @@ the same implementation ("steady") apart from the first step of each block ("aft
 import argparse
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -138,7 +139,6 @@ def _timed(fn):
 
 def _measured(fn):
   """Wall seconds, process CPU seconds (user, system) and minor page faults of one call."""
-  import resource
   before = resource.getrusage(resource.RUSAGE_SELF)
   wall = _timed(fn)
   after = resource.getrusage(resource.RUSAGE_SELF)

@@ -19,7 +19,7 @@ NORMALISATION = {
     "visionfm": ((0.21091926, 0.21091926, 0.21091919), (0.17598894, 0.17598891, 0.17598893)),
 }
 VOLUME_SUFFIXES = {".npy", ".tif", ".tiff", ".dcm", ".dicom"}  # Formats that may hold several B-scans.
-IMAGE_SUFFIXES = {".npy", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom"}
+IMAGE_SUFFIXES = VOLUME_SUFFIXES | {".png", ".jpg", ".jpeg"}
 LUMA = np.array([0.299, 0.587, 0.114])
 
 
