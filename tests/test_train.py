@@ -209,8 +209,15 @@ def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
   step = json.loads((tmp_path / "gpu_step_large.jsonl").read_text().splitlines()[-1])
   assert step["ours"]["samples_per_s"] > 0 and step["original_style"]["samples_per_s"] > 0
   assert 0 < step["flops_saved"] < 1
+  assert step["malloc"] == "retain" and step["malloc_env"] == step_benchmark_retained_heap()  # Restarted with it.
   probe = json.loads((tmp_path / "gpu_probe.jsonl").read_text().splitlines()[-1])
   assert probe["speedup"] > 0 and len(probe["epochs_per_seed"]) == 5
+
+
+def step_benchmark_retained_heap():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import step as step_benchmark
+  return step_benchmark.RETAINED_HEAP
 
 
 def test_step_benchmark_splits_steady_steps_from_steps_after_a_switch():
