@@ -194,11 +194,12 @@ def main():
   p.add_argument("--malloc", default="retain", choices=["retain", "system"],
                  help="CPU: 'retain' keeps freed memory in the process (RETAINED_HEAP); 'system': glibc's defaults")
   a = p.parse_args()
-  if a.malloc == "retain" and jax.default_backend() == "cpu":
+  backend = jax.default_backend()
+  if a.malloc == "retain" and backend == "cpu":
     reexec_with_retained_heap()
   cfg = ModelConfig(**VISION[a.vision], **TEXT[a.text], contrastive_dim=512, max_text_length=TEXT_LENGTH,
                     dtype=a.dtype, remat=a.remat)
-  gpu = jax.devices()[0].platform == "gpu"
+  gpu = backend == "gpu"
   batch = make_batch(a.batch, cfg)
   if not gpu and a.memory_of is None:  # Before this process holds anything: the machine has room for one.
     ours_mem = memory_in_subprocess(a, "ours")
@@ -272,8 +273,9 @@ def main():
     ours_step()
     if torch_step is not None:
       torch_step()
-  matmul_dtype = jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32
-  peaks = [matmul_peak(matmul_dtype, n=4096 if gpu else 2048)]
+  def matmul_rate():
+    return matmul_peak(jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32, n=4096 if gpu else 2048)
+  matmul_rates = [matmul_rate()]
   ours_records, torch_records = [], []
   while len(ours_records) < a.steps:
     block = min(a.block, a.steps - len(ours_records))
@@ -290,8 +292,8 @@ def main():
   ours_flops, orig_flops = step_flops(cfg, a.batch, True), step_flops(cfg, a.batch, False)
   ours = summarise(ours_records, a.block)
   med = ours["steady_median_s"] or ours["median_s"]  # Steady steps when blocks give any.
-  peaks.append(matmul_peak(matmul_dtype, n=4096 if gpu else 2048))
-  peak = max(peaks)  # The machine's best rate in this run, measured before and after the timed steps.
+  matmul_rates.append(matmul_rate())
+  peak = max(matmul_rates)  # The machine's best rate in this run, measured before and after the timed steps.
   out = {"benchmark": "step", "vision": a.vision, "text": a.text, "batch": a.batch, "dtype": a.dtype,
          "remat": a.remat, "fused": not a.plain, "block": a.block, "malloc": a.malloc,
          "malloc_env": {k: os.environ.get(k) for k in RETAINED_HEAP}, "device": jax.devices()[0].device_kind,
@@ -299,7 +301,7 @@ def main():
          "ours": {**ours, "samples_per_s": a.batch / med, "peak_memory_bytes": int(ours_mem),
                   "peak_memory_kind": "device peak" if gpu else "process peak RSS during a step",
                   "model_flops": ours_flops, "xla_flops": xla_flops, "achieved_flops_per_s": ours_flops / med},
-         "matmul_peak_flops_per_s": peak, "matmul_rates_before_after": peaks}
+         "matmul_peak_flops_per_s": peak, "matmul_rates_before_after": matmul_rates}
   out["ours"]["fraction_of_matmul_peak"] = out["ours"]["achieved_flops_per_s"] / peak
   if torch_records:
     original = summarise(torch_records, a.block)

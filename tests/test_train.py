@@ -209,25 +209,24 @@ def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
   step = json.loads((tmp_path / "gpu_step_large.jsonl").read_text().splitlines()[-1])
   assert step["ours"]["samples_per_s"] > 0 and step["original_style"]["samples_per_s"] > 0
   assert 0 < step["flops_saved"] < 1
-  assert step["malloc"] == "retain" and step["malloc_env"] == step_benchmark_retained_heap()  # Restarted with it.
+  assert step["malloc"] == "retain" and step["malloc_env"] == step_benchmark().RETAINED_HEAP  # Restarted with it.
   probe = json.loads((tmp_path / "gpu_probe.jsonl").read_text().splitlines()[-1])
   assert probe["speedup"] > 0 and len(probe["epochs_per_seed"]) == 5
 
 
-def step_benchmark_retained_heap():
+def step_benchmark():
+  """benchmarks/step.py as a module (importing it runs nothing)."""
   sys.path.insert(0, str(ROOT / "benchmarks"))
-  import step as step_benchmark
-  return step_benchmark.RETAINED_HEAP
+  import step
+  return step
 
 
 def test_step_benchmark_splits_steady_steps_from_steps_after_a_switch():
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  import step as step_benchmark
   records = [{"wall": w, "user": 2 * w, "sys": 0.5, "minor_faults": 10 * w} for w in (1, 2, 3, 4, 5, 6)]
-  blocks = step_benchmark.summarise(records, block=3)  # Blocks [1, 2, 3] and [4, 5, 6].
+  blocks = step_benchmark().summarise(records, block=3)  # Blocks [1, 2, 3] and [4, 5, 6].
   assert blocks["steady_median_s"] == 4.0  # Median of 2, 3, 5, 6.
   assert blocks["after_switch_median_s"] == 2.5  # Median of 1 and 4.
   assert blocks["median_s"] == 3.5 and blocks["min_s"] == 1 and blocks["max_s"] == 6
   assert blocks["cpu_user_s_per_step"] == 7.0 and blocks["minor_faults_per_step"] == 35.0
-  alternating = step_benchmark.summarise(records, block=1)  # Every step follows the other implementation's.
+  alternating = step_benchmark().summarise(records, block=1)  # Every step follows the other implementation's.
   assert alternating["steady_median_s"] is None and alternating["after_switch_median_s"] is None
