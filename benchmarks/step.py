@@ -194,6 +194,11 @@ def main():
   p.add_argument("--malloc", default="retain", choices=["retain", "system"],
                  help="CPU: 'retain' keeps freed memory in the process (RETAINED_HEAP); 'system': glibc's defaults")
   a = p.parse_args()
+  for name in ("batch", "steps", "block"):
+    if getattr(a, name) < 1:
+      p.error(f"--{name} must be at least 1, got {getattr(a, name)}")
+  if a.warmup < 0:
+    p.error(f"--warmup must be 0 or more, got {a.warmup}")
   backend = jax.default_backend()
   if a.malloc == "retain" and backend == "cpu":
     reexec_with_retained_heap()

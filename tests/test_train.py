@@ -230,3 +230,9 @@ def test_step_benchmark_splits_steady_steps_from_steps_after_a_switch():
   assert blocks["cpu_user_s_per_step"] == 7.0 and blocks["minor_faults_per_step"] == 35.0
   alternating = step_benchmark().summarise(records, block=1)  # Every step follows the other implementation's.
   assert alternating["steady_median_s"] is None and alternating["after_switch_median_s"] is None
+
+
+def test_step_benchmark_rejects_a_block_of_zero_steps():
+  out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step.py"), "--block", "0"],
+                       capture_output=True, check=False, text=True, timeout=300)
+  assert out.returncode == 2 and "--block must be at least 1, got 0" in out.stderr
