@@ -6,7 +6,11 @@ Ours: all four objectives, backward and the AdamW update in one jitted step. The
 benchmarks/torch_original.py (per-row host syncs, repeated passes, logits everywhere), stepped with
 torch.optim.AdamW; on a GPU in float16 autocast. After warm-up the two alternate in blocks of `--block` steps
 (1: step by step). Model FLOPs are counted analytically (and checked against XLA's cost analysis) to give
-achieved FLOP/s. One JSON line.
+achieved FLOP/s. A JSON line per phase as it happens (init, lower, compile, first step, every timed step,
+memory; each flushed, so a run cut off still leaves its figures), then the summary line (`"benchmark": "step"`).
+`--compile-only` lowers and compiles the step from abstract shapes (no parameters are made), prints one JSON
+line with `lower_s`, `compile_s` and the program's size, and stops; it compiles cold (no compilation cache)
+unless `--compile-cache` names one.
 
 Each step's CPU time (user, system) and minor page faults are recorded too; the JSON reports the steps that
 follow another step of the same implementation ("steady") apart from the first step of each block
@@ -34,19 +38,31 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from retfiner_jax.models.config import ModelConfig  # noqa: E402
+from retfiner_jax import compile_cache  # noqa: E402
+from retfiner_jax.models.config import ModelConfig, get_variant  # noqa: E402
 from retfiner_jax.models.retfiner import RetFiner, init_params  # noqa: E402
 from retfiner_jax.objectives import ObjectiveSettings  # noqa: E402
 from retfiner_jax.train_step import make_train_step  # noqa: E402
 
-VISION = {"vit_l16": dict(backbone="retfound", vision_dim=1024, vision_depth=24, vision_heads=16,
-                          vision_mlp_dim=4096, vision_projection=True, image_size=224),
-          "vit_b16": dict(backbone="visionfm", vision_dim=768, vision_depth=12, vision_heads=12,
-                          vision_mlp_dim=3072, vision_projection=False, image_size=224),
-          "tiny": dict(backbone="retfound", vision_dim=64, vision_depth=2, vision_heads=4, vision_mlp_dim=256,
-                       vision_projection=True, image_size=32)}
-TEXT = {"bert_base": dict(text_dim=768, text_layers=12, text_heads=12, text_intermediate=3072, vocab_size=30522),
-        "tiny": dict(text_dim=48, text_layers=2, text_heads=4, text_intermediate=192, vocab_size=30522)}
+_VISION_FIELDS = ("backbone", "image_size", "vision_dim", "vision_depth", "vision_heads", "vision_mlp_dim",
+                  "vision_projection")
+_TEXT_FIELDS = ("text_dim", "text_layers", "text_heads", "text_intermediate", "vocab_size")
+# Benchmark names -> the model variants (models/config.py) whose sizes they take.
+VISION = {"vit_l16": "retfound", "vit_b16": "visionfm", "tiny": "tiny-retfound"}
+TEXT = {"bert_base": "bert-base", "tiny": "tiny-retfound"}
+
+
+def model_config(vision: str, text: str, **kw) -> ModelConfig:
+  v, t = get_variant(VISION[vision]), get_variant(TEXT[text])
+  fields = {f: getattr(v, f) for f in _VISION_FIELDS} | {f: getattr(t, f) for f in _TEXT_FIELDS}
+  return ModelConfig(**fields, contrastive_dim=512, max_text_length=TEXT_LENGTH, **kw)
+
+
+def emit(record: dict):
+  """One JSON line, flushed at once: a run that is killed keeps every figure printed so far."""
+  print(json.dumps(record), flush=True)
+
+
 TEXT_LENGTH = 30
 MLM_FRACTION, GM_FRACTION = 0.3, 0.75
 
@@ -133,7 +149,10 @@ def memory_in_subprocess(args, which: str) -> int:
   """Peak RSS of one steady-state step, in a process that holds only that implementation (CPU)."""
   import subprocess
   cmd = [sys.executable, __file__, "--vision", args.vision, "--text", args.text, "--batch", str(args.batch),
-         "--dtype", args.dtype, "--remat", args.remat, "--malloc", args.malloc, "--memory-of", which]
+         "--dtype", args.dtype, "--remat", args.remat, "--malloc", args.malloc, "--memory-of", which,
+         "--compile-cache", args.compile_cache]
+  if args.unrolled:
+    cmd.append("--unrolled")
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
   if out.returncode:
     raise RuntimeError(out.stderr[-2000:])
@@ -190,6 +209,12 @@ def main():
   p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
   p.add_argument("--no-torch", action="store_true", help="time only this project's step")
   p.add_argument("--plain", action="store_true", help="our step without the fused cross-attention passes")
+  p.add_argument("--unrolled", action="store_true", help="our step with unrolled (not scanned) layers")
+  p.add_argument("--compile-only", action="store_true",
+                 help="lower and compile our step, print lower_s/compile_s/program size as one JSON line, stop")
+  p.add_argument("--compile-cache", default=None,
+                 help="compilation cache folder, 'off', or '' for the default folder (default: '' for timed "
+                      "runs, 'off' with --compile-only so that the compile is measured cold)")
   p.add_argument("--memory-of", choices=["ours", "original"], help=argparse.SUPPRESS)
   p.add_argument("--malloc", default="retain", choices=["retain", "system"],
                  help="CPU: 'retain' keeps freed memory in the process (RETAINED_HEAP); 'system': glibc's defaults")
@@ -199,33 +224,66 @@ def main():
       p.error(f"--{name} must be at least 1, got {getattr(a, name)}")
   if a.warmup < 0:
     p.error(f"--warmup must be 0 or more, got {a.warmup}")
+  if a.compile_cache is None:
+    a.compile_cache = compile_cache.OFF if a.compile_only else ""
   backend = jax.default_backend()
-  if a.malloc == "retain" and backend == "cpu":
+  if a.malloc == "retain" and backend == "cpu" and not a.compile_only:
     reexec_with_retained_heap()
-  cfg = ModelConfig(**VISION[a.vision], **TEXT[a.text], contrastive_dim=512, max_text_length=TEXT_LENGTH,
-                    dtype=a.dtype, remat=a.remat)
+  compile_cache.enable(a.compile_cache)
+  cfg = model_config(a.vision, a.text, dtype=a.dtype, remat=a.remat, scan_layers=not a.unrolled)
   gpu = backend == "gpu"
   batch = make_batch(a.batch, cfg)
-  if not gpu and a.memory_of is None:  # Before this process holds anything: the machine has room for one.
+  setup = {"vision": a.vision, "text": a.text, "batch": a.batch, "dtype": a.dtype, "remat": a.remat,
+           "scan_layers": cfg.scan_layers, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+  if not gpu and a.memory_of is None and not a.compile_only:  # Before this process holds anything.
     ours_mem = memory_in_subprocess(a, "ours")
+    emit({"phase": "memory", "impl": "ours", "peak_rss_bytes": ours_mem})
     torch_mem = memory_in_subprocess(a, "original") if not a.no_torch else 0
+    if torch_mem:
+      emit({"phase": "memory", "impl": "original", "peak_rss_bytes": torch_mem})
 
-  # Ours.
+  # Ours: lowered and compiled from abstract shapes, then the parameters are made.
   tx = optax.adamw(1e-4, weight_decay=0.01)
-  params = jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(0))
-  state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  def make_state(rng):
+    params = init_params(cfg, rng)
+    return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
   settings = ObjectiveSettings(mlm_target_fraction=MLM_FRACTION, gm_target_fraction=GM_FRACTION, fused=not a.plain)
   step = jax.jit(make_train_step(RetFiner(cfg), settings, tx, 0, 1), donate_argnums=(0,))
-  device_batch = jax.device_put(batch)
-  compiled = step.lower(state, device_batch).compile()
+  abstract_state = jax.eval_shape(make_state, jax.random.PRNGKey(0))
+  abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  start = time.perf_counter()
+  lowered = step.lower(abstract_state, abstract_batch)
+  lower_s = time.perf_counter() - start
+  program_lines = lowered.as_text().count("\n")
+  emit({"phase": "lower", "lower_s": lower_s, "stablehlo_lines": program_lines, **setup})
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  compiled_lines = compiled.as_text().count("\n")
+  emit({"phase": "compile", "compile_s": compile_s, "compiled_hlo_lines": compiled_lines,
+        "compile_cache": a.compile_cache or str(compile_cache.default_dir())})
+  if a.compile_only:
+    emit({"benchmark": "step_compile", **setup, "lower_s": lower_s, "compile_s": compile_s,
+          "stablehlo_lines": program_lines, "compiled_hlo_lines": compiled_lines,
+          "compile_cache": a.compile_cache, "machine": platform.processor() or platform.machine()})
+    return
   xla_flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
-  state, metrics = step(state, device_batch)  # Warm-up.
+  start = time.perf_counter()
+  state = jax.jit(make_state)(jax.random.PRNGKey(0))
+  jax.block_until_ready(state)
+  emit({"phase": "init", "init_s": time.perf_counter() - start})
+  device_batch = jax.device_put(batch)
+  start = time.perf_counter()
+  state, metrics = compiled(state, device_batch)  # Warm-up.
   jax.block_until_ready(metrics)
+  emit({"phase": "first_step", "impl": "ours", "seconds": time.perf_counter() - start,
+        "loss": float(metrics["loss"])})
 
   holder = {"state": state}
 
   def ours_step():  # The step donates its state: keep the new one.
-    holder["state"], m = step(holder["state"], device_batch)
+    holder["state"], m = compiled(holder["state"], device_batch)
     jax.block_until_ready(m)
 
   if a.memory_of == "ours":
@@ -267,7 +325,9 @@ def main():
         loss.backward()
         opt.step()
       return float(loss.detach())
+    start = time.perf_counter()
     torch_step()  # Warm-up (also creates AdamW's state).
+    emit({"phase": "first_step", "impl": "original", "seconds": time.perf_counter() - start})
     if a.memory_of == "original":
       reset_peak_rss()
       torch_step()
@@ -282,17 +342,23 @@ def main():
     return matmul_peak(jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32, n=4096 if gpu else 2048)
   matmul_rates = [matmul_rate()]
   ours_records, torch_records = [], []
+  def timed(impl, fn, records):
+    records.append(_measured(fn))
+    emit({"phase": "step", "impl": impl, "index": len(records) - 1, **records[-1]})
   while len(ours_records) < a.steps:
     block = min(a.block, a.steps - len(ours_records))
-    ours_records += [_measured(ours_step) for _ in range(block)]
+    for _ in range(block):
+      timed("ours", ours_step, ours_records)
     if torch_step is not None:
-      torch_records += [_measured(torch_step) for _ in range(block)]
+      for _ in range(block):
+        timed("original", torch_step, torch_records)
   if gpu:
     stats = jax.devices()[0].memory_stats() or {}
     ours_mem = stats.get("peak_bytes_in_use", -1)
     if torch_step is not None:
       import torch
       torch_mem = torch.cuda.max_memory_allocated()
+    emit({"phase": "memory", "ours_peak_bytes": ours_mem, "original_peak_bytes": torch_mem if torch_step else None})
 
   ours_flops, orig_flops = step_flops(cfg, a.batch, True), step_flops(cfg, a.batch, False)
   ours = summarise(ours_records, a.block)
@@ -300,7 +366,8 @@ def main():
   matmul_rates.append(matmul_rate())
   peak = max(matmul_rates)  # The machine's best rate in this run, measured before and after the timed steps.
   out = {"benchmark": "step", "vision": a.vision, "text": a.text, "batch": a.batch, "dtype": a.dtype,
-         "remat": a.remat, "fused": not a.plain, "block": a.block, "malloc": a.malloc,
+         "remat": a.remat, "scan_layers": cfg.scan_layers, "lower_s": lower_s, "compile_s": compile_s,
+         "fused": not a.plain, "block": a.block, "malloc": a.malloc,
          "malloc_env": {k: os.environ.get(k) for k in RETAINED_HEAP}, "device": jax.devices()[0].device_kind,
          "machine": platform.processor() or platform.machine(), "jax": jax.__version__,
          "ours": {**ours, "samples_per_s": a.batch / med, "peak_memory_bytes": int(ours_mem),
@@ -319,7 +386,7 @@ def main():
     if a.block > 1:
       out["speedup_all_steps"] = original["median_s"] / ours["median_s"]
     out["flops_saved"] = 1 - ours_flops / orig_flops
-  print(json.dumps(out), flush=True)
+  emit(out)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ def get_config():
   c.data.root = ""  # [name=]dir,...: ImageFolder roots {train,val,test}/<class>/<image>.
   c.workdir = "runs/probe"
   c.cache_dir = ""  # '' = WORKDIR/feature_cache
+  c.compile_cache = ""  # XLA compilation cache: '' = ~/.cache/retfiner_jax/xla, 'off', or a folder.
   c.probe = ml_collections.ConfigDict()
   c.probe.seeds = (0, 1, 2, 3, 4)
   c.probe.max_epochs = 1000

@@ -3,6 +3,10 @@
 `workdir/checkpoints/<step>`: the last N full states (parameters, optimizer state, step, RNG seed) with the
 Grain iterator state and the loop's progress (epoch, early stopping); `workdir/best/<step>`: the parameters
 with the best validation loss so far.
+
+Saves are asynchronous: `save` returns once the arrays are copied off the devices (and the iterator state
+taken), and the files are written while training goes on. `wait` blocks until every save is on disk; `close`
+waits too, so a run that exits (also on SIGTERM) never leaves a half-written checkpoint behind.
 """
 from __future__ import annotations
 
@@ -27,7 +31,6 @@ class RunCheckpoints:
     self.last.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                  data=grain.checkpoint.CheckpointSave(data_iterator),
                                                  progress=ocp.args.JsonSave(progress)), force=True)
-    self.last.wait_until_finished()
 
   def restore(self, abstract_state, data_iterator):
     """Restores the latest checkpoint onto `abstract_state` (shapes + shardings) and into the iterator."""
@@ -40,9 +43,13 @@ class RunCheckpoints:
   def save_best(self, step: int, params, metrics: dict):
     self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                  metrics=ocp.args.JsonSave(metrics)), force=True)
+
+  def wait(self):
+    self.last.wait_until_finished()
     self.best.wait_until_finished()
 
   def restore_best(self, abstract_params):
+    self.wait()
     step = self.best.latest_step()
     if step is None:
       return None, None
@@ -51,5 +58,6 @@ class RunCheckpoints:
     return out["params"], out["metrics"]
 
   def close(self):
+    self.wait()
     self.last.close()
     self.best.close()

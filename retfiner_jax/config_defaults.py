@@ -13,6 +13,7 @@ from retfiner_jax.models.config import get_variant
 def base_config(variant: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.compile_cache = ""  # XLA compilation cache: '' = ~/.cache/retfiner_jax/xla, 'off', or a folder.
   # Model sizes (ModelConfig fields); mixed precision by default, BERT's dropout as in training.
   c.model = ml_collections.ConfigDict(get_variant(variant).to_dict())
   c.model.dtype = "bfloat16"

@@ -7,12 +7,15 @@ exporting both walk the same table, so the two directions cannot disagree. Kinds
   ln_w      LayerNorm weight <-> scale
   same      bias, embedding table, cls_token, pos_embed, MLM bias: copied as is
 Importing is strict: an unknown key, a missing key or a shape mismatch raises one error listing them all.
+The tables name the unrolled layer layout (`blocks_N`, `layer_N`); `to_layer_layout` moves a parameter tree
+to and from the scanned layout (`blocks`, `layer`: one tree stacked over N), so either loads either way.
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +124,48 @@ def lightning_table(cfg: ModelConfig) -> list[Entry]:
 def tied_keys(head_prefix: str, bert_prefix: str) -> list[tuple[str, str]]:
   return [(f"{head_prefix}cls.predictions.decoder.weight", f"{bert_prefix}embeddings.word_embeddings.weight"),
           (f"{head_prefix}cls.predictions.decoder.bias", f"{head_prefix}cls.predictions.bias")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layer layouts: (subtree, name of the layer stack in it).
+LAYER_STACKS = (("vision_encoder", "blocks"), ("text_encoder", "layer"))
+
+
+def to_layer_layout(params: dict, scan: bool) -> dict:
+  """A nested parameter tree (numpy or jax leaves) in either layer layout -> the scanned (`scan=True`: one
+  `blocks` / `layer` subtree with a leading layer axis) or the unrolled one (`blocks_0`, `blocks_1`, ...)."""
+  out = dict(params)
+  for root, name in LAYER_STACKS:
+    if root not in out:
+      continue
+    sub = dict(out[root])
+    numbered = {int(m.group(1)): k for k in sub if (m := re.fullmatch(rf"{name}_(\d+)", k))}
+    if scan and numbered:
+      if name in sub or sorted(numbered) != list(range(len(numbered))):
+        raise CheckpointError(f"{root}: layers {sorted(numbered)} are not numbered 0..N-1 (or mix layouts)")
+      layers = [sub.pop(numbered[i]) for i in range(len(numbered))]
+      sub[name] = _tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+    elif not scan and name in sub:
+      if numbered:
+        raise CheckpointError(f"{root}: holds both {name} and {name}_N layers")
+      stacked = sub.pop(name)
+      depth = {np.shape(x)[0] for x in _leaves(stacked)}
+      if len(depth) != 1:
+        raise CheckpointError(f"{root}/{name}: stacked layers disagree on the layer count {sorted(depth)}")
+      for i in range(depth.pop()):
+        sub[f"{name}_{i}"] = _tree_map(lambda x, i=i: np.asarray(x[i]), stacked)
+    out[root] = sub
+  return out
+
+
+def _tree_map(fn, *trees):
+  if isinstance(trees[0], dict):
+    return {k: _tree_map(fn, *(t[k] for t in trees)) for k in trees[0]}
+  return fn(*trees)
+
+
+def _leaves(tree):
+  return [v for vs in tree.values() for v in _leaves(vs)] if isinstance(tree, dict) else [tree]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ def main(argv):
     jax.distributed.initialize()
   log = functools.partial(print, flush=True)
   config = _CONFIG.value
+  from retfiner_jax import compile_cache
+  compile_cache.enable(config.compile_cache, log)
   if "demo" in config:
     from retfiner_jax import demo
     demo.run(config, _WORKDIR.value, log)

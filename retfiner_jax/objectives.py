@@ -149,13 +149,12 @@ def compute_objectives(model: RetFiner, params, batch, views, settings: Objectiv
     all_ids = jnp.concatenate([p[1] for p in passes])
     all_mask = jnp.concatenate([p[2] for p in passes])
     causal = jnp.concatenate([jnp.full((batch_size,), p[3]) for p in passes])
-    out = m.text_with_image(all_ids, self_attention_bias(all_mask, causal), m.image_keys_values(image_tokens),
-                            extra_index)
+    out = m.text_with_image(all_ids, self_attention_bias(all_mask, causal), image_tokens, extra_index)
     hidden = {p[0]: out[i * batch_size:(i + 1) * batch_size] for i, p in enumerate(passes)}
   elif passes:  # The plain way, one call per objective as the original computes it.
     def run(p_ids, p_mask, causal, tokens):
       bias = self_attention_bias(p_mask, jnp.full((p_ids.shape[0],), causal))
-      return m.text_with_image(p_ids, bias, m.image_keys_values(tokens))
+      return m.text_with_image(p_ids, bias, tokens)
     for name, p_ids, p_mask, causal, _ in passes:
       if name in ("mlm", "gm"):
         hidden[name] = run(p_ids, p_mask, causal, image_tokens)

@@ -22,14 +22,14 @@ LOSS_TOLERANCE = 1e-4
 GRAD_TOLERANCE = 1e-3
 
 
-def load_bundle(folder, dtype="float32", log=lambda *a: None):
-  """-> (model, params, batch, views, negatives, expected dict)."""
+def load_bundle(folder, dtype="float32", log=lambda *a: None, scan_layers=True):
+  """-> (model, params, batch, views, negatives, expected dict); layers scanned or unrolled as asked."""
   folder = Path(folder)
   for name in ("expected.json", "model.ckpt", "batch.npz"):
     if not (folder / name).exists():
       raise FileNotFoundError(f"{folder}: not a reference bundle (missing {name})")
   expected = json.loads((folder / "expected.json").read_text())
-  cfg = ModelConfig.from_json(folder / "expected.json").replace(dtype=dtype)
+  cfg = ModelConfig.from_json(folder / "expected.json").replace(dtype=dtype, scan_layers=scan_layers)
   cfg, params, _ = weights.convert_checkpoint(folder / "model.ckpt", fmt="lightning", model_config=cfg, log=log)
   npz = np.load(folder / "batch.npz")
   batch = {"images": jnp.asarray(npz["images"].transpose(0, 2, 3, 1)),  # NCHW -> NHWC

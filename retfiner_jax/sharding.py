@@ -10,6 +10,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
+SCANNED_STACKS = ("blocks", "layer")  # The names of nn.scan'ned layer stacks (models/common.py).
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None):
@@ -33,12 +34,13 @@ def replicated(mesh):
   return NamedSharding(mesh, P())
 
 
-def param_sharding(mesh, shape) -> NamedSharding:
-  """FSDP: split the largest dimension divisible by the fsdp axis; small or indivisible arrays replicate."""
+def param_sharding(mesh, shape, layer_axis: bool = False) -> NamedSharding:
+  """FSDP: split the largest dimension divisible by the fsdp axis; small or indivisible arrays replicate.
+  `layer_axis`: dimension 0 stacks scanned layers and is never split (the scan walks along it)."""
   size = mesh.shape["fsdp"]
   if size == 1 or not shape or int(np.prod(shape)) < 1024:
     return replicated(mesh)
-  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+  for dim in sorted(range(int(layer_axis), len(shape)), key=lambda d: -shape[d]):
     if shape[dim] % size == 0:
       spec = [None] * len(shape)
       spec[dim] = "fsdp"
@@ -47,7 +49,11 @@ def param_sharding(mesh, shape) -> NamedSharding:
 
 
 def tree_shardings(mesh, abstract_tree):
-  return jax.tree.map(lambda x: param_sharding(mesh, x.shape), abstract_tree)
+  """Per-leaf FSDP shardings; leaves under a scanned layer stack (`blocks`, `layer`) keep their layer axis whole."""
+  def leaf(path, x):
+    stacked = any(getattr(k, "key", None) in SCANNED_STACKS for k in path)
+    return param_sharding(mesh, x.shape, layer_axis=stacked)
+  return jax.tree.map_with_path(leaf, abstract_tree)
 
 
 def global_batch(mesh, local_batch: dict) -> dict:

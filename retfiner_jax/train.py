@@ -52,7 +52,8 @@ def model_config(config) -> ModelConfig:
 
 def _overlay(params: dict, loaded: dict, where: str, cfg: ModelConfig) -> dict:
   """Replaces the subtrees of `params` that `loaded` holds; every shape must match (pos_embed is resampled)."""
-  flat, new = convert.flatten(params), convert.flatten(loaded)
+  flat = convert.flatten(params)
+  new = convert.flatten(convert.to_layer_layout(loaded, cfg.scan_layers))
   problems = []
   for path, value in new.items():
     if path not in flat:
@@ -243,17 +244,41 @@ def run(config, workdir, log=print) -> dict:
   start_time, start_step = time.time(), step
   pending = None  # (step, metrics) of the previous step, checked one step late to keep the device busy.
   status = "finished"
+  waited = {"input_s": 0.0, "since": time.time(), "steps": 0}  # Time spent waiting for batches since the last log.
+
+  def next_batch():
+    started = time.time()
+    batch = to_global(next(train_iter))
+    waited["input_s"] += time.time() - started
+    return batch
+
+  def input_wait_metrics():
+    wall = max(time.time() - waited["since"], 1e-9)
+    out = {"input_wait_s": waited["input_s"] / max(waited["steps"], 1), "input_wait_fraction": waited["input_s"] / wall}
+    waited.update(input_s=0.0, since=time.time(), steps=0)
+    return out
+
   try:
+    batch = None
+    if step < total_steps:  # Compiled on the first batch, timed apart from the first step.
+      batch = next_batch()
+      log("compiling the train step ...")
+      started = time.time()
+      step_fn = step_fn.lower(state, batch).compile()
+      log(f"compiled the train step in {time.time() - started:.1f} s")
+      waited.update(input_s=0.0, since=time.time())
     while step < total_steps and not progress.stopped_early:
-      batch = to_global(next(train_iter))
+      batch = next_batch() if batch is None else batch
       state, metrics = step_fn(state, batch)
+      batch = None
       step += 1
+      waited["steps"] += 1
       if pending is not None:
         check_finite(*pending)
       pending = (step, metrics)
       if step % config.train.log_every == 0 or step == total_steps:
         check_finite(step, metrics)
-        host = jax.device_get(metrics)
+        host = dict(jax.device_get(metrics), **input_wait_metrics())
         run_log.write("train", step, host, epoch=progress.epoch)
         run_log.progress(progress.epoch, step, host)
       if step % steps_per_epoch == 0:
@@ -288,6 +313,7 @@ def run(config, workdir, log=print) -> dict:
     for s, handler in previous.items():
       signal.signal(s, handler)
     run_log.close()
+    train_iter.close()  # Stops Grain's worker processes and frees their shared memory, also on a signal.
 
   seconds = time.time() - start_time
   summary = {"status": status, "steps": step, "epochs": progress.epoch, "best_val_loss": progress.best_val_loss,

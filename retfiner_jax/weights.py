@@ -123,12 +123,14 @@ def convert_checkpoint(path, fmt: str | None = None, variant: str | None = None,
     # RETFound's projection is RetFiner's own, new layer; UrFound's RetFiner path skips the final norm.
     allow = lambda e: e.flax_path[1] == "proj" or (e.flax_path[1] == "norm" and not cfg.apply_final_norm)
 
-  expected = cv.flatten(jax.tree.map(lambda s: s.shape, abstract_params(cfg)))
+  # The tables name the unrolled layout; the result is put in the configured one at the end.
+  unrolled = cfg.replace(scan_layers=False)
+  expected = cv.flatten(jax.tree.map(lambda s: s.shape, abstract_params(unrolled)))
   flat, report = cv.import_state(state, table, expected, ignore, allow, tied, grid=cfg.grid_size)
   if report.initialised:
     by_root = {e.flax_path[0] for e in table if e.torch_key in report.initialised}
     for root in sorted(by_root):
-      fresh = cv.flatten({root: init_subtree(cfg, root, seed)})
+      fresh = cv.flatten({root: init_subtree(unrolled, root, seed)})
       for e in table:
         if e.torch_key in report.initialised:
           flat[e.flax_path] = np.asarray(fresh[e.flax_path])
@@ -137,7 +139,7 @@ def convert_checkpoint(path, fmt: str | None = None, variant: str | None = None,
   meta = {"source": str(path), "source_format": detected, "contents": contents, "report": {
       "loaded": len(report.loaded), "ignored": report.ignored, "initialised": report.initialised,
       "notes": report.notes}}
-  return cfg, cv.unflatten(flat), meta
+  return cfg, cv.to_layer_layout(cv.unflatten(flat), cfg.scan_layers), meta
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,7 +169,8 @@ def load_converted(folder):
   cfg = ModelConfig.from_dict(info.pop("model_config"), source=str(info_path))
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(folder / "params")
-  return cfg, jax.tree.map(np.asarray, params), info
+  # Folders written before layers could be scanned hold the unrolled layout whatever model.json says.
+  return cfg, cv.to_layer_layout(jax.tree.map(np.asarray, params), cfg.scan_layers), info
 
 
 def load_weights(path, **convert_kw):
@@ -178,17 +181,22 @@ def load_weights(path, **convert_kw):
   return convert_checkpoint(path, **convert_kw)
 
 
+def unrolled_flat(params: dict) -> dict:
+  """Flat {path: array} of a parameter tree in the unrolled layer layout (what the key tables name)."""
+  return cv.flatten(cv.to_layer_layout(jax.tree.map(np.asarray, params), scan=False))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Exports back to PyTorch layouts.
 
 def export_vision_state_dict(cfg: ModelConfig, params: dict) -> dict:
   """The vision encoder as a state_dict in the FMs' own (timm/MAE/iBOT) key layout, numpy values."""
-  return cv.export_state(cv.flatten({"vision_encoder": params["vision_encoder"]}), cv.vision_table(cfg))
+  return cv.export_state(unrolled_flat({"vision_encoder": params["vision_encoder"]}), cv.vision_table(cfg))
 
 
 def export_lightning_state_dict(cfg: ModelConfig, params: dict) -> dict:
   """The whole model in RetFiner's Lightning `state_dict` layout (`model.` prefix), tied decoder included."""
-  return cv.export_state(cv.flatten(params), cv.lightning_table(cfg),
+  return cv.export_state(unrolled_flat(params), cv.lightning_table(cfg),
                          cv.tied_keys("model.multimodal_encoder.", "model.multimodal_encoder.bert."))
 
 
@@ -203,7 +211,7 @@ def export_hf_bert(cfg: ModelConfig, params: dict, folder):
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   table = cv.bert_table(cfg, "bert.", "")
-  state = cv.export_state(cv.flatten({"text_encoder": params["text_encoder"]}), table,
+  state = cv.export_state(unrolled_flat({"text_encoder": params["text_encoder"]}), table,
                           cv.tied_keys("", "bert."))
   save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, str(folder / "model.safetensors"),
             metadata={"format": "pt"})

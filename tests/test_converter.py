@@ -63,7 +63,7 @@ def test_fm_formats_are_detected_and_loaded(tmp_path):
     cfg, params, meta = weights.convert_checkpoint(_save(tmp_path, obj, f"{fmt}.pth"), variant=variant, **quiet)
     assert meta["source_format"] == fmt
     assert set(params) == {"vision_encoder"}
-    np.testing.assert_array_equal(params["vision_encoder"]["blocks_1"]["attn"]["qkv"]["kernel"],
+    np.testing.assert_array_equal(params["vision_encoder"]["blocks"]["attn"]["qkv"]["kernel"][1],
                                   vit["blocks.1.attn.qkv.weight"].numpy().T)
     assert meta["report"]["initialised"] == ["proj.weight", "proj.bias"]  # RetFiner's new layer.
     assert any(k.startswith(("decoder_", "head.")) for k in meta["report"]["ignored"])
@@ -85,10 +85,13 @@ def test_extracted_backbone_and_pos_embed_resampling(tmp_path):
   assert any("resampled" in n for n in meta["report"]["notes"])
 
 
-def test_lightning_round_trip_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_lightning_round_trip_is_bit_exact(tmp_path, scan):
   sd = _lightning_state()
   path = _save(tmp_path, {"state_dict": sd, "epoch": 3, "global_step": 10, "pytorch-lightning_version": "2.0"})
-  cfg, params, meta = weights.convert_checkpoint(path, variant="tiny-retfound", **quiet)
+  cfg, params, meta = weights.convert_checkpoint(path, model_config=CFG.replace(scan_layers=scan), **quiet)
+  layer_keys = {k for k in params["text_encoder"] if k.startswith("layer")}
+  assert layer_keys == ({"layer"} if scan else {"layer_0", "layer_1"})
   weights.save_converted(tmp_path / "converted", cfg, params, meta)
   cfg2, params2, _ = weights.load_converted(tmp_path / "converted")
   assert cfg2 == cfg
@@ -97,6 +100,30 @@ def test_lightning_round_trip_is_bit_exact(tmp_path):
   assert set(back) == set(expected)
   for k, v in expected.items():
     assert np.array_equal(back[k], v.numpy()), k
+
+
+def test_layer_layouts_convert_both_ways_and_match_the_model(tmp_path):
+  """Scanned <-> unrolled is lossless, each matches its model's own parameter tree, and a folder converted in
+  one layout loads into a model configured with the other (the training overlay)."""
+  import jax
+  from retfiner_jax import train
+  path = _save(tmp_path, {"state_dict": _lightning_state()})
+  _, scanned, meta = weights.convert_checkpoint(path, model_config=CFG, **quiet)
+  _, unrolled, _ = weights.convert_checkpoint(path, model_config=CFG.replace(scan_layers=False), **quiet)
+  assert scanned["vision_encoder"]["blocks"]["norm1"]["scale"].shape == (CFG.vision_depth, CFG.vision_dim)
+  for tree, other, scan in ((scanned, unrolled, True), (unrolled, scanned, False)):
+    shapes = jax.tree.map(lambda s: s.shape, weights.abstract_params(CFG.replace(scan_layers=scan)))
+    assert jax.tree.map(np.shape, tree) == shapes
+    moved = convert.to_layer_layout(other, scan)
+    assert jax.tree.structure(moved) == jax.tree.structure(tree)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(tree)))
+  weights.save_converted(tmp_path / "scanned", CFG, scanned, meta)
+  _, loaded, _ = weights.load_converted(tmp_path / "scanned")
+  into_unrolled = train._overlay(jax.tree.map(np.zeros_like, unrolled), loaded, "test", CFG.replace(scan_layers=False))
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(into_unrolled), jax.tree.leaves(unrolled)))
+  with pytest.raises(convert.CheckpointError, match="numbered"):
+    convert.to_layer_layout({"vision_encoder": {"blocks_0": {"w": np.zeros(2)}, "blocks_2": {"w": np.zeros(2)}}},
+                            scan=True)
 
 
 def test_vision_export_loads_strictly_into_the_fm(tmp_path):
@@ -196,5 +223,5 @@ def test_urfound_lightning_without_final_norm_and_another_mlp_width(tmp_path):
   assert sorted(meta["report"]["initialised"]) == ["model.vision_encoder.norm.bias",
                                                    "model.vision_encoder.norm.weight"]
   assert "model.vision_encoder.fc_norm.weight" in meta["report"]["ignored"]
-  np.testing.assert_array_equal(params["vision_encoder"]["blocks_1"]["mlp"]["fc2"]["kernel"],
+  np.testing.assert_array_equal(params["vision_encoder"]["blocks"]["mlp"]["fc2"]["kernel"][1],
                                 vit["blocks.1.mlp.fc2.weight"].numpy().T)

@@ -79,10 +79,9 @@ def test_bert_matches_transformers_in_every_mode(tmp_path):
   p = {"params": params["text_encoder"]}
   ids, mask, image = _batch()
   jids, jmask, jimage = (jnp.asarray(x.numpy()) for x in (ids, mask, image))
-  kv = bert.apply(p, jimage, method=BertTextEncoder.cross_keys_values)
 
   def ours(bias, cross):
-    hidden = bert.apply(p, jids, bias, kv if cross else None)
+    hidden = bert.apply(p, jids, bias, jimage if cross else None)
     return np.asarray(bert.apply(p, hidden, method=BertTextEncoder.mlm_logits))
 
   bidirectional = (1.0 - mask[:, None, None, :].float().expand(3, 1, 9, 9)) * torch.finfo(torch.float32).min

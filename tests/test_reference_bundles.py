@@ -14,10 +14,12 @@ from retfiner_jax.objectives import OBJECTIVES, ObjectiveSettings, compute_objec
 from retfiner_jax.text import load_tokenizer, tokenize
 
 
-@pytest.fixture(scope="module", params=BUNDLES)
+@pytest.fixture(scope="module", params=[(b, scan) for b in BUNDLES for scan in (True, False)],
+                ids=lambda p: f"{p[0]}-{'scanned' if p[1] else 'unrolled'}")
 def bundle(request):
-  folder = shared_path("reference", request.param)
-  return (folder,) + reference.load_bundle(folder)
+  name, scan = request.param
+  folder = shared_path("reference", name)
+  return (folder,) + reference.load_bundle(folder, scan_layers=scan)
 
 
 def test_losses_and_gradients_match_the_original(bundle):
@@ -42,7 +44,7 @@ def test_intermediates_match_the_original(bundle):
   text = m.text_only(batch["input_ids"], batch["attention_mask"])
   np.testing.assert_allclose(text, inter["text_only_sequence_output"], rtol=1e-4, atol=1e-5)
   hidden = m.text_with_image(views["mlm_input_ids"], padding_bias(batch["attention_mask"]),
-                             m.image_keys_values(tokens))
+                             tokens)
   targets = np.asarray(views["mlm_labels"]) != -100
   np.testing.assert_allclose(m.mlm_logits(hidden[targets]), inter["mlm_logits_at_labels"], rtol=1e-4, atol=1e-4)
   neg_image, neg_text = negatives
@@ -50,7 +52,7 @@ def test_intermediates_match_the_original(bundle):
   tokens3 = jnp.concatenate([tokens, tokens[neg_image], tokens])
   ids3 = jnp.concatenate([ids, ids, ids[neg_text]])
   mask3 = jnp.concatenate([mask, mask, mask[neg_text]])
-  cls = m.text_with_image(ids3, padding_bias(mask3), m.image_keys_values(tokens3))[:, 0]
+  cls = m.text_with_image(ids3, padding_bias(mask3), tokens3)[:, 0]
   np.testing.assert_allclose(cls, inter["itm_cross_cls"], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(m.itm_logits(cls), inter["itm_logits"], rtol=1e-4, atol=1e-5)
 

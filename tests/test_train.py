@@ -157,7 +157,7 @@ for name, devices, data, fsdp in (("single", jax.devices()[:1], 1, 1), ("data", 
                  in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, sharding.replicated(mesh)))
   new_state, metrics = step(state, sharding.global_batch(mesh, batch))
   if name == "fsdp":
-    kernel = new_state["params"]["vision_encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+    kernel = new_state["params"]["vision_encoder"]["blocks"]["mlp"]["fc1"]["kernel"]
     assert len(kernel.sharding.device_set) == 8 and kernel.addressable_shards[0].data.shape != kernel.shape
   results[name] = (jax.device_get(metrics), jax.device_get(new_state["params"]))
 base_metrics, base_params = results["single"]

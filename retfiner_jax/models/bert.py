@@ -2,8 +2,8 @@
 
 Post-LN layers (LayerNorm eps 1e-12), exact GELU, token type 0, absolute positions. Each layer runs
 self-attention -> cross-attention (when image keys/values are given) -> feed-forward. The image keys/values
-of every layer depend only on the image tokens, so `cross_keys_values` computes them once and every pass
-that attends to images takes them as an input (gathered per row for pairs with other images).
+of every layer depend only on the image tokens, so each layer computes their keys/values once per image and
+every row attends them (rows paired with other images gather theirs).
 Parameter names follow Hugging Face's BERT (`embeddings`, `layer_N/attention`, `crossattention`, ...).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from retfiner_jax.models.attention import attention, padding_bias
 from retfiner_jax.models.config import ModelConfig
-from retfiner_jax.models.vit import compute_dtype, gelu, layer_norm, maybe_remat
+from retfiner_jax.models.common import apply_stack, compute_dtype, gelu, layer_norm, stack
 
 BERT_LN_EPS = 1e-12
 init_normal = nn.initializers.normal(0.02)  # BERT's initializer_range.
@@ -94,16 +94,15 @@ class BertLayer(nn.Module):
     self.output_LayerNorm = layer_norm(BERT_LN_EPS)
     self.dropout = nn.Dropout(cfg.text_dropout)
 
-  def cross_keys_values(self, image_tokens):
-    return self.crossattention.keys_values(image_tokens)
-
-  def __call__(self, hidden, self_bias, cross_kv=None, extra_image_index=None):
+  def __call__(self, hidden, self_bias, image_tokens=None, extra_image_index=None):
+    """One layer; returns (hidden, None) (a scan step). Cross-attention runs when `image_tokens` is given."""
     hidden = self.attention(hidden, self.attention.keys_values(hidden), self_bias)
-    if cross_kv is not None:  # No mask: every image token is visible.
+    if image_tokens is not None:  # No mask: every image token is visible.
+      cross_kv = self.crossattention.keys_values(image_tokens.astype(hidden.dtype))
       hidden = self.crossattention(hidden, cross_kv, extra_index=extra_image_index)
     out = self.output_dense(gelu(self.intermediate_dense(hidden)))
     out = self.dropout(out, deterministic=self.deterministic)
-    return self.output_LayerNorm(out + hidden).astype(hidden.dtype)
+    return self.output_LayerNorm(out + hidden).astype(hidden.dtype), None
 
 
 class BertEmbeddings(nn.Module):
@@ -146,22 +145,14 @@ class BertTextEncoder(nn.Module):
 
   def setup(self):
     self.embeddings = BertEmbeddings(self.cfg, self.deterministic)
-    layer = maybe_remat(BertLayer, self.cfg.remat)
-    self.layer = [layer(self.cfg, self.deterministic) for _ in range(self.cfg.text_layers)]
+    self.layer = stack(BertLayer, self.cfg, self.cfg.text_layers, num_shared=3, deterministic=self.deterministic)
     self.mlm_head = MlmHead(self.cfg)
 
-  def cross_keys_values(self, image_tokens):
-    """Per layer, the cross-attention (key, value) of the image tokens: a tuple of (B, N, H, d) pairs."""
-    return tuple(layer.cross_keys_values(image_tokens) for layer in self.layer)
-
-  def __call__(self, input_ids, self_bias, cross_kv=None, extra_image_index=None):
+  def __call__(self, input_ids, self_bias, image_tokens=None, extra_image_index=None):
     """Sequence output (R, L, D). `self_bias` is the additive self-attention mask (see attention.py).
-    `cross_kv` (from `cross_keys_values` of N images) switches cross-attention on: rows come in groups of N
-    image-aligned rows, then one row per `extra_image_index` entry (see BertAttention)."""
-    hidden = self.embeddings(input_ids)
-    for i, layer in enumerate(self.layer):
-      hidden = layer(hidden, self_bias, None if cross_kv is None else cross_kv[i], extra_image_index)
-    return hidden
+    `image_tokens` (N, Lk, D) switches cross-attention on: rows come in groups of N image-aligned rows, then one
+    row per `extra_image_index` entry (see BertAttention)."""
+    return apply_stack(self.layer, self.embeddings(input_ids), self_bias, image_tokens, extra_image_index)
 
   def mlm_logits(self, hidden):
     """Vocabulary logits (float32) of the given hidden states (any leading shape)."""
@@ -169,5 +160,5 @@ class BertTextEncoder(nn.Module):
 
   def init_all(self, input_ids, attention_mask, image_tokens):
     """Touches every parameter (for `init`)."""
-    hidden = self(input_ids, padding_bias(attention_mask), self.cross_keys_values(image_tokens))
+    hidden = self(input_ids, padding_bias(attention_mask), image_tokens)
     return self.mlm_logits(hidden)

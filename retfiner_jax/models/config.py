@@ -42,6 +42,9 @@ class ModelConfig:
   dtype: str = "float32"
   # Rematerialisation of ViT blocks and BERT layers in the backward pass: none | full | dots.
   remat: str = "none"
+  # Run the ViT blocks and BERT layers as one nn.scan each (parameters stacked on a leading layer axis): one
+  # layer compiled instead of all of them. False: a loop of separately named layers (`blocks_0`, `layer_0`).
+  scan_layers: bool = True
 
   def __post_init__(self):
     if self.backbone not in BACKBONES:

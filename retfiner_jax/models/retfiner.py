@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from retfiner_jax.models.attention import padding_bias
 from retfiner_jax.models.bert import BERT_LN_EPS, BertTextEncoder, dense
 from retfiner_jax.models.config import ModelConfig
-from retfiner_jax.models.vit import VisionTransformer, compute_dtype, gelu, layer_norm
+from retfiner_jax.models.common import compute_dtype, gelu, layer_norm
+from retfiner_jax.models.vit import VisionTransformer
 
 
 class ItmHead(nn.Module):
@@ -53,14 +54,11 @@ class RetFiner(nn.Module):
     """L2-normalised contrastive embedding of the text [CLS] output."""
     return l2_normalize(self.contra_head_t(text_cls))
 
-  def image_keys_values(self, image_tokens):
-    """Cross-attention keys/values of the image tokens, per text layer: computed once per image."""
-    return self.text_encoder.cross_keys_values(image_tokens)
-
-  def text_with_image(self, input_ids, self_bias, image_kv, extra_image_index=None):
+  def text_with_image(self, input_ids, self_bias, image_tokens, extra_image_index=None):
     """Text encoding fused with image tokens through cross-attention: (R, L, D). Rows: groups of N
-    image-aligned rows (N = images in `image_kv`), then one per `extra_image_index` entry."""
-    return self.text_encoder(input_ids, self_bias, image_kv, extra_image_index)
+    image-aligned rows (N = images in `image_tokens`), then one per `extra_image_index` entry. Each layer
+    computes the images' keys/values once, whatever the number of rows."""
+    return self.text_encoder(input_ids, self_bias, image_tokens, extra_image_index)
 
   def mlm_logits(self, hidden):
     return self.text_encoder.mlm_logits(hidden)
@@ -73,7 +71,7 @@ class RetFiner(nn.Module):
     tokens = self.image_tokens(images)
     text = self.text_only(input_ids, attention_mask)
     sim = self.image_embedding(tokens) @ self.text_embedding(text[:, 0]).T
-    fused = self.text_with_image(input_ids, padding_bias(attention_mask), self.image_keys_values(tokens))
+    fused = self.text_with_image(input_ids, padding_bias(attention_mask), tokens)
     return self.mlm_logits(fused), self.itm_logits(fused[:, 0]), sim
 
 

@@ -1,41 +1,19 @@
 """Vision Transformer with the timm/MAE structure used by RETFound, VisionFM and UrFound.
 
 Parameter names follow the PyTorch checkpoints (`patch_embed`, `blocks_N/{norm1,attn/qkv,attn/proj,norm2,
-mlp/fc1,mlp/fc2}`, `norm`, `proj`) so conversion is a mechanical rename. Images are NHWC float.
+mlp/fc1,mlp/fc2}`, `norm`, `proj`) so conversion is a mechanical rename; with `scan_layers` the blocks are
+one `blocks/...` tree stacked over N. Images are NHWC float.
 """
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from retfiner_jax.models.attention import attention
+from retfiner_jax.models.common import apply_stack, compute_dtype, gelu, layer_norm, stack
 from retfiner_jax.models.config import ModelConfig
 
 VIT_LN_EPS = 1e-6
-
-
-def compute_dtype(cfg: ModelConfig):
-  return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-
-
-def layer_norm(eps, name=None):
-  """LayerNorm kept in float32 in every precision mode."""
-  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, name=name)
-
-
-def maybe_remat(module_cls, policy: str):
-  """The module class, rematerialised in the backward pass by the named policy."""
-  if policy == "none":
-    return module_cls
-  policies = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
-  return nn.remat(module_cls, policy=policies[policy])
-
-
-def gelu(x):
-  """Exact GELU written as PyTorch writes it, x/2 (1 + erf(x/sqrt 2)): XLA's erf is one polynomial that fuses
-  into a single loop (its erfc, which jax.nn.gelu uses, costs three passes over the array on CPU)."""
-  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 class FusedQKVAttention(nn.Module):
@@ -64,7 +42,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+  """Pre-LN transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)). Returns (x, None) (a scan step)."""
   cfg: ModelConfig
 
   @nn.compact
@@ -74,7 +52,7 @@ class Block(nn.Module):
         layer_norm(VIT_LN_EPS, "norm1")(x).astype(dtype))
     x = x + Mlp(cfg.vision_mlp_dim, cfg.vision_dim, dtype, name="mlp")(
         layer_norm(VIT_LN_EPS, "norm2")(x).astype(dtype))
-    return x
+    return x, None
 
 
 class VisionTransformer(nn.Module):
@@ -94,8 +72,7 @@ class VisionTransformer(nn.Module):
     self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.vision_dim))
     self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
                                 (1, 1 + cfg.grid_size ** 2, cfg.vision_dim))
-    block = maybe_remat(Block, cfg.remat)
-    self.blocks = [block(cfg) for _ in range(cfg.vision_depth)]
+    self.blocks = stack(Block, cfg, cfg.vision_depth, num_shared=0)
     self.norm = layer_norm(VIT_LN_EPS)
     if cfg.vision_projection:
       self.proj = nn.Dense(cfg.text_dim, dtype=dtype)
@@ -109,9 +86,7 @@ class VisionTransformer(nn.Module):
     x = x.reshape(x.shape[0], -1, cfg.vision_dim)
     cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, cfg.vision_dim)).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)
-    for block in self.blocks:
-      x = block(x)
-    return x
+    return apply_stack(self.blocks, x)
 
   def __call__(self, images):
     x = self.features(images)

@@ -15,8 +15,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  from retfiner_jax import compile_cache
   from retfiner_jax.probe.run import run
-  run(_CONFIG.value, functools.partial(print, flush=True))
+  log = functools.partial(print, flush=True)
+  compile_cache.enable(_CONFIG.value.compile_cache, log)
+  run(_CONFIG.value, log)
 
 
 if __name__ == "__main__":

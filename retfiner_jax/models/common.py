@@ -1,0 +1,65 @@
+"""Layer helpers shared by the ViT and BERT: compute dtype, float32 LayerNorm, exact GELU, remat, layer stacks.
+
+A stack of identical layers runs either as a Python loop over separately named layers (`blocks_0`, `blocks_1`,
+... as the PyTorch checkpoints count them) or, with `ModelConfig.scan_layers`, as one `nn.scan` over a single
+layer whose parameters carry a leading layer axis (`blocks/...` of shape (depth, ...)). Scanning compiles one
+layer instead of `depth` copies; the converter moves between the two layouts (`convert.to_layer_layout`).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from retfiner_jax.models.config import ModelConfig
+
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
+
+
+def compute_dtype(cfg: ModelConfig):
+  return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+def layer_norm(eps, name=None):
+  """LayerNorm kept in float32 in every precision mode."""
+  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, name=name)
+
+
+def gelu(x):
+  """Exact GELU written as PyTorch writes it, x/2 (1 + erf(x/sqrt 2)): XLA's erf is one polynomial that fuses
+  into a single loop (its erfc, which jax.nn.gelu uses, costs three passes over the array on CPU)."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+
+
+def maybe_remat(module_cls, policy: str, scanned: bool = False):
+  """The module class, rematerialised in the backward pass by the named policy ('none': as is)."""
+  if policy == "none":
+    return module_cls
+  # Inside a scan the loop already keeps XLA from merging the recomputation away (Flax's advice).
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=not scanned)
+
+
+def stack(layer_cls, cfg: ModelConfig, length: int, num_shared: int, **layer_kwargs):
+  """For a parent's `setup`: `length` layers of `layer_cls`, applied in turn by `apply_stack`.
+
+  A layer is called as `layer(x, *shared) -> (x, None)`; the `num_shared` arguments (masks, image tokens, ...)
+  are the same for every layer. With `cfg.scan_layers` this is one `nn.scan`ned module (parameters stacked on
+  axis 0 under the attribute's name, e.g. `blocks`); otherwise a list of modules (`blocks_0`, `blocks_1`, ...).
+  """
+  if cfg.scan_layers:
+    layer = maybe_remat(layer_cls, cfg.remat, scanned=True)
+    scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * num_shared, length=length)
+    return scanned(cfg, **layer_kwargs)
+  layer = maybe_remat(layer_cls, cfg.remat)
+  return [layer(cfg, **layer_kwargs) for _ in range(length)]
+
+
+def apply_stack(layers, x, *shared):
+  """Runs what `stack` built on `x`."""
+  if isinstance(layers, (list, tuple)):
+    for layer in layers:
+      x, _ = layer(x, *shared)
+    return x
+  x, _ = layers(x, *shared)
+  return x
