@@ -9,6 +9,13 @@ same early stopping; the number of epochs per seed is taken from our run), times
 process, on the same machine, same encoder, same images.
 
   python benchmarks/probe.py [--images 1000] [--vision vit_s16|vit_b16|tiny] [--timed-epochs 2]
+
+`--protocol paper` times the paper protocol (retfiner_jax/probe/paper.py: per epoch the encoder re-runs in
+train mode on augmented training images, once for all 5 seeds; validation features once) against the
+original's way in PyTorch: one seed at a time, each epoch the encoder (train mode) on freshly augmented training
+images (flip, intensity, affine by grid_sample per image, as torchvision does) and again on the validation
+images. Both run the same number of epochs (`--timed-epochs`, after one untimed epoch); the original's figure
+is one seed's epochs times the number of seeds. A JSON line per phase, then the summary line.
 """
 import argparse
 import json
@@ -34,13 +41,133 @@ VISION = {"vit_b16": dict(vision_dim=768, vision_depth=12, vision_heads=12, visi
           "tiny": dict(vision_dim=96, vision_depth=3, vision_heads=4, vision_mlp_dim=384, image_size=64)}
 
 
+def emit(record):
+  print(json.dumps(record), flush=True)
+
+
+def torch_augment(gray, gen):
+  """The original's training transforms on (B, H, W) tensors in [0, 1], one image at a time (CPU)."""
+  import math
+  import torch
+  out = []
+  h, w = gray.shape[1:]
+  for img in gray:
+    if torch.rand(1, generator=gen).item() < 0.5:
+      img = img.flip(-1)
+    if img.max() > 0:
+      img = torch.clamp(img * torch.empty(1).uniform_(0.8, 1.2, generator=gen).item(), 0, 1)
+    if torch.rand(1, generator=gen).item() < 0.9:
+      angle = math.radians(torch.empty(1).uniform_(-10, 10, generator=gen).item())
+      tx = round(torch.empty(1).uniform_(-0.1 * w, 0.1 * w, generator=gen).item())
+      ty = round(torch.empty(1).uniform_(-0.1 * h, 0.1 * h, generator=gen).item())
+      scale = torch.empty(1).uniform_(0.9, 1.1, generator=gen).item()
+      shear = math.radians(torch.empty(1).uniform_(-5, 5, generator=gen).item())
+      a, c = math.cos(angle), math.sin(angle)
+      b = -math.cos(angle) * math.tan(shear) - math.sin(angle)
+      d = -math.sin(angle) * math.tan(shear) + math.cos(angle)
+      m = [d / scale, -b / scale, 0.0, -c / scale, a / scale, 0.0]
+      m[2], m[5] = m[0] * -tx + m[1] * -ty, m[3] * -tx + m[4] * -ty
+      theta = torch.tensor(m).reshape(1, 2, 3)
+      base = torch.ones(1, h, w, 3)
+      base[..., 0] = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, w)
+      base[..., 1] = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h)[:, None]
+      grid = base.view(1, h * w, 3).bmm(theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h])).view(1, h, w, 2)
+      both = torch.nn.functional.grid_sample(torch.stack([img, torch.ones_like(img)])[None], grid,
+                                             align_corners=False)[0]
+      img = both[0] * both[1]
+    out.append(img)
+  return torch.stack(out)
+
+
+def paper_protocol(a):
+  """Ours (all seeds on one encoder pass per batch) against the original's way, per epoch."""
+  import torch
+  from retfiner_jax.probe import paper, rules
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+  from torch_reference import TorchViT
+  size = VISION[a.vision]
+  cfg = ModelConfig(backbone="retfound", vision_projection=False, text_dim=size["vision_dim"], **size)
+  rng = np.random.default_rng(0)
+  n_train, n_val = int(a.images * 0.7), int(a.images * 0.15)
+  n_test = a.images - n_train - n_val
+  labels = rng.integers(0, 3, a.images)
+  gray = np.clip(rng.normal(100, 40, (a.images, cfg.image_size, cfg.image_size)) + 30 * labels[:, None, None],
+                 0, 255).astype(np.uint8)
+  split = lambda x: (x[:n_train], x[n_train:n_train + n_val], x[n_train + n_val:])
+  data = dict(zip(("gray_train", "gray_val", "gray_test"), split(gray)))
+  data.update(zip(("y_train", "y_val", "y_test"), split(labels)))
+  params = jax.jit(VisionTransformer(cfg).init)(jax.random.PRNGKey(0),
+                                                jnp.zeros((1, cfg.image_size, cfg.image_size, 3)))["params"]
+  seeds = tuple(range(5))
+  batch = rules.batch_size(n_train)
+  emit({"phase": "setup", "protocol": "paper", "vision": a.vision, "images": [n_train, n_val, n_test],
+        "batch_size": batch, "seeds": len(seeds), "device": jax.devices()[0].device_kind})
+  import tempfile
+  with tempfile.TemporaryDirectory() as tmp:
+    def ours(epochs):
+      settings = paper.PaperSettings(seeds=seeds, max_epochs=epochs, patience=10 ** 6)
+      start = time.perf_counter()
+      paper.probe(cfg, params, data, 3, settings, [Path(tmp) / f"s{s}" for s in seeds], log=lambda *x: None)
+      return time.perf_counter() - start
+    warm = ours(1)  # Compiles.
+    emit({"phase": "ours_first_epoch_with_compile", "seconds": warm})
+    total = ours(a.timed_epochs + 1)
+    ours_epoch = (total - ours(1)) / a.timed_epochs  # Setup (validation/test features) cancels out.
+  emit({"phase": "ours", "seconds_per_epoch_all_seeds": ours_epoch})
+
+  torch.manual_seed(0)
+  net = TorchViT(image_size=cfg.image_size, dim=cfg.vision_dim, depth=cfg.vision_depth, heads=cfg.vision_heads,
+                 mlp=cfg.vision_mlp_dim).train()
+  for p_ in net.parameters():
+    p_.requires_grad_(False)
+  mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+  std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+  head = torch.nn.Linear(2 * cfg.vision_dim, 3)
+  opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
+  gen = torch.Generator().manual_seed(0)
+  t_gray = torch.tensor(gray)
+
+  def features(x):
+    tokens = net(((x[:, None].repeat(1, 3, 1, 1)) - mean) / std, final_norm=False)
+    concat = torch.cat([tokens[:, 1:].mean(1), tokens[:, 0]], 1)
+    return torch.nn.functional.layer_norm(concat, concat.shape[1:], eps=1e-6)
+
+  def one_epoch():
+    order = torch.randperm(n_train, generator=gen)
+    for s in range(0, n_train, batch):  # The last partial batch is kept.
+      rows = order[s:s + batch]
+      with torch.no_grad():
+        x = features(torch_augment(t_gray[rows].float() / 255, gen))
+      loss = torch.nn.functional.cross_entropy(head(x), torch.tensor(labels[rows.numpy()]), label_smoothing=0.1)
+      opt.zero_grad()
+      loss.backward()
+      opt.step()
+    with torch.no_grad():
+      for s in range(n_train, n_train + n_val, batch):
+        features(t_gray[s:min(s + batch, n_train + n_val)].float() / 255)
+  one_epoch()
+  start = time.perf_counter()
+  for _ in range(a.timed_epochs):
+    one_epoch()
+  original_epoch = (time.perf_counter() - start) / a.timed_epochs * len(seeds)
+  emit({"phase": "original", "seconds_per_epoch_all_seeds": original_epoch, "torch_threads": torch.get_num_threads()})
+  emit({"benchmark": "probe_paper", "vision": a.vision, "images": a.images, "seeds": len(seeds),
+        "batch_size": batch, "timed_epochs": a.timed_epochs, "ours_seconds_per_epoch": ours_epoch,
+        "original_seconds_per_epoch": original_epoch, "speedup": original_epoch / ours_epoch,
+        "ours_1000_epochs_hours": ours_epoch * 1000 / 3600, "device": jax.devices()[0].device_kind,
+        "machine": platform.processor() or platform.machine()})
+
+
 def main():
   p = argparse.ArgumentParser()
+  p.add_argument("--protocol", default="features", choices=["features", "paper"])
   p.add_argument("--images", type=int, default=1000)
   p.add_argument("--vision", default="vit_s16", choices=sorted(VISION))
   p.add_argument("--timed-epochs", type=int, default=2)
   p.add_argument("--batch", type=int, default=64)
   a = p.parse_args()
+  if a.protocol == "paper":
+    return paper_protocol(a)
   cfg = ModelConfig(backbone="visionfm", vision_projection=False, text_dim=VISION[a.vision]["vision_dim"],
                     **VISION[a.vision])
   rng = np.random.default_rng(0)

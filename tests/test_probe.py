@@ -83,8 +83,10 @@ def test_metrics_against_hand_computation():
   assert got["bacc"] == pytest.approx(7 / 12)
   # AUROC: positive/negative pairs ranked correctly: (0.7,0.9,0.4) vs (0.2,0.6): 3 + 2 + 1 = 5 of 6.
   assert got["auroc"] == pytest.approx(5 / 6)
-  # AP: ranking 0.9(+), 0.7(+), 0.6(-), 0.4(+), 0.2(-): precision at each positive 1, 1, 3/4 -> mean.
-  assert got["ap"] == pytest.approx((1 + 1 + 0.75) / 3)
+  # AP (the original's: one-vs-rest per class, weighted by support). Class 1, ranking 0.9(+), 0.7(+), 0.6(-),
+  # 0.4(+), 0.2(-): precision at each positive 1, 1, 3/4. Class 0 (scores 1 - p): 0.8(+), 0.6(-), 0.4(+),
+  # 0.3(-), 0.1(-): 1, 2/3. AUROC is 5/6 for both columns, so its weighted mean is too.
+  assert got["ap"] == pytest.approx((2 * (1 + 2 / 3) / 2 + 3 * (1 + 1 + 0.75) / 3) / 5)
   # F1: class 0: P=1/2, R=1/2 -> 1/2; class 1: P=2/3, R=2/3 -> 2/3; weighted by support 2 and 3.
   assert got["f1"] == pytest.approx((2 * 0.5 + 3 * 2 / 3) / 5)
   # MCC from TP=2, TN=1, FP=1, FN=1.
@@ -148,6 +150,7 @@ def test_probe_cli_with_two_encoders_and_the_feature_cache(tmp_path):
   config.variant = "tiny-visionfm"
   config.data.root = f"fluid={tmp_path / 'data/tasks/fluid'},drusen={tmp_path / 'data/tasks/drusen'}"
   config.workdir = str(tmp_path / "out")
+  config.probe.protocol = "features"
   config.probe.seeds = (0, 1)
   config.probe.max_epochs = 50
   results = run.run(config, log=lambda *a: None)

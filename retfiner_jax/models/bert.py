@@ -152,7 +152,8 @@ class BertTextEncoder(nn.Module):
     """Sequence output (R, L, D). `self_bias` is the additive self-attention mask (see attention.py).
     `image_tokens` (N, Lk, D) switches cross-attention on: rows come in groups of N image-aligned rows, then one
     row per `extra_image_index` entry (see BertAttention)."""
-    return apply_stack(self.layer, self.embeddings(input_ids), self_bias, image_tokens, extra_image_index)
+    return apply_stack(self.layer, self.embeddings(input_ids),
+                       shared=(self_bias, image_tokens, extra_image_index))
 
   def mlm_logits(self, hidden):
     """Vocabulary logits (float32) of the given hidden states (any leading shape)."""

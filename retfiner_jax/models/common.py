@@ -39,27 +39,28 @@ def maybe_remat(module_cls, policy: str, scanned: bool = False):
   return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=not scanned)
 
 
-def stack(layer_cls, cfg: ModelConfig, length: int, num_shared: int, **layer_kwargs):
+def stack(layer_cls, cfg: ModelConfig, length: int, num_per_layer: int = 0, num_shared: int = 0, **layer_kwargs):
   """For a parent's `setup`: `length` layers of `layer_cls`, applied in turn by `apply_stack`.
 
-  A layer is called as `layer(x, *shared) -> (x, None)`; the `num_shared` arguments (masks, image tokens, ...)
-  are the same for every layer. With `cfg.scan_layers` this is one `nn.scan`ned module (parameters stacked on
-  axis 0 under the attribute's name, e.g. `blocks`); otherwise a list of modules (`blocks_0`, `blocks_1`, ...).
+  A layer is called as `layer(x, *per_layer, *shared) -> (x, None)`: `num_per_layer` arguments differ per layer
+  (arrays with a leading layer axis, e.g. drop-path rates), `num_shared` are the same for every layer (masks,
+  image tokens). With `cfg.scan_layers` this is one `nn.scan`ned module (parameters stacked on axis 0 under the
+  attribute's name, e.g. `blocks`); otherwise a list of modules (`blocks_0`, `blocks_1`, ...).
   """
   if cfg.scan_layers:
     layer = maybe_remat(layer_cls, cfg.remat, scanned=True)
     scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast,) * num_shared, length=length)
+                      in_axes=(0,) * num_per_layer + (nn.broadcast,) * num_shared, length=length)
     return scanned(cfg, **layer_kwargs)
   layer = maybe_remat(layer_cls, cfg.remat)
   return [layer(cfg, **layer_kwargs) for _ in range(length)]
 
 
-def apply_stack(layers, x, *shared):
-  """Runs what `stack` built on `x`."""
+def apply_stack(layers, x, per_layer=(), shared=()):
+  """Runs what `stack` built on `x`; `per_layer` arrays are indexed by layer, `shared` go to every layer."""
   if isinstance(layers, (list, tuple)):
-    for layer in layers:
-      x, _ = layer(x, *shared)
+    for i, layer in enumerate(layers):
+      x, _ = layer(x, *(a[i] for a in per_layer), *shared)
     return x
-  x, _ = layers(x, *shared)
+  x, _ = layers(x, *per_layer, *shared)
   return x

@@ -24,6 +24,7 @@ class ModelConfig:
   vision_mlp_dim: int = 4096
   vision_projection: bool = True  # RETFound: a new Linear(vision_dim -> text_dim) after the final norm.
   vision_final_norm: bool | None = None  # None: as the backbone does (UrFound's RetFiner path skips it).
+  drop_path: float = 0.0  # Stochastic depth of the last ViT block (timm's linear ramp from 0), when training.
   # Text encoder (BERT with cross-attention).
   text_dim: int = 768
   text_layers: int = 12
@@ -53,6 +54,8 @@ class ModelConfig:
       raise ValueError(f"model config: dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model config: remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+    if not 0.0 <= self.drop_path < 1.0:
+      raise ValueError(f"model config: drop_path must be in [0, 1), got {self.drop_path}")
     if self.vision_dim % self.vision_heads or self.text_dim % self.text_heads:
       raise ValueError("model config: vision_dim/text_dim must be divisible by their head counts")
     if not self.vision_projection and self.vision_dim != self.text_dim:

@@ -7,6 +7,7 @@ one `blocks/...` tree stacked over N. Images are NHWC float.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from retfiner_jax.models.attention import attention
@@ -41,17 +42,30 @@ class Mlp(nn.Module):
     return nn.Dense(self.dim, dtype=self.dtype, name="fc2")(x)
 
 
+def drop_path(x, rate, rng):
+  """Stochastic depth as timm's DropPath: each sample's branch is zeroed with probability `rate`, the kept ones
+  scaled by 1 / (1 - rate)."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+
+
 class Block(nn.Module):
-  """Pre-LN transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)). Returns (x, None) (a scan step)."""
+  """Pre-LN transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)). Returns (x, None) (a scan step).
+  `drop_rate` (a scalar) is this block's stochastic-depth rate, applied to both branches when not
+  deterministic (draws from the 'dropout' RNG stream)."""
   cfg: ModelConfig
+  deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, drop_rate):
     cfg, dtype = self.cfg, compute_dtype(self.cfg)
-    x = x + FusedQKVAttention(cfg.vision_dim, cfg.vision_heads, dtype, name="attn")(
-        layer_norm(VIT_LN_EPS, "norm1")(x).astype(dtype))
-    x = x + Mlp(cfg.vision_mlp_dim, cfg.vision_dim, dtype, name="mlp")(
-        layer_norm(VIT_LN_EPS, "norm2")(x).astype(dtype))
+    dropping = not self.deterministic and cfg.drop_path > 0
+    branch = lambda y: drop_path(y, drop_rate, self.make_rng("dropout")) if dropping else y
+    x = x + branch(FusedQKVAttention(cfg.vision_dim, cfg.vision_heads, dtype, name="attn")(
+        layer_norm(VIT_LN_EPS, "norm1")(x).astype(dtype)))
+    x = x + branch(Mlp(cfg.vision_mlp_dim, cfg.vision_dim, dtype, name="mlp")(
+        layer_norm(VIT_LN_EPS, "norm2")(x).astype(dtype)))
     return x, None
 
 
@@ -64,6 +78,7 @@ class VisionTransformer(nn.Module):
   them), even where the backbone's RetFiner path does not apply them.
   """
   cfg: ModelConfig
+  deterministic: bool = True  # False: stochastic depth (cfg.drop_path) is active; needs a 'dropout' RNG.
 
   def setup(self):
     cfg, dtype = self.cfg, compute_dtype(self.cfg)
@@ -72,7 +87,7 @@ class VisionTransformer(nn.Module):
     self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.vision_dim))
     self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
                                 (1, 1 + cfg.grid_size ** 2, cfg.vision_dim))
-    self.blocks = stack(Block, cfg, cfg.vision_depth, num_shared=0)
+    self.blocks = stack(Block, cfg, cfg.vision_depth, num_per_layer=1, deterministic=self.deterministic)
     self.norm = layer_norm(VIT_LN_EPS)
     if cfg.vision_projection:
       self.proj = nn.Dense(cfg.text_dim, dtype=dtype)
@@ -86,7 +101,9 @@ class VisionTransformer(nn.Module):
     x = x.reshape(x.shape[0], -1, cfg.vision_dim)
     cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, cfg.vision_dim)).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)
-    return apply_stack(self.blocks, x)
+    # timm's rule: rates rising linearly from 0 at the first block to cfg.drop_path at the last.
+    rates = jnp.linspace(0.0, cfg.drop_path, cfg.vision_depth, dtype=jnp.float32)
+    return apply_stack(self.blocks, x, per_layer=(rates,))
 
   def __call__(self, images):
     x = self.features(images)

@@ -1,14 +1,16 @@
 """Linear probe of one or more frozen encoders on one or more ImageFolder datasets.
 
   python -m retfiner_jax.probe --config=configs/probe.py --config.encoder=runs/retfound \
-      --config.data.root=data/OCTID,data/OCTDL --config.workdir=runs/probe
+      --config.data.root=data/OCTID,data/OCTDL --workdir=runs/probe
 """
 import functools
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/probe.py", "probe config", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output folder (results, audit logs, feature cache); "
+                               "overrides config.workdir")
 
 
 def main(argv):
@@ -17,9 +19,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from retfiner_jax import compile_cache
   from retfiner_jax.probe.run import run
+  config = _CONFIG.value
+  if _WORKDIR.value:
+    config.workdir = _WORKDIR.value
   log = functools.partial(print, flush=True)
-  compile_cache.enable(_CONFIG.value.compile_cache, log)
-  run(_CONFIG.value, log)
+  compile_cache.enable(config.compile_cache, log)
+  run(config, log)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retfiner_jax.data.images import IMAGE_SUFFIXES, ImageError, preprocess, read_image
+from retfiner_jax.data.images import IMAGE_SUFFIXES, ImageError, preprocess, read_image, scale_intensity
+
+PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
 class ProbeDataError(ValueError):
@@ -59,5 +61,33 @@ def load_images(paths, image_size: int, backbone: str, workers: int = 8) -> np.n
       return preprocess(read_image(path), image_size, backbone)
     except ImageError as e:
       raise ProbeDataError(f"unreadable image: {e}") from e
+  with ThreadPoolExecutor(workers) as pool:
+    return np.stack(list(pool.map(one, paths)))
+
+
+def _as_pil_rgb(path):
+  """The image as the original's loader opens it: PIL, converted to 8-bit RGB. Formats PIL cannot read (.npy,
+  DICOM) are read by the project's reader and scaled to 8 bits by their bit depth first."""
+  from PIL import Image
+  path = Path(path)
+  if path.suffix.lower() in PIL_SUFFIXES:
+    with Image.open(path) as img:
+      return img.convert("RGB")
+  gray = np.round(scale_intensity(read_image(path)) * 255).astype(np.uint8)
+  return Image.fromarray(gray).convert("RGB")
+
+
+def load_gray_u8(paths, image_size: int, workers: int = 8) -> np.ndarray:
+  """The original probe's preprocessing up to `ToTensor`, in its order: 8-bit RGB, PIL bilinear resize to
+  (size, size), grey (PIL's "L"). -> (N, size, size) uint8; /255, augmentation and normalisation follow on
+  device (augment.py)."""
+  from PIL import Image
+
+  def one(path):
+    try:
+      img = _as_pil_rgb(path).resize((image_size, image_size), Image.BILINEAR)
+    except (ImageError, OSError, ValueError) as e:
+      raise ProbeDataError(f"unreadable image {path}: {e}") from e
+    return np.asarray(img.convert("L"), np.uint8)
   with ThreadPoolExecutor(workers) as pool:
     return np.stack(list(pool.map(one, paths)))

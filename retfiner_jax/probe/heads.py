@@ -28,7 +28,8 @@ class ProbeSettings:
   l2: float = 0.0  # An L2 penalty added to the loss (0 in the paper's protocol).
   label_smoothing: float = 0.1
   init_std: float = 2e-5
-  batch_size: int = 0  # 0: full batch.
+  batch_size: int = 0  # 0: full batch (or, with batch_rule, the original's rule).
+  batch_rule: bool = False  # The original's batch size for the training-set size (rules.batch_size).
   class_balanced: bool = False
 
 
@@ -72,7 +73,11 @@ def train_heads(x_train, y_train, x_val, y_val, num_classes: int, settings: Prob
   counts = jnp.bincount(y_train, length=num_classes)
   class_weight = n / (num_classes * jnp.maximum(counts, 1)) if settings.class_balanced else jnp.ones(num_classes)
   tx = optax.adamw(settings.learning_rate, weight_decay=settings.weight_decay)
-  batch = settings.batch_size if 0 < settings.batch_size < n else n
+  if settings.batch_rule:
+    from retfiner_jax.probe.rules import batch_size
+    batch = min(batch_size(n), n)
+  else:
+    batch = settings.batch_size if 0 < settings.batch_size < n else n
   steps_per_epoch = n // batch
 
   def loss_fn(head, x, y):

@@ -7,20 +7,18 @@ METRICS = ("bacc", "auroc", "ap", "f1", "mcc")
 
 
 def classification_metrics(y_true, proba) -> dict:
-  """Balanced accuracy, AUROC (binary; one-vs-rest macro for several classes), average precision (binary;
-  macro over one-vs-rest), weighted F1 and MCC of argmax predictions."""
+  """The original's `evaluate` (linear_probing/src/utils/train_eval.py): balanced accuracy, AUROC =
+  roc_auc_score(one-hot, probs, multi_class="ovr", average="weighted"), AP = average_precision_score(one-hot,
+  probs, average="weighted") (binary tasks too), weighted F1 (zero_division=0) and MCC of argmax predictions."""
   from sklearn import metrics as skm
   y_true = np.asarray(y_true)
+  proba = np.asarray(proba)
   pred = proba.argmax(-1)
-  num_classes = proba.shape[1]
-  if num_classes == 2:
-    auroc = skm.roc_auc_score(y_true, proba[:, 1])
-    ap = skm.average_precision_score(y_true, proba[:, 1])
-  else:
-    auroc = skm.roc_auc_score(y_true, proba, multi_class="ovr", average="macro", labels=np.arange(num_classes))
-    ap = skm.average_precision_score(np.eye(num_classes)[y_true], proba, average="macro")
-  return {"bacc": float(skm.balanced_accuracy_score(y_true, pred)), "auroc": float(auroc), "ap": float(ap),
-          "f1": float(skm.f1_score(y_true, pred, average="weighted")),
+  onehot = np.eye(proba.shape[1])[y_true]
+  return {"bacc": float(skm.balanced_accuracy_score(y_true, pred)),
+          "auroc": float(skm.roc_auc_score(onehot, proba, multi_class="ovr", average="weighted")),
+          "ap": float(skm.average_precision_score(onehot, proba, average="weighted")),
+          "f1": float(skm.f1_score(y_true, pred, average="weighted", zero_division=0)),
           "mcc": float(skm.matthews_corrcoef(y_true, pred))}
 
 
