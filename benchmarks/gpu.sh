@@ -1,26 +1,54 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one run (under 8 minutes on one H100/H200), for a 15-minute device slot.
-# Needs only what travels with the checkout plus the GPU image's JAX, PyTorch and transformers; no network.
+# Every GPU measurement in one run, at most 6 minutes on one H100/H200 (each phase under its own timeout).
+# Each phase writes its JSON lines to $OUT as they happen (a phase that is cut off keeps what it printed);
+# a phase that fails or times out is reported and the script goes on. Needs only the checkout plus the GPU
+# image's JAX, PyTorch and transformers (and grain, ml_collections, tensorboardX wheels); no network.
 #
 #   bash benchmarks/gpu.sh            # on the GPU machine; JSON lines to stdout and to $OUT (default: .)
-#   bash benchmarks/gpu.sh --tiny     # the same script with tiny sizes (CPU check)
-set -euo pipefail
+#   bash benchmarks/gpu.sh --tiny     # the same phases at tiny sizes (a CPU check of the script)
+set -uo pipefail
 cd "$(dirname "$0")"
 OUT="${OUT:-.}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
 if [ "${1:-}" = "--tiny" ]; then
-  LARGE=(--vision tiny --text tiny --batch 8 --steps 2)
-  SMALL=(--vision tiny --text tiny --batch 4 --steps 2)
-  PROBE=(--vision tiny --images 120 --timed-epochs 1)
+  LARGE=(--vision tiny --text tiny --batch 8 --steps 2 --warmup 0)
+  SMALL=(--vision tiny --text tiny --batch 4 --steps 2 --warmup 0)
+  PROBE=(--vision tiny --images 60 --timed-epochs 1)
+  MAIN_SIZE=(--config.model.image_size=32 --config.model.vision_dim=64 --config.model.vision_depth=2
+             --config.model.vision_heads=4 --config.model.vision_mlp_dim=128 --config.model.text_dim=48
+             --config.model.text_layers=2 --config.model.text_heads=4 --config.model.text_intermediate=96
+             --config.model.contrastive_dim=32 --config.model.dtype=float32 --config.train.batch_size=8)
+  IMAGES=120; HEIGHT=64; MAIN_STEPS=6; LIMIT=(60 120 90 60 240 120)
 else
-  LARGE=(--vision vit_l16 --text bert_base --batch 128 --steps 5)
-  SMALL=(--vision vit_b16 --text bert_base --batch 32 --steps 5)
-  PROBE=(--vision vit_b16 --images 1000 --timed-epochs 2)
+  LARGE=(--vision vit_l16 --text bert_base --batch 128 --steps 3 --warmup 1)
+  SMALL=(--vision vit_b16 --text bert_base --batch 128 --steps 3 --warmup 1)
+  PROBE=(--vision vit_b16 --images 600 --timed-epochs 1)
+  MAIN_SIZE=()
+  IMAGES=1200; HEIGHT=224; MAIN_STEPS=30; LIMIT=(45 110 40 30 100 35)  # 360 s in all.
 fi
-"$PY" -c "import jax; print('devices:', jax.devices())"
-# ViT-L/16 + BERT-base, batch 128, bfloat16 (remat for memory) against the original's way in float16 autocast.
-"$PY" step.py "${LARGE[@]}" --dtype bfloat16 --remat dots | tee "$OUT/gpu_step_large.jsonl"
-# ViT-B/16 + BERT-base in float32 and bfloat16, ours only (no second PyTorch run to save time).
-"$PY" step.py "${SMALL[@]}" --dtype bfloat16 --no-torch | tee "$OUT/gpu_step_small.jsonl"
-# The 5-seed probe protocol against the epoch-loop probe.
-"$PY" probe.py "${PROBE[@]}" | tee "$OUT/gpu_probe.jsonl"
+
+phase() {  # phase NAME SECONDS COMMAND...: runs COMMAND under a timeout, its output to stdout and $OUT/NAME.jsonl.
+  local name="$1" limit="$2"
+  shift 2
+  echo "{\"phase\": \"start\", \"name\": \"$name\", \"limit_s\": $limit, \"at\": \"$(date -u +%T)\"}"
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>"$OUT/$name.err" | tee "$OUT/$name.jsonl"
+  local rc=${PIPESTATUS[0]}
+  echo "{\"phase\": \"end\", \"name\": \"$name\", \"rc\": $rc, \"at\": \"$(date -u +%T)\"}"
+  if [ "$rc" != 0 ]; then tail -5 "$OUT/$name.err" >&2; fi
+}
+
+"$PY" -c "import jax, json; print(json.dumps({'phase': 'devices', 'devices': [str(d) for d in jax.devices()], 'jax': jax.__version__}))" | tee "$OUT/gpu_devices.jsonl"
+# 1. Compile time of the full-size step, cold (no compilation cache).
+phase gpu_compile "${LIMIT[0]}" "$PY" step.py "${LARGE[@]}" --dtype bfloat16 --compile-only
+# 2. ViT-L/16 + BERT-base, batch 128, bfloat16, against the original's way in float16 autocast.
+phase gpu_step_large "${LIMIT[1]}" "$PY" step.py "${LARGE[@]}" --dtype bfloat16
+# 3. ViT-B/16 + BERT-base, bfloat16, ours only.
+phase gpu_step_small "${LIMIT[2]}" "$PY" step.py "${SMALL[@]}" --dtype bfloat16 --no-torch
+# 4. The main command on the synthetic corpus: time to the first step, samples/s, input wait, checkpoint writes.
+phase gpu_main_data "${LIMIT[3]}" "$PY" main_run.py prepare --out "$OUT/main_data" --images "$IMAGES" --height "$HEIGHT"
+phase gpu_main "${LIMIT[4]}" "$PY" main_run.py train --out "$OUT/main_data" --steps "$MAIN_STEPS" -- "${MAIN_SIZE[@]}"
+# 5. The paper probe protocol (5 seeds) against the original's way.
+phase gpu_probe "${LIMIT[5]}" "$PY" probe.py --protocol paper "${PROBE[@]}"

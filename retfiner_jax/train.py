@@ -329,7 +329,9 @@ def run(config, workdir, log=print) -> dict:
     final = best if best is not None else state["params"]
     summary["exported"] = export_vision(cfg, jax.device_get(final), workdir / "export", log)
     plot_run(workdir)
-  checkpoints.close()
+  started = time.time()
+  checkpoints.close()  # Waits for the asynchronous checkpoint writes.
+  log(f"checkpoint writes finished in {time.time() - started:.1f} s")
   (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
   return summary
 

@@ -210,8 +210,18 @@ def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
   assert step["ours"]["samples_per_s"] > 0 and step["original_style"]["samples_per_s"] > 0
   assert 0 < step["flops_saved"] < 1
   assert step["malloc"] == "retain" and step["malloc_env"] == step_benchmark().RETAINED_HEAP  # Restarted with it.
+  compiled = json.loads((tmp_path / "gpu_compile.jsonl").read_text().splitlines()[-1])
+  assert compiled["benchmark"] == "step_compile" and compiled["compile_cache"] == "off"
+  assert compiled["compile_s"] > 0 and compiled["stablehlo_lines"] > 1000 and compiled["scan_layers"]
+  phases = [json.loads(line).get("phase") for line in (tmp_path / "gpu_step_small.jsonl").read_text().splitlines()]
+  assert phases[:5] == ["memory", "lower", "compile", "init", "first_step"] and phases.count("step") == 2
+  main = json.loads((tmp_path / "gpu_main.jsonl").read_text().splitlines()[-1])
+  assert main["summary"]["status"] == "finished" and main["summary"]["steps"] == 6
+  assert all(0 <= f < 1 for f in main["input_wait_fraction"])
+  milestones = [json.loads(line).get("milestone") for line in (tmp_path / "gpu_main.jsonl").read_text().splitlines()]
+  assert milestones[:3] == ["compile_start", "compile_end", "first_progress_line"]
   probe = json.loads((tmp_path / "gpu_probe.jsonl").read_text().splitlines()[-1])
-  assert probe["speedup"] > 0 and len(probe["epochs_per_seed"]) == 5
+  assert probe["benchmark"] == "probe_paper" and probe["ours_seconds_per_epoch"] > 0 and probe["speedup"] > 0
 
 
 def step_benchmark():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -170,6 +171,7 @@ def probe(cfg: ModelConfig, params, data: dict, num_classes: int, settings: Pape
   for epoch in range(settings.max_epochs):
     if not active.any():
       break
+    started = time.perf_counter()
     order = order_rng.permutation(n_train)
     losses = []
     for i in range(iterations):
@@ -181,6 +183,7 @@ def probe(cfg: ModelConfig, params, data: dict, num_classes: int, settings: Pape
       losses.append(loss)
     train_loss = np.mean(np.asarray(jnp.stack(losses)), axis=0)
     pred, val_loss, _ = jax.device_get(validate(heads, val_feats, jnp.asarray(y_val), batch))
+    seconds = time.perf_counter() - started  # This epoch's training and validation, all seeds together.
     host_heads = None
     for s in np.flatnonzero(active):
       bacc = balanced_accuracy(y_val, pred[s])
@@ -192,7 +195,8 @@ def probe(cfg: ModelConfig, params, data: dict, num_classes: int, settings: Pape
         best_epoch[s] = epoch
       record = {"epoch": epoch, "lr_first": lr(epoch, 0), "lr_last": lr(epoch, iterations - 1),
                 "iterations": iterations, "batch_size": batch, "train_loss": float(train_loss[s]),
-                "val_loss": float(val_loss[s]), "val_bacc": bacc, "best": bool(is_best), "early_stop": bool(stop)}
+                "val_loss": float(val_loss[s]), "val_bacc": bacc, "best": bool(is_best), "early_stop": bool(stop),
+                "seconds": seconds}
       with (Path(audit_dirs[s]) / "log.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
       if stop:
