@@ -1,4 +1,6 @@
-"""RetFiner on retfound: the original's settings (AdamW 1e-4, wd 0.01, batch 128, <=20 epochs, patience 3).
+"""RetFiner on retfound: the original's settings (AdamW 1e-4, wd 0.01, batch 128, <=20 epochs, patience 3), and
+RETFound built with stochastic depth 0.1 as the original builds it (RetFiner/util_funcs.py,
+`load_vision_backbone`: `vit_large_patch16(drop_path_rate=0.1)`, active while Lightning trains).
 
   python -m retfiner_jax.main --config=configs/retfound.py --workdir=runs/retfound \
       --config.weights.vision=weights/retfound --config.weights.text=bert-base-uncased \
@@ -8,4 +10,6 @@ from retfiner_jax.config_defaults import base_config
 
 
 def get_config():
-  return base_config("retfound")
+  c = base_config("retfound")
+  c.model.drop_path = 0.1
+  return c

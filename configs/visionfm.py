@@ -1,4 +1,11 @@
-"""RetFiner on visionfm: the original's settings (AdamW 1e-4, wd 0.01, batch 128, <=20 epochs, patience 3).
+"""RetFiner on visionfm, as the original refined the VisionFM it probes.
+
+The refined VisionFM that the paper's probe loads is named
+`best-model_VisionFM0.07Falselr4e-05batch_size128grad_accum1LossesAlleps1e8_orignorm_maxepochs100_patience10_bscan.pth`
+(linear_probing/visionFM.sh): learning rate 4e-5, at most 100 epochs, patience 10 (batch 128, temperature 0.07,
+all losses, eps 1e-8 as everywhere). The rest are the original's defaults (AdamW, wd 0.01). VisionFM's ViT is built
+without stochastic depth (RetFiner/util_funcs.py: `VisionTransformer(return_all_tokens=True, qkv_bias=True)`,
+drop_path_rate 0 by default), so `model.drop_path` stays 0.
 
   python -m retfiner_jax.main --config=configs/visionfm.py --workdir=runs/visionfm \
       --config.weights.vision=weights/visionfm --config.weights.text=bert-base-uncased \
@@ -8,4 +15,8 @@ from retfiner_jax.config_defaults import base_config
 
 
 def get_config():
-  return base_config("visionfm")
+  c = base_config("visionfm")
+  c.train.learning_rate = 4e-5
+  c.train.epochs = 100
+  c.train.patience = 10
+  return c

@@ -58,7 +58,10 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.train.log_every = 10
   c.train.max_steps = -1  # Stop after this many steps (-1: epochs decide).
   c.eval = ml_collections.ConfigDict()
-  c.eval.seed = 1234  # Fixed masks and negatives: validation losses are comparable across epochs.
+  c.eval.seed = 1234
+  # True: the same masks and negatives every epoch (validation losses comparable across epochs, a steadier
+  # signal for early stopping); False: redrawn every epoch, as the original's Lightning validation does.
+  c.eval.fixed_sampling = True
   c.eval.recall_at = (1, 5, 10)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.checkpoint = ml_collections.ConfigDict(dict(keep=2))

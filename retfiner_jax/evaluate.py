@@ -32,24 +32,29 @@ def retrieval_recall(image_emb, text_emb, report_keys, ks=(1, 5, 10)) -> dict:
 
 
 def evaluate(model: RetFiner, params, batches, settings: ObjectiveSettings, seed: int, to_global, ks=(1, 5, 10),
-             loss_fn=None, embed_fn=None):
-  """Mean validation losses over the full batches (padded last batches are left out of the losses) and
-  retrieval recall over every example. `to_global` makes a host batch a (sharded) device batch."""
+             loss_fn=None, embed_fn=None, epoch=None):
+  """Validation losses over every example (padding rows of the last batch are masked out of every loss; each
+  batch weighs by its real rows) and retrieval recall over every example. Masks and negatives come from `seed`
+  (the same every epoch), or from (`seed`, `epoch`) when an epoch is given (redrawn every epoch, as Lightning
+  does). `to_global` makes a host batch a (sharded) device batch."""
   loss_fn = loss_fn or jax.jit(make_loss_fn(model, settings))
   embed_fn = embed_fn or make_embed_fn(model)
   key = jax.random.PRNGKey(seed)
-  batch_metrics, embeddings, valids, report_keys = [], [], [], []
+  if epoch is not None:
+    key = jax.random.fold_in(key, epoch)
+  batch_metrics, weights, embeddings, valids, report_keys = [], [], [], [], []
   for i, batch in enumerate(batches):  # Results stay on device until the end: no sync per batch.
     valid = np.asarray(batch["valid"])
-    device_batch = to_global({k: v for k, v in batch.items() if k != "valid"})
-    if valid.all():
-      batch_metrics.append(loss_fn(params, device_batch, jax.random.fold_in(key, i))[1])
+    device_batch = to_global(batch)
+    batch_metrics.append(loss_fn(params, device_batch, jax.random.fold_in(key, i))[1])
+    weights.append(int(valid.sum()))
     embeddings.append(embed_fn(params, device_batch["images"], device_batch["input_ids"],
                                device_batch["attention_mask"]))
     valids.append(valid)
     report_keys += [row.tobytes() for row in np.asarray(batch["input_ids"])[valid]]
   batch_metrics, embeddings = jax.device_get((batch_metrics, embeddings))
-  out = {k: float(np.mean([m[k] for m in batch_metrics])) for k in batch_metrics[0]} if batch_metrics else {}
+  out = {k: float(np.average([m[k] for m in batch_metrics], weights=weights)) for k in batch_metrics[0]} \
+      if batch_metrics else {}
   images = np.concatenate([img[v] for (img, _), v in zip(embeddings, valids)])
   texts = np.concatenate([txt[v] for (_, txt), v in zip(embeddings, valids)])
   out.update(retrieval_recall(images, texts, report_keys, ks))

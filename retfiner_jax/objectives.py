@@ -43,31 +43,49 @@ class ObjectiveSettings:
     return self.weight(name) != 0
 
 
-def smoothed_cross_entropy(logits, labels, smoothing=0.0):
-  """Mean cross-entropy with integer labels and label smoothing as torch's CrossEntropyLoss defines it."""
+def smoothed_cross_entropy(logits, labels, smoothing=0.0, rows=None, classes=None):
+  """Mean cross-entropy with integer labels and label smoothing as torch's CrossEntropyLoss defines it.
+  `rows` (N,) bool: only these rows count; `classes` (C,) bool: only these classes exist (the others get no
+  probability and no share of the smoothing), as if the batch held only the valid pairs."""
   logits = logits.astype(jnp.float32)
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
-  return optax.softmax_cross_entropy(logits, targets).mean()
+  num_classes = logits.shape[-1]
+  if classes is not None:
+    logits = jnp.where(classes, logits, -1e9)
+    uniform = classes / jnp.maximum(classes.sum(), 1)
+  else:
+    uniform = jnp.full((num_classes,), 1.0 / num_classes)
+  targets = (1.0 - smoothing) * jax.nn.one_hot(labels, num_classes) + smoothing * uniform
+  per_row = optax.softmax_cross_entropy(logits, targets)
+  if rows is None:
+    return per_row.mean()
+  return jnp.where(rows, per_row, 0.0).sum() / jnp.maximum(rows.sum(), 1)
 
 
-def itc_loss(image_embedding, text_embedding, temperature, label_smoothing):
-  """Symmetric contrastive loss over the (global) batch. Returns (loss, sim_i2t, sim_t2i, metrics)."""
+def _masked_mean(x, rows):
+  return x.mean() if rows is None else jnp.where(rows, x, 0).sum() / jnp.maximum(rows.sum(), 1)
+
+
+def itc_loss(image_embedding, text_embedding, temperature, label_smoothing, valid=None):
+  """Symmetric contrastive loss over the (global) batch; `valid` (B,) leaves padding rows out of everything.
+  Returns (loss, sim_i2t, sim_t2i, metrics)."""
   sim_i2t = image_embedding @ text_embedding.T / temperature
   sim_t2i = text_embedding @ image_embedding.T / temperature
   targets = jnp.arange(sim_i2t.shape[0])
-  loss = (smoothed_cross_entropy(sim_i2t, targets, label_smoothing)
-          + smoothed_cross_entropy(sim_t2i, targets, label_smoothing)) / 2
-  metrics = {"itc_i2t_accuracy": (sim_i2t.argmax(-1) == targets).mean(),
-             "itc_t2i_accuracy": (sim_t2i.argmax(-1) == targets).mean()}
+  loss = (smoothed_cross_entropy(sim_i2t, targets, label_smoothing, valid, valid)
+          + smoothed_cross_entropy(sim_t2i, targets, label_smoothing, valid, valid)) / 2
+  masked = lambda sim: sim if valid is None else jnp.where(valid, sim, -jnp.inf)
+  metrics = {"itc_i2t_accuracy": _masked_mean(masked(sim_i2t).argmax(-1) == targets, valid),
+             "itc_t2i_accuracy": _masked_mean(masked(sim_t2i).argmax(-1) == targets, valid)}
   return loss, sim_i2t, sim_t2i, metrics
 
 
-def itm_loss(itm_logits):
+def itm_loss(itm_logits, valid=None):
   """(3B, 2) logits for [positives; text-with-negative-image; negative-text-with-image]."""
   batch = itm_logits.shape[0] // 3
   labels = jnp.concatenate([jnp.ones(batch, jnp.int32), jnp.zeros(2 * batch, jnp.int32)])
-  loss = smoothed_cross_entropy(itm_logits, labels)
-  return loss, {"itm_accuracy": (itm_logits.argmax(-1) == labels).mean()}
+  rows = None if valid is None else jnp.tile(valid, 3)
+  loss = smoothed_cross_entropy(itm_logits, labels, rows=rows)
+  return loss, {"itm_accuracy": _masked_mean(itm_logits.argmax(-1) == labels, rows)}
 
 
 def token_prediction_loss(logits_fn, hidden, labels, target_fraction=1.0):
@@ -101,13 +119,16 @@ def token_prediction_loss(logits_fn, hidden, labels, target_fraction=1.0):
 
 
 def compute_objectives(model: RetFiner, params, batch, views, settings: ObjectiveSettings = ObjectiveSettings(),
-                       negatives=None, negative_rng=None, dropout_rng=None):
+                       negatives=None, negative_rng=None, dropout_rng=None, loss_scale=None):
   """All enabled objectives for given masked views and (optionally) given ITM negatives.
 
-  batch: images (B, S, S, 3) NHWC, input_ids and attention_mask (B, L), optional pair_ids (B,).
+  batch: images (B, S, S, 3) NHWC, input_ids and attention_mask (B, L), optional pair_ids (B,) and valid (B,)
+  (False on padding rows: they take part in no loss, are nobody's negative and are not counted).
   views: mlm_input_ids, mlm_labels, gm_input_ids, gm_labels (B, L).
   negatives: (neg_image_idx, neg_text_idx), each (B,); if None they are sampled with `negative_rng` from the
-  ITC similarities. Returns (total_loss, metrics).
+  ITC similarities. `loss_scale` ({objective: factor}) multiplies each loss inside the total (gradient
+  accumulation weights micro-batches with it); the metrics report the losses as computed.
+  Returns (total_loss, metrics).
   """
   rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
   m = model.bind({"params": params}, rngs=rngs)
@@ -118,8 +139,12 @@ def compute_objectives(model: RetFiner, params, batch, views, settings: Objectiv
 
   image_tokens = m.image_tokens(batch["images"])
   text_only = m.text_only(ids, mask)  # Computed once: ITC and the ITM sampling weights.
+  valid = batch.get("valid")
+  if valid is not None:  # Padding rows predict no token.
+    views = dict(views, **{k: jnp.where(valid[:, None], views[k], IGNORE_LABEL) for k in ("mlm_labels", "gm_labels")})
   losses["itc"], sim_i2t, sim_t2i, itc_metrics = itc_loss(
-      m.image_embedding(image_tokens), m.text_embedding(text_only[:, 0]), cfg.temperature, cfg.label_smoothing)
+      m.image_embedding(image_tokens), m.text_embedding(text_only[:, 0]), cfg.temperature, cfg.label_smoothing,
+      valid)
   metrics.update(itc_metrics)
 
   # The passes through the text encoder with cross-attention: (name, ids, mask, causal, image index).
@@ -132,7 +157,7 @@ def compute_objectives(model: RetFiner, params, batch, views, settings: Objectiv
   if on("itm"):
     if negatives is None:
       neg_image, neg_text, no_distinct = sample_hard_negatives(negative_rng, sim_i2t, sim_t2i,
-                                                               batch.get("pair_ids"))
+                                                               batch.get("pair_ids"), valid)
       metrics["itm_rows_without_distinct_negative"] = no_distinct
     else:
       neg_image, neg_text = negatives
@@ -172,10 +197,11 @@ def compute_objectives(model: RetFiner, params, batch, views, settings: Objectiv
         m.mlm_logits, hidden["gm"], views["gm_labels"], settings.gm_target_fraction)
   if on("itm"):
     cls = jnp.concatenate([hidden["itm_pos"][:, 0], hidden["itm_neg_image"][:, 0], hidden["itm_neg_text"][:, 0]])
-    losses["itm"], itm_metrics = itm_loss(m.itm_logits(cls))
+    losses["itm"], itm_metrics = itm_loss(m.itm_logits(cls), valid)
     metrics.update(itm_metrics)
 
-  total = sum(settings.weight(k) * losses[k] for k in OBJECTIVES if on(k))
+  scale = loss_scale or {}
+  total = sum(settings.weight(k) * scale.get(k, 1.0) * losses[k] for k in OBJECTIVES if on(k))
   metrics.update({f"loss_{k}": v for k, v in losses.items()})
   metrics["loss"] = total
   return total, metrics
@@ -190,11 +216,13 @@ def sample_views(rng, input_ids, vocab_size, settings: ObjectiveSettings):
 
 
 def make_loss_fn(model: RetFiner, settings: ObjectiveSettings = ObjectiveSettings()):
-  """(params, batch, rng) -> (total_loss, metrics): samples the masks and negatives, then the losses."""
-  def loss_fn(params, batch, rng):
+  """(params, batch, rng[, views, loss_scale]) -> (total_loss, metrics): samples the MLM/GM views (unless given)
+  and the ITM negatives, then the losses."""
+  def loss_fn(params, batch, rng, views=None, loss_scale=None):
     key_views, key_negatives, key_dropout = jax.random.split(rng, 3)
-    views = sample_views(key_views, batch["input_ids"], model.cfg.vocab_size, settings)
+    if views is None:
+      views = sample_views(key_views, batch["input_ids"], model.cfg.vocab_size, settings)
     dropout = key_dropout if not model.deterministic else None
     return compute_objectives(model, params, batch, views, settings, negative_rng=key_negatives,
-                              dropout_rng=dropout)
+                              dropout_rng=dropout, loss_scale=loss_scale)
   return loss_fn

@@ -50,13 +50,14 @@ def sample_token_masks(rng, input_ids, prob, vocab_size, mask_id=MASK_ID, first_
   return masked_ids, labels
 
 
-def sample_hard_negatives(rng, sim_i2t, sim_t2i, pair_ids=None):
+def sample_hard_negatives(rng, sim_i2t, sim_t2i, pair_ids=None, valid=None):
   """ITM hard negatives, drawn with probability proportional to softmax(similarity) + 1e-4.
 
   For text i an image j != i is drawn from row i of `sim_t2i`; for image i a text from row i of `sim_i2t`.
   With `pair_ids` (B,) every pair sharing the row's id is excluded too (the same image or report appearing
   twice in a batch is not a negative). A row whose every other pair shares its id falls back to excluding
-  only itself; the count of such rows is returned so that it can be reported.
+  only itself; the count of such rows is returned so that it can be reported. With `valid` (B,) padding rows
+  are never drawn (their own draws are meaningless and ignored by the losses).
   No gradient flows through the sampling. Returns (neg_image_idx, neg_text_idx, rows_without_distinct_id).
   """
   batch = sim_i2t.shape[0]
@@ -64,13 +65,19 @@ def sample_hard_negatives(rng, sim_i2t, sim_t2i, pair_ids=None):
     raise ValueError("ITM hard negatives need a batch of at least 2 pairs")
   own = jnp.eye(batch, dtype=bool)
   excluded = own if pair_ids is None else (pair_ids[:, None] == pair_ids[None, :])
+  if valid is not None:
+    excluded = excluded | ~valid[None, :]
   no_other = ~(~excluded).any(axis=-1)
   excluded = jnp.where(no_other[:, None], own, excluded)
 
   def draw(key, sim):
-    weights = jax.nn.softmax(jax.lax.stop_gradient(sim).astype(jnp.float32), axis=-1) + 1e-4
+    sim = jax.lax.stop_gradient(sim).astype(jnp.float32)
+    if valid is not None:  # The softmax over the real pairs only, as if the batch held nothing else.
+      sim = jnp.where(valid[None, :], sim, -jnp.inf)
+    weights = jax.nn.softmax(sim, axis=-1) + 1e-4
     logits = jnp.where(excluded, -jnp.inf, jnp.log(weights))
     return jax.random.categorical(key, logits, axis=-1)
 
   key_image, key_text = jax.random.split(rng)
-  return draw(key_image, sim_t2i), draw(key_text, sim_i2t), no_other.sum()
+  counted = no_other if valid is None else no_other & valid
+  return draw(key_image, sim_t2i), draw(key_text, sim_i2t), counted.sum()

@@ -174,6 +174,10 @@ def run(config, workdir, log=print) -> dict:
   steps_per_epoch = len(train_records) // batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"{train_source}: {len(train_records)} pairs, fewer than one batch of {batch_size}")
+  if len(train_records) % batch_size:
+    log(f"train: an epoch is {steps_per_epoch} full batches of {batch_size} (static shapes): "
+        f"{len(train_records) % batch_size} of the {len(train_records)} pairs do not fit in an epoch's batches "
+        f"(the original keeps a last, smaller batch); the stream runs on, so they open the next epoch")
   total_steps = steps_per_epoch * config.train.epochs
   if config.train.max_steps > 0:
     total_steps = min(total_steps, config.train.max_steps)
@@ -187,7 +191,7 @@ def run(config, workdir, log=print) -> dict:
                                  pidx, pcount)
 
   # Model, weights, optimizer, shardings.
-  model = RetFiner(cfg, deterministic=cfg.text_dropout == 0)
+  model = RetFiner(cfg, deterministic=cfg.text_dropout == 0 and cfg.drop_path == 0)
   eval_model = RetFiner(cfg, deterministic=True)
   tx = make_optimizer(config)
   abstract_params = weights.abstract_params(cfg)
@@ -285,7 +289,8 @@ def run(config, workdir, log=print) -> dict:
         check_finite(step, metrics)
         progress.epoch += 1
         val = evaluate(eval_model, state["params"], val_batches(), settings, config.eval.seed, to_global,
-                       tuple(config.eval.recall_at), eval_loss_fn, embed_fn)
+                       tuple(config.eval.recall_at), eval_loss_fn, embed_fn,
+                       epoch=None if config.eval.fixed_sampling else progress.epoch)
         run_log.write("val", step, val, epoch=progress.epoch)
         log(f"validation after epoch {progress.epoch}: loss {val.get('loss', float('nan')):.4f}  " +
             "  ".join(f"{k} {v:.3f}" for k, v in val.items() if k.startswith("recall") and k.endswith(("@1", "@5"))))

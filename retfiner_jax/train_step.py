@@ -6,12 +6,44 @@ import jax.numpy as jnp
 import optax
 
 from retfiner_jax.models.retfiner import RetFiner
-from retfiner_jax.objectives import ObjectiveSettings, make_loss_fn
+from retfiner_jax.objectives import OBJECTIVES, ObjectiveSettings, make_loss_fn, sample_views
+from retfiner_jax.sampling import IGNORE_LABEL
 
 
 def make_optimizer(config):
   t = config.train
   return optax.adamw(t.learning_rate, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
+
+
+def accumulated_gradients(loss_fn, params, batch, rng, micro_batches: int, views):
+  """Gradients and metrics of a batch split into `micro_batches` (rows i, i + m, ...: every micro-batch stays
+  spread over all devices), accumulated so that MLM and GM equal the full batch's: each micro-batch's token
+  losses are weighted by its share of the batch's target tokens (`views`: the batch's masks, sampled once).
+  ITC and ITM (contrastive softmax, hard negatives) see each micro-batch and are averaged over them."""
+  split = lambda tree: jax.tree.map(lambda x: x.reshape((-1, micro_batches) + x.shape[1:]).swapaxes(0, 1), tree)
+  micro_batch, micro_views = split(batch), split(views)
+  targets = {k: (micro_views[f"{k}_labels"] != IGNORE_LABEL).sum(axis=(1, 2)) for k in ("mlm", "gm")}
+  shares = {k: n / jnp.maximum(n.sum(), 1) for k, n in targets.items()}
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def scales(index):
+    return {"itc": 1.0 / micro_batches, "itm": 1.0 / micro_batches, "mlm": shares["mlm"][index],
+            "gm": shares["gm"][index]}
+
+  def one(index, micro, micro_view):
+    (_, m), g = grad_fn(params, micro, jax.random.fold_in(rng, index), micro_view, scales(index))
+    # Every metric as a mean over micro-batches, except the token losses, weighted as in the gradient.
+    weight = {f"loss_{k}": v for k, v in scales(index).items()}
+    m = {k: v * weight.get(k, 1.0 / micro_batches) for k, v in m.items()}
+    return g, m
+
+  def accumulate(carry, inputs):
+    return jax.tree.map(jnp.add, carry, one(*inputs)), None
+
+  shapes = jax.eval_shape(one, 0, *jax.tree.map(lambda x: x[0], (micro_batch, micro_views)))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(micro_batches), micro_batch, micro_views))
+  return grads, metrics  # metrics["loss"] is left to the caller, who knows the objectives' weights.
 
 
 def make_train_step(model: RetFiner, settings: ObjectiveSettings, tx, seed: int, micro_batches: int):
@@ -25,18 +57,10 @@ def make_train_step(model: RetFiner, settings: ObjectiveSettings, tx, seed: int,
     if micro_batches == 1:
       (_, metrics), grads = grad_fn(params, batch, rng)
     else:
-      # Micro-batch i takes rows i, i + m, ...: every micro-batch stays spread over all devices.
-      split = jax.tree.map(lambda x: x.reshape((-1, micro_batches) + x.shape[1:]).swapaxes(0, 1), batch)
-
-      def accumulate(carry, inputs):
-        micro, index = inputs
-        (_, m), g = grad_fn(params, micro, jax.random.fold_in(rng, index))
-        return jax.tree.map(jnp.add, carry, (g, m)), None
-
-      (_, metric_shapes), grad_shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split), rng)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, metric_shapes))
-      (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (split, jnp.arange(micro_batches)))
-      grads, metrics = jax.tree.map(lambda x: x / micro_batches, (grads, metrics))
+      views = sample_views(jax.random.fold_in(rng, micro_batches), batch["input_ids"], model.cfg.vocab_size,
+                           settings)
+      grads, metrics = accumulated_gradients(loss_fn, params, batch, rng, micro_batches, views)
+      metrics["loss"] = sum(settings.weight(k) * metrics[f"loss_{k}"] for k in OBJECTIVES if settings.enabled(k))
     updates, opt = tx.update(grads, state["opt"], params)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     return {"params": optax.apply_updates(params, updates), "opt": opt, "step": state["step"] + 1}, metrics

@@ -7,6 +7,8 @@ layer instead of `depth` copies; the converter moves between the two layouts (`c
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,18 @@ def gelu(x):
   """Exact GELU written as PyTorch writes it, x/2 (1 + erf(x/sqrt 2)): XLA's erf is one polynomial that fuses
   into a single loop (its erfc, which jax.nn.gelu uses, costs three passes over the array on CPU)."""
   return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+
+
+def torch_linear(features: int, fan_in: int, dtype, use_bias: bool = True, name=None):
+  """nn.Dense initialised as a new torch.nn.Linear is: weight kaiming_uniform(a=sqrt(5)) and bias, both
+  U(+-1/sqrt(fan_in)). For the layers the original creates afresh (RETFound's `proj`, the contrastive and ITM
+  heads)."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def bias_init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name, bias_init=bias_init,
+                  kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"))
 
 
 def maybe_remat(module_cls, policy: str, scanned: bool = False):

@@ -8,22 +8,24 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from retfiner_jax.models.attention import padding_bias
-from retfiner_jax.models.bert import BERT_LN_EPS, BertTextEncoder, dense
+from retfiner_jax.models.bert import BERT_LN_EPS, BertTextEncoder
+from retfiner_jax.models.common import compute_dtype, gelu, layer_norm, torch_linear
 from retfiner_jax.models.config import ModelConfig
-from retfiner_jax.models.common import compute_dtype, gelu, layer_norm
 from retfiner_jax.models.vit import VisionTransformer
 
 
 class ItmHead(nn.Module):
-  """Linear(D, D) -> exact GELU -> LayerNorm(eps 1e-12) -> Linear(D, 2)."""
+  """Linear(D, D) -> exact GELU -> LayerNorm(eps 1e-12) -> Linear(D, 2); the Linear layers initialised as
+  PyTorch's (the original creates them afresh)."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x):
     dtype = compute_dtype(self.cfg)
-    x = gelu(dense(self.cfg.text_dim, dtype, name="linear1")(x))
+    d = self.cfg.text_dim
+    x = gelu(torch_linear(d, d, dtype, name="linear1")(x))
     x = layer_norm(BERT_LN_EPS, "layernorm")(x)
-    return dense(2, dtype, name="linear2")(x.astype(dtype)).astype(jnp.float32)
+    return torch_linear(2, d, dtype, name="linear2")(x.astype(dtype)).astype(jnp.float32)
 
 
 class RetFiner(nn.Module):
@@ -32,10 +34,11 @@ class RetFiner(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.vision_encoder = VisionTransformer(cfg)
+    self.vision_encoder = VisionTransformer(cfg, self.deterministic)  # Stochastic depth when training.
     self.text_encoder = BertTextEncoder(cfg, self.deterministic)
-    self.contra_head_v = nn.Dense(cfg.contrastive_dim, use_bias=False, dtype=compute_dtype(cfg))
-    self.contra_head_t = nn.Dense(cfg.contrastive_dim, use_bias=False, dtype=compute_dtype(cfg))
+    # New layers of the original (torch.nn.Linear, no bias): PyTorch's init. Both see text-width tokens.
+    self.contra_head_v = torch_linear(cfg.contrastive_dim, cfg.text_dim, compute_dtype(cfg), use_bias=False)
+    self.contra_head_t = torch_linear(cfg.contrastive_dim, cfg.text_dim, compute_dtype(cfg), use_bias=False)
     self.itm_head = ItmHead(cfg)
 
   def image_tokens(self, images):

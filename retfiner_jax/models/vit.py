@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from retfiner_jax.models.attention import attention
-from retfiner_jax.models.common import apply_stack, compute_dtype, gelu, layer_norm, stack
+from retfiner_jax.models.common import apply_stack, compute_dtype, gelu, layer_norm, stack, torch_linear
 from retfiner_jax.models.config import ModelConfig
 
 VIT_LN_EPS = 1e-6
@@ -90,7 +90,7 @@ class VisionTransformer(nn.Module):
     self.blocks = stack(Block, cfg, cfg.vision_depth, num_per_layer=1, deterministic=self.deterministic)
     self.norm = layer_norm(VIT_LN_EPS)
     if cfg.vision_projection:
-      self.proj = nn.Dense(cfg.text_dim, dtype=dtype)
+      self.proj = torch_linear(cfg.text_dim, cfg.vision_dim, dtype)  # RetFiner's new layer: PyTorch's init.
 
   def features(self, images):
     cfg = self.cfg

@@ -51,20 +51,22 @@ def inverse_affine(angle, tx, ty, scale, shear):
   return jnp.stack([m0, m1, m0 * -tx + m1 * -ty, m3, m4, m3 * -tx + m4 * -ty])
 
 
-def _bilinear(image, rows, cols):
-  """Samples (H, W) at fractional pixel coordinates, zero outside (grid_sample, align_corners=False)."""
-  return jax.scipy.ndimage.map_coordinates(image, [rows, cols], order=1, mode="constant", cval=0.0)
+def _coverage(coord, size):
+  """The weight bilinear sampling with zero padding gives to in-image pixels along one axis: 1 inside, falling
+  linearly to 0 over the pixel beyond each edge (what sampling an all-ones image returns)."""
+  return jnp.clip(jnp.minimum(coord + 1.0, size - coord), 0.0, 1.0)
 
 
 def affine(image, matrix, fill: float = 0.0):
-  """One (H, W) image through the inverse matrix, as torchvision's tensor `affine` with a fill value."""
+  """One (H, W) image through the inverse matrix, as torchvision's tensor `affine` with a fill value: bilinear
+  `grid_sample` (align_corners=False, zero padding), blended with the fill by the resampled coverage."""
   height, width = image.shape
   ys, xs = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32) - height / 2 + 0.5,
                         jnp.arange(width, dtype=jnp.float32) - width / 2 + 0.5, indexing="ij")
   x_in = matrix[0] * xs + matrix[1] * ys + matrix[2] + width / 2 - 0.5
   y_in = matrix[3] * xs + matrix[4] * ys + matrix[5] + height / 2 - 0.5
-  sampled = _bilinear(image, y_in, x_in)
-  coverage = _bilinear(jnp.ones_like(image), y_in, x_in)
+  sampled = jax.scipy.ndimage.map_coordinates(image, [y_in, x_in], order=1, mode="constant", cval=0.0)
+  coverage = _coverage(x_in, width) * _coverage(y_in, height)
   return sampled * coverage + (1.0 - coverage) * fill
 
 
