@@ -15,7 +15,7 @@ PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 if [ "${1:-}" = "--tiny" ]; then
   LARGE=(--vision tiny --text tiny --batch 8 --steps 2 --warmup 0)
-  SMALL=(--vision tiny --text tiny --batch 4 --steps 2 --warmup 0)
+  SMALL=(--vision tiny --text tiny --batch 4 --steps 2 --warmup 0 --no-memory)
   PROBE=(--vision tiny --images 60 --timed-epochs 1)
   MAIN_SIZE=(--config.model.image_size=32 --config.model.vision_dim=64 --config.model.vision_depth=2
              --config.model.vision_heads=4 --config.model.vision_mlp_dim=128 --config.model.text_dim=48

@@ -215,6 +215,9 @@ def main():
   p.add_argument("--compile-cache", default=None,
                  help="compilation cache folder, 'off', or '' for the default folder (default: '' for timed "
                       "runs, 'off' with --compile-only so that the compile is measured cold)")
+  p.add_argument("--no-memory", action="store_true", help="CPU: skip the peak-memory subprocesses")
+  p.add_argument("--peak-tflops", type=float, default=989.0,
+                 help="GPU: the dense bfloat16 peak for MFU (H100/H200 SXM: 989)")
   p.add_argument("--memory-of", choices=["ours", "original"], help=argparse.SUPPRESS)
   p.add_argument("--malloc", default="retain", choices=["retain", "system"],
                  help="CPU: 'retain' keeps freed memory in the process (RETAINED_HEAP); 'system': glibc's defaults")
@@ -235,7 +238,8 @@ def main():
   batch = make_batch(a.batch, cfg)
   setup = {"vision": a.vision, "text": a.text, "batch": a.batch, "dtype": a.dtype, "remat": a.remat,
            "scan_layers": cfg.scan_layers, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
-  if not gpu and a.memory_of is None and not a.compile_only:  # Before this process holds anything.
+  ours_mem = torch_mem = -1
+  if not gpu and a.memory_of is None and not a.compile_only and not a.no_memory:  # Before this process holds anything.
     ours_mem = memory_in_subprocess(a, "ours")
     emit({"phase": "memory", "impl": "ours", "peak_rss_bytes": ours_mem})
     torch_mem = memory_in_subprocess(a, "original") if not a.no_torch else 0
@@ -375,6 +379,9 @@ def main():
                   "model_flops": ours_flops, "xla_flops": xla_flops, "achieved_flops_per_s": ours_flops / med},
          "matmul_peak_flops_per_s": peak, "matmul_rates_before_after": matmul_rates}
   out["ours"]["fraction_of_matmul_peak"] = out["ours"]["achieved_flops_per_s"] / peak
+  if gpu:  # Model FLOP utilisation against the device's dense bfloat16 peak.
+    out["peak_flops_per_s"] = a.peak_tflops * 1e12
+    out["ours"]["mfu"] = out["ours"]["achieved_flops_per_s"] / out["peak_flops_per_s"]
   if torch_records:
     original = summarise(torch_records, a.block)
     tmed = original["steady_median_s"] or original["median_s"]
@@ -382,6 +389,8 @@ def main():
     out["original_style"] = {**original, "samples_per_s": a.batch / tmed, "peak_memory_bytes": int(torch_mem),
                              "model_flops": orig_flops, "achieved_flops_per_s": orig_flops / tmed,
                              "torch": torch.__version__, "autocast": "float16" if gpu else "none (float32)"}
+    if gpu:
+      out["original_style"]["mfu"] = out["original_style"]["achieved_flops_per_s"] / out["peak_flops_per_s"]
     out["speedup"] = tmed / med  # Of the steady medians when blocks are longer than one step.
     if a.block > 1:
       out["speedup_all_steps"] = original["median_s"] / ours["median_s"]

@@ -88,34 +88,36 @@ def itm_loss(itm_logits, valid=None):
   return loss, {"itm_accuracy": _masked_mean(itm_logits.argmax(-1) == labels, rows)}
 
 
-def token_prediction_loss(logits_fn, hidden, labels, target_fraction=1.0):
-  """Cross-entropy averaged over the target positions (labels != -100) of the whole batch.
+def token_prediction_losses(logits_fn, parts):
+  """Cross-entropy averaged over the target positions (labels != -100) of each part's whole batch.
 
-  `logits_fn` maps hidden states (n, D) to vocabulary logits (n, V). Logits are computed only for the first
-  `target_fraction` of the positions after sorting targets first; a batch with more targets takes the exact
-  all-positions path, so the result never depends on the fraction.
-  Returns (loss, accuracy over targets).
+  parts: [(hidden (B, L, D), labels (B, L), target_fraction)], e.g. MLM and GM. `logits_fn` maps hidden states
+  (n, D) to vocabulary logits (n, V); it runs once for all parts, and only on the first sum(fraction x B x L)
+  positions after sorting targets first. A batch with more targets than that takes the exact all-positions path,
+  so the results never depend on the fractions. Returns [(loss, accuracy over targets)] per part.
   """
-  flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-  flat_labels = labels.reshape(-1)
+  flat_hidden = jnp.concatenate([h.reshape(-1, h.shape[-1]) for h, _, _ in parts])
+  flat_labels = jnp.concatenate([lab.reshape(-1) for _, lab, _ in parts])
+  part = jnp.concatenate([jnp.full(lab.size, i) for i, (_, lab, _) in enumerate(parts)])
   is_target = flat_labels != IGNORE_LABEL
-  count = jnp.maximum(is_target.sum(), 1)
+  counts = [jnp.maximum((is_target & (part == i)).sum(), 1) for i in range(len(parts))]
 
-  def loss_at(rows):
+  def losses_at(rows):
     logits = logits_fn(flat_hidden[rows]).astype(jnp.float32)
-    lab = flat_labels[rows]
+    lab, of = flat_labels[rows], part[rows]
     valid = lab != IGNORE_LABEL
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, lab, 0))
     correct = (logits.argmax(-1) == lab) & valid
-    return jnp.where(valid, ce, 0.0).sum() / count, correct.sum() / count
+    return [(jnp.where(valid & (of == i), ce, 0.0).sum() / n, (correct & (of == i)).sum() / n)
+            for i, n in enumerate(counts)]
 
   total = flat_labels.shape[0]
-  capacity = int(round(target_fraction * total))
+  capacity = sum(int(round(fraction * lab.size)) for _, lab, fraction in parts)
   every_row = jnp.arange(total)
   if capacity >= total:
-    return loss_at(every_row)
+    return losses_at(every_row)
   targets_first = jnp.argsort(~is_target, stable=True)[:capacity]
-  return jax.lax.cond(is_target.sum() <= capacity, lambda: loss_at(targets_first), lambda: loss_at(every_row))
+  return jax.lax.cond(is_target.sum() <= capacity, lambda: losses_at(targets_first), lambda: losses_at(every_row))
 
 
 def compute_objectives(model: RetFiner, params, batch, views, settings: ObjectiveSettings = ObjectiveSettings(),
@@ -189,12 +191,13 @@ def compute_objectives(model: RetFiner, params, batch, views, settings: Objectiv
                 jnp.concatenate([image_tokens[p[4]] for p in itm_passes]))
       hidden.update({p[0]: out[i * batch_size:(i + 1) * batch_size] for i, p in enumerate(itm_passes)})
 
-  if on("mlm"):
-    losses["mlm"], metrics["mlm_accuracy"] = token_prediction_loss(
-        m.mlm_logits, hidden["mlm"], views["mlm_labels"], settings.mlm_target_fraction)
-  if on("gm"):
-    losses["gm"], metrics["gm_accuracy"] = token_prediction_loss(
-        m.mlm_logits, hidden["gm"], views["gm_labels"], settings.gm_target_fraction)
+  token_objectives = [k for k in ("mlm", "gm") if on(k)]
+  if token_objectives:  # One vocabulary-logit computation for both.
+    fractions = {"mlm": settings.mlm_target_fraction, "gm": settings.gm_target_fraction}
+    results = token_prediction_losses(m.mlm_logits, [(hidden[k], views[f"{k}_labels"], fractions[k])
+                                                     for k in token_objectives])
+    for k, (loss, accuracy) in zip(token_objectives, results):
+      losses[k], metrics[f"{k}_accuracy"] = loss, accuracy
   if on("itm"):
     cls = jnp.concatenate([hidden["itm_pos"][:, 0], hidden["itm_neg_image"][:, 0], hidden["itm_neg_text"][:, 0]])
     losses["itm"], itm_metrics = itm_loss(m.itm_logits(cls), valid)
