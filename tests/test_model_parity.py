@@ -13,13 +13,15 @@ from retfiner_jax.models.vit import VisionTransformer
 from torch_reference import TorchViT
 
 
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("variant,proj", [("tiny-retfound", 48), ("tiny-visionfm", None), ("tiny-urfound", None)])
-def test_vit_matches_pytorch(tmp_path, variant, proj):
-  cfg = get_variant(variant)
+def test_vit_matches_pytorch(tmp_path, variant, proj, scan):
+  cfg = get_variant(variant).replace(scan_layers=scan)
   torch.manual_seed(1)
   net = TorchViT(dim=cfg.vision_dim, mlp=cfg.vision_mlp_dim, proj_dim=proj).eval()
   torch.save(net.state_dict(), tmp_path / "backbone.pth")
-  cfg, params, meta = weights.convert_checkpoint(tmp_path / "backbone.pth", variant=variant, log=lambda *a: None)
+  cfg, params, meta = weights.convert_checkpoint(tmp_path / "backbone.pth", model_config=cfg, log=lambda *a: None)
+  assert ("blocks" in params["vision_encoder"]) == scan and ("blocks_1" in params["vision_encoder"]) != scan
   assert meta["source_format"] == "backbone" and meta["report"]["initialised"] == []
   images = torch.randn(3, 3, 32, 32)
   with torch.no_grad():
@@ -71,9 +73,12 @@ def _batch():
   return ids, mask, images
 
 
-def test_bert_matches_transformers_in_every_mode(tmp_path):
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_bert_matches_transformers_in_every_mode(tmp_path, scan):
   hf = _tiny_bert(tmp_path)
-  cfg, params, meta = weights.convert_checkpoint(tmp_path / "bert", log=lambda *a: None)
+  cfg, params, meta = weights.convert_checkpoint(tmp_path / "bert", model_config=get_variant("bert-base").replace(
+      scan_layers=scan), log=lambda *a: None)
+  assert ("layer" in params["text_encoder"]) == scan and ("layer_1" in params["text_encoder"]) != scan
   assert meta["report"]["initialised"] == []
   bert = BertTextEncoder(cfg)
   p = {"params": params["text_encoder"]}
