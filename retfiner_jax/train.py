@@ -81,7 +81,7 @@ def load_pretrained(config, cfg: ModelConfig, params: dict, log=print) -> dict:
       raise FileNotFoundError(
           f"config.weights.{name} = {path}: not found. Give a converted folder (python tools/convert_weights.py "
           f"--input CHECKPOINT --output DIR) or the PyTorch checkpoint itself.")
-    wcfg, loaded, meta = weights.load_weights(path, fmt=fmt, model_config=cfg, log=log)
+    _, loaded, meta = weights.load_weights(path, fmt=fmt, model_config=cfg, log=log)
     if part == "vision":
       if "vision_encoder" not in loaded:
         raise ValueError(f"config.weights.vision = {path} holds no vision encoder")

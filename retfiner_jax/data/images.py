@@ -31,7 +31,7 @@ class ImageError(ValueError):
     self.kind = kind
 
 
-def _to_gray(a: np.ndarray, path) -> np.ndarray:
+def _to_gray(a: np.ndarray) -> np.ndarray:
   if a.ndim == 3 and a.shape[-1] in (3, 4):
     dtype = a.dtype
     a = (a[..., :3].astype(np.float64) @ LUMA)
@@ -90,7 +90,7 @@ def read_image(path, slice_index=None) -> np.ndarray:
   if a.dtype == bool:
     a = a.astype(np.uint8) * 255
   a = _select_slice(a, slice_index, path, volume_capable=suffix in VOLUME_SUFFIXES)
-  a = _to_gray(a, path)
+  a = _to_gray(a)
   if a.ndim != 2:
     raise ImageError("not_2d", f"{path}: expected a 2-D B-scan after slice selection, got shape {a.shape}")
   if min(a.shape) < 2:

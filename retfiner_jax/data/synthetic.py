@@ -41,7 +41,6 @@ TASKS = {  # ImageFolder tasks derived from the labels, for the linear probe.
     "fluid": lambda lab: "fluid" if (lab["cysts"] or lab["srf"]) else "no_fluid",
     "drusen": lambda lab: "drusen" if lab["drusen"] else "no_drusen",
 }
-SPLITS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 
 # Layers below the ILM: (name, thickness in pixels at 256 rows, reflectivity).
 LAYERS = (("rnfl", 7, 0.78), ("gcl", 9, 0.42), ("ipl", 7, 0.55), ("inl", 7, 0.28), ("opl", 5, 0.58),
