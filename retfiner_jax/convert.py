@@ -18,6 +18,7 @@ import json
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from retfiner_jax.models.config import ModelConfig
@@ -144,28 +145,18 @@ def to_layer_layout(params: dict, scan: bool) -> dict:
       if name in sub or sorted(numbered) != list(range(len(numbered))):
         raise CheckpointError(f"{root}: layers {sorted(numbered)} are not numbered 0..N-1 (or mix layouts)")
       layers = [sub.pop(numbered[i]) for i in range(len(numbered))]
-      sub[name] = _tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+      sub[name] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
     elif not scan and name in sub:
       if numbered:
         raise CheckpointError(f"{root}: holds both {name} and {name}_N layers")
       stacked = sub.pop(name)
-      depth = {np.shape(x)[0] for x in _leaves(stacked)}
+      depth = {np.shape(x)[0] for x in jax.tree.leaves(stacked)}
       if len(depth) != 1:
         raise CheckpointError(f"{root}/{name}: stacked layers disagree on the layer count {sorted(depth)}")
       for i in range(depth.pop()):
-        sub[f"{name}_{i}"] = _tree_map(lambda x, i=i: np.asarray(x[i]), stacked)
+        sub[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked)
     out[root] = sub
   return out
-
-
-def _tree_map(fn, *trees):
-  if isinstance(trees[0], dict):
-    return {k: _tree_map(fn, *(t[k] for t in trees)) for k in trees[0]}
-  return fn(*trees)
-
-
-def _leaves(tree):
-  return [v for vs in tree.values() for v in _leaves(vs)] if isinstance(tree, dict) else [tree]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -43,6 +43,10 @@ class ObjectiveSettings:
     return self.weight(name) != 0
 
 
+def _masked_mean(x, rows):
+  return x.mean() if rows is None else jnp.where(rows, x, 0).sum() / jnp.maximum(rows.sum(), 1)
+
+
 def smoothed_cross_entropy(logits, labels, smoothing=0.0, rows=None, classes=None):
   """Mean cross-entropy with integer labels and label smoothing as torch's CrossEntropyLoss defines it.
   `rows` (N,) bool: only these rows count; `classes` (C,) bool: only these classes exist (the others get no
@@ -55,14 +59,7 @@ def smoothed_cross_entropy(logits, labels, smoothing=0.0, rows=None, classes=Non
   else:
     uniform = jnp.full((num_classes,), 1.0 / num_classes)
   targets = (1.0 - smoothing) * jax.nn.one_hot(labels, num_classes) + smoothing * uniform
-  per_row = optax.softmax_cross_entropy(logits, targets)
-  if rows is None:
-    return per_row.mean()
-  return jnp.where(rows, per_row, 0.0).sum() / jnp.maximum(rows.sum(), 1)
-
-
-def _masked_mean(x, rows):
-  return x.mean() if rows is None else jnp.where(rows, x, 0).sum() / jnp.maximum(rows.sum(), 1)
+  return _masked_mean(optax.softmax_cross_entropy(logits, targets), rows)
 
 
 def itc_loss(image_embedding, text_embedding, temperature, label_smoothing, valid=None):

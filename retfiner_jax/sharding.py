@@ -9,8 +9,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from retfiner_jax.convert import LAYER_STACKS
+
 BATCH_AXES = ("data", "fsdp")
-SCANNED_STACKS = ("blocks", "layer")  # The names of nn.scan'ned layer stacks (models/common.py).
+SCANNED_STACKS = tuple(name for _, name in LAYER_STACKS)  # Names of the nn.scan'ned layer stacks.
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None):

@@ -31,9 +31,10 @@ def accumulated_gradients(loss_fn, params, batch, rng, micro_batches: int, views
             "gm": shares["gm"][index]}
 
   def one(index, micro, micro_view):
-    (_, m), g = grad_fn(params, micro, jax.random.fold_in(rng, index), micro_view, scales(index))
+    scale = scales(index)
+    (_, m), g = grad_fn(params, micro, jax.random.fold_in(rng, index), micro_view, scale)
     # Every metric as a mean over micro-batches, except the token losses, weighted as in the gradient.
-    weight = {f"loss_{k}": v for k, v in scales(index).items()}
+    weight = {f"loss_{k}": v for k, v in scale.items()}
     m = {k: v * weight.get(k, 1.0 / micro_batches) for k, v in m.items()}
     return g, m
 

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from retfiner_jax.probe import rules
+
 
 @dataclasses.dataclass(frozen=True)
 class ProbeSettings:
@@ -74,8 +76,7 @@ def train_heads(x_train, y_train, x_val, y_val, num_classes: int, settings: Prob
   class_weight = n / (num_classes * jnp.maximum(counts, 1)) if settings.class_balanced else jnp.ones(num_classes)
   tx = optax.adamw(settings.learning_rate, weight_decay=settings.weight_decay)
   if settings.batch_rule:
-    from retfiner_jax.probe.rules import batch_size
-    batch = min(batch_size(n), n)
+    batch = min(rules.batch_size(n), n)
   else:
     batch = settings.batch_size if 0 < settings.batch_size < n else n
   steps_per_epoch = n // batch

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from sklearn.metrics import balanced_accuracy_score
 
 from retfiner_jax import sharding
 from retfiner_jax.models.config import ModelConfig
@@ -90,12 +91,6 @@ def features_once(encode, params, gray_u8: np.ndarray, batch: int, mesh) -> np.n
     x = jax.device_put(gray_u8[rows], sharding.batch_sharding(mesh))
     out.append(np.asarray(encode(params, x, key))[mask])
   return np.concatenate(out)
-
-
-def balanced_accuracy(labels: np.ndarray, pred: np.ndarray) -> float:
-  """scikit-learn's balanced_accuracy_score: mean recall over the classes present in `labels`."""
-  classes = np.unique(labels)
-  return float(np.mean([(pred[labels == c] == c).mean() for c in classes]))
 
 
 def make_head_step(num_classes: int, settings: PaperSettings):
@@ -186,7 +181,7 @@ def probe(cfg: ModelConfig, params, data: dict, num_classes: int, settings: Pape
     seconds = time.perf_counter() - started  # This epoch's training and validation, all seeds together.
     host_heads = None
     for s in np.flatnonzero(active):
-      bacc = balanced_accuracy(y_val, pred[s])
+      bacc = float(balanced_accuracy_score(y_val, pred[s]))
       is_best = stoppers[s](bacc, float(val_loss[s]), epoch)
       stop = stoppers[s].early_stop
       if is_best:  # (Never together with a stop.)
