@@ -31,14 +31,21 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from retfiner_jax.models.config import ModelConfig  # noqa: E402
+from retfiner_jax.models.config import ModelConfig, get_variant  # noqa: E402
 from retfiner_jax.models.vit import VisionTransformer  # noqa: E402
 from retfiner_jax.probe.features import extract_features, make_feature_fn  # noqa: E402
-from retfiner_jax.probe.heads import ProbeSettings, train_heads  # noqa: E402
+from retfiner_jax.probe.heads import train_heads  # noqa: E402
+from retfiner_jax.probe.settings import ProbeSettings  # noqa: E402
 
-VISION = {"vit_b16": dict(vision_dim=768, vision_depth=12, vision_heads=12, vision_mlp_dim=3072, image_size=224),
-          "vit_s16": dict(vision_dim=384, vision_depth=12, vision_heads=6, vision_mlp_dim=1536, image_size=224),
-          "tiny": dict(vision_dim=96, vision_depth=3, vision_heads=4, vision_mlp_dim=384, image_size=64)}
+# Benchmark names -> the model variants (models/config.py) whose vision sizes they take.
+VISION = {"vit_b16": "visionfm", "vit_s16": "vit-s16", "tiny": "tiny-retfound"}
+
+
+def vision_config(name: str, backbone: str) -> ModelConfig:
+  """The named ViT as a `backbone` FM in float32 (the probe's precision); no text side is used."""
+  v = get_variant(VISION[name])
+  return v.replace(backbone=backbone, vision_projection=False, text_dim=v.vision_dim, text_heads=v.vision_heads,
+                   dtype="float32")
 
 
 def emit(record):
@@ -85,8 +92,7 @@ def paper_protocol(a):
   from retfiner_jax.probe import paper, rules
   sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
   from torch_reference import TorchViT
-  size = VISION[a.vision]
-  cfg = ModelConfig(backbone="retfound", vision_projection=False, text_dim=size["vision_dim"], **size)
+  cfg = vision_config(a.vision, "retfound")
   rng = np.random.default_rng(0)
   n_train, n_val = int(a.images * 0.7), int(a.images * 0.15)
   n_test = a.images - n_train - n_val
@@ -105,7 +111,7 @@ def paper_protocol(a):
   import statistics
   import tempfile
   with tempfile.TemporaryDirectory() as tmp:
-    settings = paper.PaperSettings(seeds=seeds, max_epochs=a.timed_epochs + 1, patience=10 ** 6)
+    settings = ProbeSettings(seeds=seeds, max_epochs=a.timed_epochs + 1, patience=10 ** 6).for_backbone(cfg.backbone)
     start = time.perf_counter()
     paper.probe(cfg, params, data, 3, settings, [Path(tmp) / f"s{s}" for s in seeds], log=lambda *x: None)
     total = time.perf_counter() - start
@@ -167,15 +173,14 @@ def main():
   a = p.parse_args()
   if a.protocol == "paper":
     return paper_protocol(a)
-  cfg = ModelConfig(backbone="visionfm", vision_projection=False, text_dim=VISION[a.vision]["vision_dim"],
-                    **VISION[a.vision])
+  cfg = vision_config(a.vision, "visionfm")
   rng = np.random.default_rng(0)
   n_train, n_val = int(a.images * 0.7), int(a.images * 0.15)
   labels = rng.integers(0, 3, a.images)
   images = rng.normal(0, 1, (a.images, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
   images += labels[:, None, None, None] * 0.3  # Learnable signal.
   params = jax.jit(VisionTransformer(cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1,) + images.shape[1:]))["params"]
-  settings = ProbeSettings(batch_size=128)
+  settings = ProbeSettings(protocol="features", batch_size=128, weight_decay=0.05)
   tr, va = slice(0, n_train), slice(n_train, n_train + n_val)
 
   # Ours.

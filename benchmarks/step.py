@@ -21,6 +21,7 @@ script therefore restarts itself with RETAINED_HEAP (glibc keeps freed memory fo
 measures with glibc's defaults.
 """
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -64,7 +65,7 @@ def emit(record: dict):
 
 
 TEXT_LENGTH = 30
-MLM_FRACTION, GM_FRACTION = 0.3, 0.75
+OBJECTIVES = ObjectiveSettings()  # The run config's defaults (its train.objectives block).
 
 
 def make_batch(batch, cfg, seed=0):
@@ -110,8 +111,8 @@ def step_flops(cfg, b, ours: bool):
   heads = 2 * b * cfg.text_dim * cfg.contrastive_dim * 2 + 3 * b * (2 * cfg.text_dim ** 2 + 4 * cfg.text_dim)
   if ours:
     fwd = (vit_flops(cfg, b) + bert_flops(cfg, b) + bert_flops(cfg, 5 * b, cross_rows_kv=b, cross=True)
-           + vocab_flops(cfg, int(round(MLM_FRACTION * b * TEXT_LENGTH)))
-           + vocab_flops(cfg, int(round(GM_FRACTION * b * TEXT_LENGTH))) + heads)
+           + vocab_flops(cfg, int(round(OBJECTIVES.mlm_target_fraction * b * TEXT_LENGTH)))
+           + vocab_flops(cfg, int(round(OBJECTIVES.gm_target_fraction * b * TEXT_LENGTH))) + heads)
     return 3 * fwd
   fwd = (vit_flops(cfg, b) + bert_flops(cfg, b) + bert_flops(cfg, 3 * b, cross_rows_kv=3 * b, cross=True)
          + 2 * bert_flops(cfg, b, cross_rows_kv=b, cross=True) + 2 * vocab_flops(cfg, b * TEXT_LENGTH) + heads)
@@ -252,7 +253,7 @@ def main():
   def make_state(rng):
     params = init_params(cfg, rng)
     return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-  settings = ObjectiveSettings(mlm_target_fraction=MLM_FRACTION, gm_target_fraction=GM_FRACTION, fused=not a.plain)
+  settings = dataclasses.replace(OBJECTIVES, fused=not a.plain)
   step = jax.jit(make_train_step(RetFiner(cfg), settings, tx, 0, 1), donate_argnums=(0,))
   abstract_state = jax.eval_shape(make_state, jax.random.PRNGKey(0))
   abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)

@@ -1,10 +1,13 @@
 """The self-contained demo: synthetic OCT–report corpus, a small ViT and BERT, probe -> refine -> probe.
 
-  python -m retfiner_jax.main --config=configs/demo.py --workdir=runs/demo
+  python -m retfiner_jax.demo --workdir=runs/demo
 """
+import dataclasses
+
 import ml_collections
 
 from retfiner_jax.config_defaults import base_config
+from retfiner_jax.probe.settings import ProbeSettings
 
 
 def get_config():
@@ -32,8 +35,8 @@ def get_config():
   c.demo.image_height = 256
   c.demo.vocab_size = 600  # WordPiece vocabulary trained on the corpus's training reports.
   c.demo.tasks = ("diagnosis", "fluid", "drusen")
-  # The paper's probe protocol (early stopping etc.), on minibatches of 128 with three seeds.
-  c.demo.probe_seeds = (0, 1, 2)
-  c.demo.probe_batch_size = 128
-  c.demo.probe_learning_rate = 3e-3
+  # The probe (ProbeSettings fields): the features protocol (clean features once; the paper protocol's per-epoch
+  # encoder passes would not fit the demo's minutes), the paper's early stopping, minibatches of 128, 3 seeds.
+  c.demo.probe = ml_collections.ConfigDict(dataclasses.asdict(ProbeSettings(
+      protocol="features", seeds=(0, 1, 2), batch_size=128, learning_rate=3e-3)))
   return c

@@ -7,42 +7,115 @@ with the best validation loss so far.
 Saves are asynchronous: `save` returns once the arrays are copied off the devices (and the iterator state
 taken), and the files are written while training goes on. `wait` blocks until every save is on disk; `close`
 waits too, so a run that exits (also on SIGTERM) never leaves a half-written checkpoint behind.
+
+Saving a step that is already saved does nothing (a resumed run reaches again the step it was killed at; a
+signal at an epoch's end asks for the epoch's step twice). Restoring takes the newest checkpoint that restores:
+one that fails while an older one restores is damaged (a truncated or missing file, bad metadata) and is moved
+aside to `workdir/damaged_checkpoints/`, never deleted; if none restores, nothing is moved and the errors are
+reported (a changed model config fails on every checkpoint alike).
+
+Before each save the free disk space is compared with the checkpoint's size: a save that cannot fit stops the
+run with one message (`DiskFull`) instead of failing in the background writer, and the earlier checkpoints stay
+as they are.
 """
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+
+from retfiner_jax.errors import UserError
+
+
+class NoRestorableCheckpoint(UserError, RuntimeError):
+  pass
+
+
+class DiskFull(UserError, OSError):
+  pass
+
+
+def _nbytes(tree) -> int:
+  return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree))
 
 
 class RunCheckpoints:
-  def __init__(self, workdir, keep: int = 2):
-    workdir = Path(workdir).absolute()
-    self.last = ocp.CheckpointManager(workdir / "checkpoints",
+  def __init__(self, workdir, keep: int = 2, log=print):
+    self.workdir = Path(workdir).absolute()
+    self.log = log
+    self.last = ocp.CheckpointManager(self.workdir / "checkpoints",
                                       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-    self.best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1,
-                                                                                             create=True))
+    self.best = ocp.CheckpointManager(self.workdir / "best",
+                                      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
   def latest_step(self):
     return self.last.latest_step()
 
-  def save(self, step: int, state, data_iterator, progress: dict):
+  def save(self, step: int, state, data_iterator, progress: dict) -> bool:
+    """Saves the step unless it is saved already; returns whether it saved."""
+    if step in self.last.all_steps():
+      return False
+    self._check_space(_nbytes(state), f"checkpoint {step}")
     self.last.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                  data=grain.checkpoint.CheckpointSave(data_iterator),
                                                  progress=ocp.args.JsonSave(progress)), force=True)
+    return True
 
-  def restore(self, abstract_state, data_iterator):
-    """Restores the latest checkpoint onto `abstract_state` (shapes + shardings) and into the iterator."""
-    step = self.last.latest_step()
+  def _restore_step(self, step, abstract_state, data_iterator):
     out = self.last.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                           data=grain.checkpoint.CheckpointRestore(data_iterator),
                                                           progress=ocp.args.JsonRestore()))
     return out["state"], out["progress"]
 
-  def save_best(self, step: int, params, metrics: dict):
+  def restore(self, abstract_state, data_iterator):
+    """Restores the newest checkpoint that restores onto `abstract_state` (shapes + shardings) and into the
+    iterator; returns (state, progress, step). Newer checkpoints that failed are moved aside, each named with
+    its error."""
+    failed = []
+    for step in sorted(self.last.all_steps(), reverse=True):
+      try:
+        state, progress = self._restore_step(step, abstract_state, data_iterator)
+      except Exception as e:  # noqa: BLE001 - which errors mean "damaged" is decided by the older checkpoints.
+        failed.append((step, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]))
+        continue
+      for bad, why in failed:
+        self._move_aside(bad, why, step)
+      return state, progress, step
+    raise NoRestorableCheckpoint(
+        f"{self.workdir / 'checkpoints'}: no checkpoint restores (did the model config change since they were "
+        f"written?):\n  " + "\n  ".join(f"step {s}: {why}" for s, why in failed))
+
+  def _move_aside(self, step: int, why: str, fallback: int):
+    aside = self.workdir / "damaged_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(self.workdir / "checkpoints" / str(step)), str(aside))
+    self.last.reload()
+    self.log(f"checkpoint {step} is damaged ({why}); resuming from checkpoint {fallback} instead. The damaged "
+             f"one is kept in {aside}")
+
+  def save_best(self, step: int, params, metrics: dict) -> bool:
+    """Saves the best parameters unless this step is saved already (a resumed run validating it again)."""
+    if step in self.best.all_steps():
+      return False
+    self._check_space(_nbytes(params), f"best checkpoint {step}")
     self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                  metrics=ocp.args.JsonSave(metrics)), force=True)
+    return True
+
+  def _check_space(self, nbytes: int, what: str):
+    need = int(nbytes * 1.05) + (1 << 20)  # Arrays plus metadata and the iterator state.
+    free = shutil.disk_usage(self.workdir).free
+    if free < need:
+      latest = self.last.latest_step()
+      raise DiskFull(
+          f"not enough disk space in {self.workdir} for {what}: it needs about {need / 2**20:.0f} MB, "
+          f"{free / 2**20:.0f} MB are free. Free some space (or set --config.checkpoint.keep=1, or use a workdir on "
+          f"a larger disk) and rerun the same command: it resumes from "
+          + (f"step {latest}" if latest is not None else "the start (no checkpoint was written yet)"))
 
   def wait(self):
     self.last.wait_until_finished()

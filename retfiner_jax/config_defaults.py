@@ -1,24 +1,26 @@
 """The settings every run config shares, with the original RetFiner's values (SPEC.md) as defaults.
 
 Config files in configs/ call `base_config(variant)` and change what differs. Configs are locked: an
-unknown key given on the command line (`--config.train.lr=...`) is an error.
+unknown key given on the command line (`--config.train.lr=...`) is an error. The blocks that become dataclasses
+(`model` -> ModelConfig, `train.objectives` -> ObjectiveSettings) are built from those dataclasses' own
+defaults, so every setting has exactly one default.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import ml_collections
 
 from retfiner_jax.models.config import get_variant
+from retfiner_jax.objectives import ObjectiveSettings
 
 
 def base_config(variant: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.compile_cache = ""  # XLA compilation cache: '' = ~/.cache/retfiner_jax/xla, 'off', or a folder.
-  # Model sizes (ModelConfig fields); mixed precision by default, BERT's dropout as in training.
+  # Every ModelConfig field (models/config.py): the variant's sizes, mixed precision, BERT's dropout 0.1.
   c.model = ml_collections.ConfigDict(get_variant(variant).to_dict())
-  c.model.dtype = "bfloat16"
-  c.model.text_dropout = 0.1
-  c.model.remat = "none"  # none | full | dots (jax.checkpoint_policies by name)
   # Pretrained weights: a converted folder (tools/convert_weights.py) or a PyTorch file converted on the fly.
   c.weights = ml_collections.ConfigDict()
   c.weights.vision = ""  # The FM: RETFound / VisionFM / UrFound checkpoint.
@@ -47,14 +49,8 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.train.b1 = 0.9
   c.train.b2 = 0.999
   c.train.eps = 1e-8
-  c.train.loss_weights = ml_collections.ConfigDict(dict(itc=1.0, itm=1.0, mlm=1.0, gm=1.0))  # 0 = off.
-  c.train.mlm_probability = 0.15
-  c.train.gm_probability = 0.6
-  c.train.fused_passes = True
-  # Vocabulary logits only at target positions: room for this fraction of the batch's positions (a batch with
-  # more targets takes the exact all-positions path, so results never depend on it).
-  c.train.mlm_target_fraction = 0.3
-  c.train.gm_target_fraction = 0.75
+  # Every ObjectiveSettings field (objectives.py): weights (0 switches an objective off), masking rates, ...
+  c.train.objectives = ml_collections.ConfigDict(dataclasses.asdict(ObjectiveSettings()))
   c.train.log_every = 10
   c.train.max_steps = -1  # Stop after this many steps (-1: epochs decide).
   c.eval = ml_collections.ConfigDict()
@@ -64,7 +60,9 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.eval.fixed_sampling = True
   c.eval.recall_at = (1, 5, 10)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(keep=2))
+  # Checkpoints at every epoch's end, and every `every_steps` steps between (0: only at epochs' ends): at most
+  # that many steps are lost to a SIGKILL (500 steps of the full-size model: minutes on one GPU).
+  c.checkpoint = ml_collections.ConfigDict(dict(keep=2, every_steps=500))
   return c
 
 
@@ -72,7 +70,7 @@ def tiny_model(c: ml_collections.ConfigDict, image_size=32):
   """Shrinks a config's model to test sizes (used by the smoke tests of every real config)."""
   tiny = get_variant(f"tiny-{c.model.backbone}").to_dict()
   for key, value in tiny.items():
-    if key not in ("dtype", "text_dropout"):
+    if key not in ("dtype", "text_dropout", "drop_path", "remat", "scan_layers"):  # Sizes only.
       c.model[key] = value
   c.model.image_size = image_size
   return c

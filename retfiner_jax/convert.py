@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from retfiner_jax.errors import UserError
 from retfiner_jax.models.config import ModelConfig
 
 FORMATS = ("retfound", "visionfm", "urfound", "lightning", "backbone", "hf-bert")
@@ -38,7 +39,7 @@ IGNORED = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A checkpoint that does not match the model: the message lists every offending key."""
 
 

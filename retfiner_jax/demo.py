@@ -1,5 +1,7 @@
 """The demo: everything from nothing on one CPU in minutes.
 
+  python -m retfiner_jax.demo --workdir=runs/demo [--config=configs/demo.py] [--config.x=value ...]
+
 1. Generates the synthetic OCT–report corpus (data/synthetic.py) into WORKDIR/data, unless it is there.
 2. Trains a WordPiece vocabulary on the training reports (the `tokenizers` package), laid out like
    bert-base-uncased's ([PAD]=0, [CLS]=101, [SEP]=102, [MASK]=103, learnt pieces from 106).
@@ -10,18 +12,24 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from retfiner_jax import train, weights
+from retfiner_jax import compile_cache, train, weights
 from retfiner_jax.data import synthetic
+from retfiner_jax.errors import run_reporting_user_errors
 from retfiner_jax.models.retfiner import init_params
-from retfiner_jax.probe.heads import ProbeSettings
 from retfiner_jax.probe.run import probe_dataset
+from retfiner_jax.probe.settings import ProbeSettings
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
 SPECIAL = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]",
                                                               "[unused99]", "[unused100]"]
@@ -86,8 +94,7 @@ def run(config, workdir, log=print) -> dict:
     config.data.train_manifest = str(data_dir / "manifest_train.csv")
     config.data.val_manifest = str(data_dir / "manifest_val.csv")
   cfg = train.model_config(config)
-  settings = ProbeSettings(seeds=tuple(d.probe_seeds), batch_size=d.probe_batch_size,
-                           learning_rate=d.probe_learning_rate)
+  settings = ProbeSettings(**d.probe).for_backbone(cfg.backbone)
 
   before_path = workdir / "probe_before.json"
   if before_path.exists():
@@ -121,3 +128,22 @@ def run(config, workdir, log=print) -> dict:
   log(f"mean balanced-accuracy gain {results['mean_bacc_gain_points']:+.1f} points; "
       f"{results['wall_seconds']:.0f} s in all; results in {workdir / 'results.json'} and results.png")
   return results
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", str(DEMO_CONFIG), "the demo's config", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "the demo's folder: data, refinement run, results; reused "
+                               "to resume")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO.
+  log = functools.partial(print, flush=True)
+  compile_cache.enable(_CONFIG.value.compile_cache, log)
+  run_reporting_user_errors(run, _CONFIG.value, _WORKDIR.value, log)
+
+
+if __name__ == "__main__":
+  from retfiner_jax.errors import parse_flags
+  app.run(main, flags_parser=parse_flags)

@@ -1,6 +1,8 @@
-"""The main command: RetFiner refinement (or, with configs/demo.py, the self-contained demo).
+"""The main command: RetFiner refinement of a foundation model with paired reports.
 
   python -m retfiner_jax.main --config=configs/retfound.py --workdir=runs/retfound [--config.x=value ...]
+
+The self-contained demo has its own command: python -m retfiner_jax.demo --workdir=runs/demo
 """
 import functools
 
@@ -17,21 +19,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if "demo" in config:
+    raise app.UsageError("this is the demo's config: run python -m retfiner_jax.demo --workdir=DIR")
   logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO.
   if _DISTRIBUTED.value:
     import jax
     jax.distributed.initialize()
   log = functools.partial(print, flush=True)
-  config = _CONFIG.value
-  from retfiner_jax import compile_cache
+  from retfiner_jax import compile_cache, train
+  from retfiner_jax.errors import run_reporting_user_errors
   compile_cache.enable(config.compile_cache, log)
-  if "demo" in config:
-    from retfiner_jax import demo
-    demo.run(config, _WORKDIR.value, log)
-  else:
-    from retfiner_jax import train
-    train.run(config, _WORKDIR.value, log)
+  run_reporting_user_errors(train.run, config, _WORKDIR.value, log)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from retfiner_jax.errors import parse_flags
+  app.run(main, flags_parser=parse_flags)

@@ -13,6 +13,7 @@ the plain way (one call per pass, keys/values recomputed per pass) and gives the
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,20 +28,36 @@ OBJECTIVES = ("itc", "itm", "mlm", "gm")
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveSettings:
-  weights: tuple = (("itc", 1.0), ("itm", 1.0), ("mlm", 1.0), ("gm", 1.0))  # weight 0 switches one off.
+  """What the loss computes. The run config's `train.objectives` block is built from these defaults
+  (config_defaults.py), so they are the only ones: `ObjectiveSettings(**config.train.objectives)`."""
+  itc_weight: float = 1.0  # A weight of 0 switches the objective off.
+  itm_weight: float = 1.0
+  mlm_weight: float = 1.0
+  gm_weight: float = 1.0
   mlm_probability: float = 0.15
   gm_probability: float = 0.6
+  # One BERT call for the MLM, GM and ITM passes (same numbers as one call per pass, the original's way).
   fused: bool = True
-  # Vocabulary logits are computed only at target positions: at most this fraction of the batch's
-  # positions is gathered (the exact all-positions path runs when a batch has more targets). 1.0: all.
-  mlm_target_fraction: float = 1.0
-  gm_target_fraction: float = 1.0
+  # Vocabulary logits only at target positions: room for this fraction of the batch's positions (a batch with
+  # more targets takes the exact all-positions path, so results never depend on it). 1.0: every position.
+  mlm_target_fraction: float = 0.3
+  gm_target_fraction: float = 0.75
 
   def weight(self, name):
-    return dict(self.weights)[name]
+    return getattr(self, f"{name}_weight")
 
   def enabled(self, name):
     return self.weight(name) != 0
+
+
+class TextPass(NamedTuple):
+  """One pass of the text encoder with cross-attention: rows paired with `image_index`'s images (None: row i
+  with image i, "image-aligned")."""
+  name: str
+  input_ids: jnp.ndarray
+  attention_mask: jnp.ndarray
+  causal: bool
+  image_index: jnp.ndarray | None = None
 
 
 def _masked_mean(x, rows):
@@ -117,27 +134,65 @@ def token_prediction_losses(logits_fn, parts):
   return jax.lax.cond(is_target.sum() <= capacity, lambda: losses_at(targets_first), lambda: losses_at(every_row))
 
 
+def _concatenated(passes):
+  """The passes' rows one after the other, and a function splitting an output back into {name: rows}."""
+  sizes = [p.input_ids.shape[0] for p in passes]
+  ids = jnp.concatenate([p.input_ids for p in passes])
+  mask = jnp.concatenate([p.attention_mask for p in passes])
+  causal = jnp.concatenate([jnp.full((n,), p.causal) for n, p in zip(sizes, passes)])
+  offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+
+  def split(out):
+    return {p.name: out[offsets[i]:offsets[i + 1]] for i, p in enumerate(passes)}
+  return ids, self_attention_bias(mask, causal), split
+
+
+def run_text_passes(m, passes, image_tokens, fused: bool, train: bool):
+  """{pass name: hidden states (B, L, D)}. Fused: one BERT call, the image-aligned passes first (groups that
+  attend their own image's keys/values, computed once), then at most one pass with an `image_index` (it gathers
+  the keys/values of its images). Not fused: as the original computes, MLM and GM one call each, the ITM passes
+  one call with each row's image tokens gathered."""
+  if not passes:
+    return {}
+  if fused:
+    passes = sorted(passes, key=lambda p: p.image_index is not None)
+    if any(p.image_index is not None for p in passes[:-1]):
+      raise ValueError("fused text passes: at most one pass may pair its rows with other images")
+    ids, bias, split = _concatenated(passes)
+    return split(m.text_with_image(ids, bias, image_tokens, passes[-1].image_index, train=train))
+  hidden, itm = {}, [p for p in passes if p.name.startswith("itm")]
+  for p in passes:
+    if not p.name.startswith("itm"):
+      ids, bias, split = _concatenated([p])
+      hidden.update(split(m.text_with_image(ids, bias, image_tokens, train=train)))
+  if itm:
+    ids, bias, split = _concatenated(itm)
+    tokens = jnp.concatenate([image_tokens if p.image_index is None else image_tokens[p.image_index] for p in itm])
+    hidden.update(split(m.text_with_image(ids, bias, tokens, train=train)))
+  return hidden
+
+
 def compute_objectives(model: RetFiner, params, batch, views, settings: ObjectiveSettings = ObjectiveSettings(),
-                       negatives=None, negative_rng=None, dropout_rng=None, loss_scale=None):
+                       negatives=None, negative_rng=None, train: bool = False, dropout_rng=None, loss_scale=None):
   """All enabled objectives for given masked views and (optionally) given ITM negatives.
 
   batch: images (B, S, S, 3) NHWC, input_ids and attention_mask (B, L), optional pair_ids (B,) and valid (B,)
   (False on padding rows: they take part in no loss, are nobody's negative and are not counted).
   views: mlm_input_ids, mlm_labels, gm_input_ids, gm_labels (B, L).
   negatives: (neg_image_idx, neg_text_idx), each (B,); if None they are sampled with `negative_rng` from the
-  ITC similarities. `loss_scale` ({objective: factor}) multiplies each loss inside the total (gradient
+  ITC similarities. `train`: dropout and stochastic depth on, drawn from `dropout_rng`. `loss_scale` ({objective: factor}) multiplies each loss inside the total (gradient
   accumulation weights micro-batches with it); the metrics report the losses as computed.
   Returns (total_loss, metrics).
   """
-  rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-  m = model.bind({"params": params}, rngs=rngs)
+  if train and dropout_rng is None:
+    raise ValueError("compute_objectives: train=True needs a dropout_rng")
+  m = model.bind({"params": params}, rngs={"dropout": dropout_rng} if train else {})
   cfg, on = model.cfg, settings.enabled
   ids, mask = batch["input_ids"], batch["attention_mask"]
-  batch_size = ids.shape[0]
   losses, metrics = {}, {}
 
-  image_tokens = m.image_tokens(batch["images"])
-  text_only = m.text_only(ids, mask)  # Computed once: ITC and the ITM sampling weights.
+  image_tokens = m.image_tokens(batch["images"], train)
+  text_only = m.text_only(ids, mask, train)  # Computed once: ITC and the ITM sampling weights.
   valid = batch.get("valid")
   if valid is not None:  # Padding rows predict no token.
     views = dict(views, **{k: jnp.where(valid[:, None], views[k], IGNORE_LABEL) for k in ("mlm_labels", "gm_labels")})
@@ -146,13 +201,11 @@ def compute_objectives(model: RetFiner, params, batch, views, settings: Objectiv
       valid)
   metrics.update(itc_metrics)
 
-  # The passes through the text encoder with cross-attention: (name, ids, mask, causal, image index).
-  rows = jnp.arange(batch_size)
   passes = []
   if on("mlm"):
-    passes.append(("mlm", views["mlm_input_ids"], mask, False, rows))
+    passes.append(TextPass("mlm", views["mlm_input_ids"], mask, causal=False))
   if on("gm"):
-    passes.append(("gm", views["gm_input_ids"], mask, True, rows))
+    passes.append(TextPass("gm", views["gm_input_ids"], mask, causal=True))
   if on("itm"):
     if negatives is None:
       neg_image, neg_text, no_distinct = sample_hard_negatives(negative_rng, sim_i2t, sim_t2i,
@@ -160,33 +213,10 @@ def compute_objectives(model: RetFiner, params, batch, views, settings: Objectiv
       metrics["itm_rows_without_distinct_negative"] = no_distinct
     else:
       neg_image, neg_text = negatives
-    passes += [("itm_pos", ids, mask, False, rows),
-               ("itm_neg_image", ids, mask, False, neg_image),
-               ("itm_neg_text", ids[neg_text], mask[neg_text], False, rows)]
-
-  hidden = {}
-  if passes and settings.fused:
-    # One BERT call: the image-aligned passes first (as groups attending their own image's keys/values, which
-    # are computed once), then the negative-image pass, which gathers the keys/values of its images.
-    passes.sort(key=lambda p: p[0] == "itm_neg_image")
-    extra_index = passes[-1][4] if passes[-1][0] == "itm_neg_image" else None
-    all_ids = jnp.concatenate([p[1] for p in passes])
-    all_mask = jnp.concatenate([p[2] for p in passes])
-    causal = jnp.concatenate([jnp.full((batch_size,), p[3]) for p in passes])
-    out = m.text_with_image(all_ids, self_attention_bias(all_mask, causal), image_tokens, extra_index)
-    hidden = {p[0]: out[i * batch_size:(i + 1) * batch_size] for i, p in enumerate(passes)}
-  elif passes:  # The plain way, one call per objective as the original computes it.
-    def run(p_ids, p_mask, causal, tokens):
-      bias = self_attention_bias(p_mask, jnp.full((p_ids.shape[0],), causal))
-      return m.text_with_image(p_ids, bias, tokens)
-    for name, p_ids, p_mask, causal, _ in passes:
-      if name in ("mlm", "gm"):
-        hidden[name] = run(p_ids, p_mask, causal, image_tokens)
-    itm_passes = [p for p in passes if p[0].startswith("itm")]
-    if itm_passes:
-      out = run(jnp.concatenate([p[1] for p in itm_passes]), jnp.concatenate([p[2] for p in itm_passes]), False,
-                jnp.concatenate([image_tokens[p[4]] for p in itm_passes]))
-      hidden.update({p[0]: out[i * batch_size:(i + 1) * batch_size] for i, p in enumerate(itm_passes)})
+    passes += [TextPass("itm_pos", ids, mask, causal=False),
+               TextPass("itm_neg_image", ids, mask, causal=False, image_index=neg_image),
+               TextPass("itm_neg_text", ids[neg_text], mask[neg_text], causal=False)]
+  hidden = run_text_passes(m, passes, image_tokens, settings.fused, train)
 
   token_objectives = [k for k in ("mlm", "gm") if on(k)]
   if token_objectives:  # One vocabulary-logit computation for both.
@@ -215,14 +245,13 @@ def sample_views(rng, input_ids, vocab_size, settings: ObjectiveSettings):
   return {"mlm_input_ids": mlm_ids, "mlm_labels": mlm_labels, "gm_input_ids": gm_ids, "gm_labels": gm_labels}
 
 
-def make_loss_fn(model: RetFiner, settings: ObjectiveSettings = ObjectiveSettings()):
+def make_loss_fn(model: RetFiner, settings: ObjectiveSettings = ObjectiveSettings(), train: bool = False):
   """(params, batch, rng[, views, loss_scale]) -> (total_loss, metrics): samples the MLM/GM views (unless given)
-  and the ITM negatives, then the losses."""
+  and the ITM negatives, then the losses; `train` switches dropout and stochastic depth on."""
   def loss_fn(params, batch, rng, views=None, loss_scale=None):
     key_views, key_negatives, key_dropout = jax.random.split(rng, 3)
     if views is None:
       views = sample_views(key_views, batch["input_ids"], model.cfg.vocab_size, settings)
-    dropout = key_dropout if not model.deterministic else None
-    return compute_objectives(model, params, batch, views, settings, negative_rng=key_negatives,
-                              dropout_rng=dropout, loss_scale=loss_scale)
+    return compute_objectives(model, params, batch, views, settings, negative_rng=key_negatives, train=train,
+                              dropout_rng=key_dropout, loss_scale=loss_scale)
   return loss_fn

@@ -6,11 +6,16 @@ import time
 from pathlib import Path
 
 
-
 class RunLog:
-  def __init__(self, workdir, total_steps: int, batch_size: int, print_fn=print):
+  """`start_step`: the step the run starts (or resumes) from; metrics.jsonl rows of later steps, written by a
+  run that was killed before its next checkpoint, are dropped so that the resumed run does not repeat them."""
+
+  def __init__(self, workdir, total_steps: int, batch_size: int, print_fn=print, start_step: int = 0):
     self.workdir = Path(workdir)
     self.metrics_path = self.workdir / "metrics.jsonl"
+    if self.metrics_path.exists():
+      kept = [line for line in self.metrics_path.read_text().splitlines() if _step_of(line) <= start_step]
+      self.metrics_path.write_text("".join(line + "\n" for line in kept))
     self.total_steps, self.batch_size, self.print = total_steps, batch_size, print_fn
     self._tb = None
     try:
@@ -45,6 +50,14 @@ class RunLog:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def _step_of(line: str) -> float:
+  """The step of a metrics.jsonl row; infinity for a line cut off by a kill (so it is dropped)."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return float("inf")
 
 
 def _duration(seconds: float) -> str:

@@ -1,10 +1,14 @@
-"""The training loop: mesh -> data -> model and weights -> optimizer -> sharded step -> checkpoints -> loop.
+"""The training run, in three parts: `setup` (mesh, data, model and weights, optimizer, sharded step,
+checkpoints), `train_loop` (steps, progress, signals), `end_of_epoch` (validation, best checkpoint, early
+stopping); `run` calls them and `finish` exports and writes the summary.
 
 A run restarted with the same workdir resumes from its last checkpoint by itself (parameters, optimizer
 state, step, data iterator, early-stopping state), and then produces the same losses step for step as an
 uninterrupted run: the step RNG is fold_in(seed, step) and the Grain iterator continues on the next batch.
-SIGTERM/SIGINT save a checkpoint and return normally. A non-finite loss stops the run naming the step; the
-last checkpoint written before it is left as it was.
+SIGTERM/SIGINT save a checkpoint and return normally; checkpoints are also written every
+`checkpoint.every_steps` steps, so a SIGKILL loses at most that many. A non-finite loss, gradient, parameter or
+validation loss stops the run naming the step; nothing non-finite is ever saved. One run at a time per workdir
+(workdir_lock.py).
 """
 from __future__ import annotations
 
@@ -13,21 +17,24 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retfiner_jax import convert, sharding, weights
+from retfiner_jax import sharding, weights
 from retfiner_jax.checkpoints import RunCheckpoints
 from retfiner_jax.data import check, pipeline
-from retfiner_jax.data.manifest import Columns
+from retfiner_jax.data.manifest import Columns, read_manifest
+from retfiner_jax.errors import ConfigError, MissingInput
 from retfiner_jax.evaluate import evaluate, make_embed_fn
 from retfiner_jax.models.config import ModelConfig
-from retfiner_jax.models.retfiner import RetFiner
+from retfiner_jax.models.retfiner import RetFiner, init_params
 from retfiner_jax.objectives import ObjectiveSettings, make_loss_fn
-from retfiner_jax.train_step import make_optimizer, make_train_step
 from retfiner_jax.run_log import RunLog, plot_run
+from retfiner_jax.train_step import make_optimizer, make_train_step
+from retfiner_jax.workdir_lock import WorkdirLock
 
 
 class NonFiniteLoss(RuntimeError):
@@ -35,68 +42,24 @@ class NonFiniteLoss(RuntimeError):
 
 
 def objective_settings(config) -> ObjectiveSettings:
-  w = config.train.loss_weights
-  return ObjectiveSettings(weights=(("itc", w.itc), ("itm", w.itm), ("mlm", w.mlm), ("gm", w.gm)),
-                           mlm_probability=config.train.mlm_probability,
-                           gm_probability=config.train.gm_probability, fused=config.train.fused_passes,
-                           mlm_target_fraction=config.train.mlm_target_fraction,
-                           gm_target_fraction=config.train.gm_target_fraction)
+  return ObjectiveSettings(**config.train.objectives)
 
 
 def model_config(config) -> ModelConfig:
   return ModelConfig.from_dict(config.model.to_dict(), source="config.model")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Weights.
-
-def _overlay(params: dict, loaded: dict, where: str, cfg: ModelConfig) -> dict:
-  """Replaces the subtrees of `params` that `loaded` holds; every shape must match (pos_embed is resampled)."""
-  flat = convert.flatten(params)
-  new = convert.flatten(convert.to_layer_layout(loaded, cfg.scan_layers))
-  problems = []
-  for path, value in new.items():
-    if path not in flat:
-      problems.append(f"{'/'.join(path)} is not a parameter of the configured model")
-      continue
-    value = np.asarray(value)
-    if path[-1] == "pos_embed" and value.shape != flat[path].shape:
-      value = convert.resample_pos_embed(value, cfg.grid_size)
-    if value.shape != tuple(flat[path].shape):
-      problems.append(f"{'/'.join(path)}: weights {value.shape}, configured model {tuple(flat[path].shape)}")
-      continue
-    flat[path] = value
-  if problems:
-    raise ValueError(f"{where} does not fit config.model:\n  " + "\n  ".join(problems))
-  return convert.unflatten(flat)
-
-
-def load_pretrained(config, cfg: ModelConfig, params: dict, log=print) -> dict:
-  """Puts the configured pretrained weights (FM, BERT, or a whole RetFiner model) into `params` (numpy)."""
-  fmt = config.weights.format or None
-  sources = ([("retfiner", config.weights.retfiner, None)] if config.weights.retfiner else
-             [(n, p, n) for n, p in (("vision", config.weights.vision), ("text", config.weights.text)) if p])
-  for name, path, part in sources:
-    if not Path(path).exists():
-      raise FileNotFoundError(
-          f"config.weights.{name} = {path}: not found. Give a converted folder (python tools/convert_weights.py "
-          f"--input CHECKPOINT --output DIR) or the PyTorch checkpoint itself.")
-    _, loaded, meta = weights.load_weights(path, fmt=fmt, model_config=cfg, log=log)
-    if part == "vision":
-      if "vision_encoder" not in loaded:
-        raise ValueError(f"config.weights.vision = {path} holds no vision encoder")
-      source = meta.get("source_format")
-      if source in ("retfound", "visionfm", "urfound") and source != cfg.backbone:
-        raise ValueError(f"config.weights.vision = {path} is a {source} checkpoint but config.model.backbone is "
-                         f"{cfg.backbone!r}; use configs/{source}.py or set --config.model.backbone={source}")
-      loaded = {"vision_encoder": loaded["vision_encoder"]}
-    elif part == "text":
-      if "text_encoder" not in loaded:
-        raise ValueError(f"config.weights.text = {path} holds no text encoder")
-      loaded = {"text_encoder": loaded["text_encoder"]}
-    params = _overlay(params, loaded, f"config.weights.{name} = {path}", cfg)
-    log(f"loaded {', '.join(sorted(loaded))} from {path}")
-  return params
+def check_settings(config):
+  """Settings that cannot work, each named with its fix, before anything is built."""
+  at_least = [("train.batch_size", 1), ("train.micro_batches", 1), ("train.epochs", 1), ("train.log_every", 1),
+              ("train.patience", 1), ("checkpoint.keep", 1), ("checkpoint.every_steps", 0),
+              ("data.num_workers", 0)]
+  for key, low in at_least:
+    value = config[key.split(".")[0]][key.split(".")[1]]
+    if value < low:
+      raise ConfigError(f"config.{key} must be at least {low}, got {value}: set --config.{key}=N with N >= {low}")
+  if not config.train.learning_rate > 0:
+    raise ConfigError(f"config.train.learning_rate must be above 0, got {config.train.learning_rate}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -108,35 +71,40 @@ def tokenizer_path(config) -> str:
   text = Path(config.weights.text) if config.weights.text else None
   if text is not None and (text / "vocab.txt").exists():
     return str(text)
-  raise ValueError("no tokenizer: set config.tokenizer to a vocab.txt (or a BERT folder holding one), or "
+  raise ConfigError("no tokenizer: set config.tokenizer to a vocab.txt (or a BERT folder holding one), or "
                    "config.weights.text to a Hugging Face BERT folder with its vocab.txt")
 
 
-def load_split(config, which: str, log=print):
+def load_split(config, which: str, log=print, report_dir=None):
   manifest = config.data[f"{which}_manifest"]
   if not manifest:
-    raise ValueError(f"config.data.{which}_manifest is empty: give a CSV/TSV/JSONL/Parquet manifest of "
+    raise ConfigError(f"config.data.{which}_manifest is empty: give a CSV/TSV/JSONL/Parquet manifest of "
                      f"image paths and reports (check it first with python -m retfiner_jax.data.check FILE)")
   if not Path(manifest).exists():
-    raise FileNotFoundError(f"config.data.{which}_manifest = {manifest}: file not found")
+    raise MissingInput(f"config.data.{which}_manifest = {manifest}: file not found")
   d = config.data
   columns = Columns(image=d.image_column, report=d.report_column, id=d.id_column, slice=d.slice_column)
-  records, truncated = pipeline.load_pairs(manifest, tokenizer_path(config), config.model.max_text_length, columns)
-  log(f"{which}: {len(records)} pairs from {manifest}"
-      + (f" ({truncated} reports truncated to {config.model.max_text_length} tokens)" if truncated else ""))
+  records = read_manifest(manifest, columns)
+  # Every row is checked before anything else reads it (a report that is not UTF-8 cannot be tokenised).
   bad = check.check_records(records, log=log if len(records) > 5000 else None)
   if bad:
-    table = check.problem_table(records, bad)
+    report = None if report_dir is None else Path(report_dir) / f"bad_rows_{which}.csv"
+    table = check.problem_table(records, bad, report_path=report)
     if not config.data.skip_bad_records:
-      raise ValueError(f"{manifest}: {len(bad)} rows have problems; fix them, or set "
+      raise ConfigError(f"{manifest}: {len(bad)} rows have problems; fix them, or set "
                        f"config.data.skip_bad_records=True to leave them out:\n{table}")
     log(f"{which}: leaving out {len(bad)} bad rows (config.data.skip_bad_records):\n{table}")
     records = [r for r in records if r["row"] not in bad]
+    if not records:
+      raise ConfigError(f"{manifest}: no usable rows left")
+  records, truncated = pipeline.tokenise_records(records, tokenizer_path(config), config.model.max_text_length)
+  log(f"{which}: {len(records)} pairs from {manifest}"
+      + (f" ({truncated} reports truncated to {config.model.max_text_length} tokens)" if truncated else ""))
   return records, manifest
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The run.
+# Set-up.
 
 def with_shardings(abstract_tree, shardings):
   """Shapes/dtypes plus target shardings: what Orbax restores onto."""
@@ -152,28 +120,48 @@ class Progress:
   stopped_early: bool = False
 
 
-def run(config, workdir, log=print) -> dict:
-  """Trains; returns a summary dict (also written to workdir/summary.json)."""
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-  cfg = model_config(config)
-  settings = objective_settings(config)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  batch_size = config.train.batch_size
-  if batch_size % (mesh.size * config.train.micro_batches):
-    raise ValueError(f"config.train.batch_size {batch_size} must be divisible by the {mesh.size} devices times "
-                     f"config.train.micro_batches {config.train.micro_batches}")
-  log(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
-      f"{jax.process_count()} process(es)")
+@dataclasses.dataclass
+class Run:
+  """What `setup` builds and the loop uses."""
+  config: Any
+  workdir: Path
+  cfg: ModelConfig
+  settings: ObjectiveSettings
+  mesh: Any
+  model: RetFiner
+  train_iter: Any
+  train_source: str
+  val_batches: Callable  # () -> a fresh iterator over the validation batches.
+  val_source: str
+  steps_per_epoch: int
+  total_steps: int
+  state: dict
+  progress: Progress
+  checkpoints: RunCheckpoints
+  step_fn: Callable  # (state, batch) -> (state, metrics), jitted and sharded.
+  eval_loss_fn: Callable
+  embed_fn: Callable
+  param_shardings: Any
+  abstract_params: Any
+  log: Callable = print
 
-  # Data first: the pipeline's checks are fast and fail early.
-  train_records, train_source = load_split(config, "train", log)
-  val_records, val_source = load_split(config, "val", log)
+  def global_batch(self, batch):
+    return sharding.global_batch(self.mesh, batch)
+
+  def save(self, step):
+    progress = dataclasses.asdict(self.progress) | {"seed": self.config.seed}
+    self.checkpoints.save(step, self.state, self.train_iter, progress)
+
+
+def setup_data(config, cfg: ModelConfig, mesh, log, workdir=None):
+  """-> (train iterator, train source, val-batches factory, val source, steps per epoch, total steps)."""
+  batch_size = config.train.batch_size
+  train_records, train_source = load_split(config, "train", log, workdir)
+  val_records, val_source = load_split(config, "val", log, workdir)
   spec = pipeline.ImageSpec(cfg.image_size, cfg.backbone, config.data.intensity, config.data.augment)
   steps_per_epoch = len(train_records) // batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f"{train_source}: {len(train_records)} pairs, fewer than one batch of {batch_size}")
+    raise ConfigError(f"{train_source}: {len(train_records)} pairs, fewer than one batch of {batch_size}")
   if len(train_records) % batch_size:
     log(f"train: an epoch is {steps_per_epoch} full batches of {batch_size} (static shapes): "
         f"{len(train_records) % batch_size} of the {len(train_records)} pairs do not fit in an epoch's batches "
@@ -189,179 +177,204 @@ def run(config, workdir, log=print) -> dict:
   def val_batches():
     return pipeline.eval_dataset(val_records, spec, eval_batch, val_source, 0, config.data.skip_bad_records,
                                  pidx, pcount)
+  return train_iter, train_source, val_batches, val_source, steps_per_epoch, total_steps
 
-  # Model, weights, optimizer, shardings.
-  model = RetFiner(cfg, deterministic=cfg.text_dropout == 0 and cfg.drop_path == 0)
-  eval_model = RetFiner(cfg, deterministic=True)
-  tx = make_optimizer(config)
+
+def setup(config, workdir, log=print) -> Run:
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+  cfg, settings = model_config(config), objective_settings(config)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  if config.train.batch_size % (mesh.size * config.train.micro_batches):
+    raise ConfigError(f"config.train.batch_size {config.train.batch_size} must be divisible by the {mesh.size} "
+                     f"devices times config.train.micro_batches {config.train.micro_batches}")
+  log(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
+      f"{jax.process_count()} process(es)")
+  data = setup_data(config, cfg, mesh, log, workdir)  # Data first: the pipeline's checks are fast and fail early.
+
+  model, tx = RetFiner(cfg), make_optimizer(config)
   abstract_params = weights.abstract_params(cfg)
   param_sh = sharding.tree_shardings(mesh, abstract_params)
-  checkpoints = RunCheckpoints(workdir, config.checkpoint.keep)
+  checkpoints = RunCheckpoints(workdir, config.checkpoint.keep, log)
 
   def init_state(params):
     return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
   abstract_state = jax.eval_shape(init_state, abstract_params)
   state_sh = sharding.tree_shardings(mesh, abstract_state)
-  resume_step = checkpoints.latest_step()
-  if resume_step is None:
-    from retfiner_jax.models.retfiner import init_params
+  if checkpoints.latest_step() is None:
     params = jax.tree.map(np.asarray, jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(config.seed)))
-    params = load_pretrained(config, cfg, params, log)
-    params = jax.device_put(params, param_sh)
-    state = jax.jit(init_state, out_shardings=state_sh)(params)
-    progress = Progress()
+    params = jax.device_put(weights.load_pretrained(config, cfg, params, log), param_sh)
+    state, progress = jax.jit(init_state, out_shardings=state_sh)(params), Progress()
   else:
-    state, saved = checkpoints.restore(with_shardings(abstract_state, state_sh), train_iter)
+    state, saved, resume_step = checkpoints.restore(with_shardings(abstract_state, state_sh), data[0])
     saved_seed = saved.pop("seed")
     if saved_seed != config.seed:
-      raise ValueError(f"{workdir} was trained with seed {saved_seed}, config.seed is {config.seed}: resume with "
+      raise ConfigError(f"{workdir} was trained with seed {saved_seed}, config.seed is {config.seed}: resume with "
                        f"the same seed, or use a new workdir")
     progress = Progress(**saved)
     log(f"resumed from {workdir / 'checkpoints'} at step {resume_step} (epoch {progress.epoch})")
 
-  batch_sh = sharding.batch_sharding(mesh)
   step_fn = jax.jit(make_train_step(model, settings, tx, config.seed, config.train.micro_batches),
-                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
-                    donate_argnums=(0,))
-  eval_loss_fn = jax.jit(make_loss_fn(eval_model, settings))
-  embed_fn = make_embed_fn(eval_model)
-  to_global = lambda b: sharding.global_batch(mesh, b)
-  run_log = RunLog(workdir, total_steps, batch_size, log)
+                    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  return Run(config, workdir, cfg, settings, mesh, model, *data, state=state, progress=progress,
+             checkpoints=checkpoints, step_fn=step_fn, eval_loss_fn=jax.jit(make_loss_fn(model, settings)),
+             embed_fn=make_embed_fn(model), param_shardings=param_sh, abstract_params=abstract_params, log=log)
 
-  stop = {"signal": None}
 
-  def on_signal(signum, _frame):
-    stop["signal"] = signal.Signals(signum).name
-  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+# ---------------------------------------------------------------------------------------------------------
+# The loop.
 
-  def progress_json():
-    return dataclasses.asdict(progress) | {"seed": config.seed}
+class InputWait:
+  """Time the loop spends waiting for batches, reported per step and as a share of wall time since the last
+  report."""
 
-  def check_finite(step, metrics):
-    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-      raise NonFiniteLoss(f"non-finite loss {loss} (gradient norm {grad_norm}) at step {step}; stopping. The "
-                          f"last good checkpoint is {workdir / 'checkpoints'} step {checkpoints.latest_step()}")
+  def __init__(self):
+    self.reset()
 
-  step = int(jax.device_get(state["step"]))
-  start_time, start_step = time.time(), step
-  pending = None  # (step, metrics) of the previous step, checked one step late to keep the device busy.
-  status = "finished"
-  waited = {"input_s": 0.0, "since": time.time(), "steps": 0}  # Time spent waiting for batches since the last log.
+  def reset(self):
+    self.seconds, self.since, self.steps = 0.0, time.time(), 0
 
-  def next_batch():
+  def next(self, iterator, to_global):
     started = time.time()
-    batch = to_global(next(train_iter))
-    waited["input_s"] += time.time() - started
+    batch = to_global(next(iterator))
+    self.seconds += time.time() - started
     return batch
 
-  def input_wait_metrics():
-    wall = max(time.time() - waited["since"], 1e-9)
-    out = {"input_wait_s": waited["input_s"] / max(waited["steps"], 1), "input_wait_fraction": waited["input_s"] / wall}
-    waited.update(input_s=0.0, since=time.time(), steps=0)
+  def report(self) -> dict:
+    wall = max(time.time() - self.since, 1e-9)
+    out = {"input_wait_s": self.seconds / max(self.steps, 1), "input_wait_fraction": self.seconds / wall}
+    self.reset()
     return out
 
-  try:
-    batch = None
-    if step < total_steps:  # Compiled on the first batch, timed apart from the first step.
-      batch = next_batch()
-      log("compiling the train step ...")
-      started = time.time()
-      step_fn = step_fn.lower(state, batch).compile()
-      log(f"compiled the train step in {time.time() - started:.1f} s")
-      waited.update(input_s=0.0, since=time.time())
-    while step < total_steps and not progress.stopped_early:
-      batch = next_batch() if batch is None else batch
-      state, metrics = step_fn(state, batch)
-      batch = None
-      step += 1
-      waited["steps"] += 1
-      if pending is not None:
-        check_finite(*pending)
-      pending = (step, metrics)
-      if step % config.train.log_every == 0 or step == total_steps:
-        check_finite(step, metrics)
-        host = dict(jax.device_get(metrics), **input_wait_metrics())
-        run_log.write("train", step, host, epoch=progress.epoch)
-        run_log.progress(progress.epoch, step, host)
-      if step % steps_per_epoch == 0:
-        check_finite(step, metrics)
-        progress.epoch += 1
-        val = evaluate(eval_model, state["params"], val_batches(), settings, config.eval.seed, to_global,
-                       tuple(config.eval.recall_at), eval_loss_fn, embed_fn,
-                       epoch=None if config.eval.fixed_sampling else progress.epoch)
-        run_log.write("val", step, val, epoch=progress.epoch)
-        log(f"validation after epoch {progress.epoch}: loss {val.get('loss', float('nan')):.4f}  " +
-            "  ".join(f"{k} {v:.3f}" for k, v in val.items() if k.startswith("recall") and k.endswith(("@1", "@5"))))
-        val_loss = val.get("loss", float("nan"))
-        if val_loss < progress.best_val_loss:
-          progress.best_val_loss, progress.best_step, progress.bad_epochs = val_loss, step, 0
-          checkpoints.save_best(step, state["params"], {"val_loss": val_loss, "epoch": progress.epoch})
-        else:
-          progress.bad_epochs += 1
-          if progress.bad_epochs >= config.train.patience:
-            progress.stopped_early = True
-            log(f"early stopping: no validation improvement for {progress.bad_epochs} epochs")
-        checkpoints.save(step, state, train_iter, progress_json())
-      if stop["signal"]:
-        check_finite(step, metrics)
-        checkpoints.save(step, state, train_iter, progress_json())
-        log(f"{stop['signal']}: saved a checkpoint at step {step}; rerun with the same workdir to resume")
-        status = "interrupted"
-        break
-    if status == "finished" and pending is not None:
-      check_finite(*pending)
-      if checkpoints.latest_step() != step:
-        checkpoints.save(step, state, train_iter, progress_json())
-  finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
-    run_log.close()
-    train_iter.close()  # Stops Grain's worker processes and frees their shared memory, also on a signal.
 
-  seconds = time.time() - start_time
-  summary = {"status": status, "steps": step, "epochs": progress.epoch, "best_val_loss": progress.best_val_loss,
-             "best_step": progress.best_step, "stopped_early": progress.stopped_early,
-             "train_seconds": seconds, "samples_per_second": (step - start_step) * batch_size / max(seconds, 1e-9),
-             "records_skipped_while_loading": pipeline.skipped_records(train_source)
-             + pipeline.skipped_records(val_source)}
-  if summary["records_skipped_while_loading"]:
-    log(f"skipped {summary['records_skipped_while_loading']} records that failed to load "
-        f"(config.data.skip_bad_records)")
+def check_finite(r: Run, step, metrics):
+  """Stops the run if step `step` gave a non-finite loss, gradient or parameters. Every checkpoint is written
+  after this check, so the latest one is always finite."""
+  loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+  if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+    problem = f"non-finite loss {loss} (gradient norm {grad_norm}) at step {step}"
+  elif not float(metrics["params_finite"]):
+    problem = f"non-finite parameters after step {step} (loss {loss}, gradient norm {grad_norm})"
+  else:
+    return
+  raise NonFiniteLoss(f"{problem}; stopping. The last good checkpoint is {r.workdir / 'checkpoints'} step "
+                      f"{r.checkpoints.latest_step()}")
+
+
+def end_of_epoch(r: Run, step: int, run_log: RunLog):
+  """Validation, the best checkpoint, early stopping, and the epoch's checkpoint."""
+  progress, config = r.progress, r.config
+  progress.epoch += 1
+  val = evaluate(r.model, r.state["params"], r.val_batches(), r.settings, config.eval.seed, r.global_batch,
+                 tuple(config.eval.recall_at), r.eval_loss_fn, r.embed_fn,
+                 epoch=None if config.eval.fixed_sampling else progress.epoch)
+  run_log.write("val", step, val, epoch=progress.epoch)
+  r.log(f"validation after epoch {progress.epoch}: loss {val.get('loss', float('nan')):.4f}  " +
+        "  ".join(f"{k} {v:.3f}" for k, v in val.items() if k.startswith("recall") and k.endswith(("@1", "@5"))))
+  val_loss = val.get("loss", float("nan"))
+  if not np.isfinite(val_loss):
+    raise NonFiniteLoss(f"non-finite validation loss {val_loss} after epoch {progress.epoch} (step {step}); "
+                        f"stopping. The last good checkpoint is {r.workdir / 'checkpoints'} step "
+                        f"{r.checkpoints.latest_step()}")
+  if val_loss < progress.best_val_loss:
+    progress.best_val_loss, progress.best_step, progress.bad_epochs = val_loss, step, 0
+    r.checkpoints.save_best(step, r.state["params"], {"val_loss": val_loss, "epoch": progress.epoch})
+  else:
+    progress.bad_epochs += 1
+    if progress.bad_epochs >= config.train.patience:
+      progress.stopped_early = True
+      r.log(f"early stopping: no validation improvement for {progress.bad_epochs} epochs")
+  r.save(step)
+
+
+def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
+  """Steps until the end, early stopping or a signal (`stop["signal"]`); returns (status, step). The loss is
+  checked one step late so that the host never waits for the device between steps."""
+  step, wait = int(jax.device_get(r.state["step"])), InputWait()
+  pending, batch = None, None
+  if step < r.total_steps:  # Compiled on the first batch, timed apart from the first step.
+    batch = wait.next(r.train_iter, r.global_batch)
+    r.log("compiling the train step ...")
+    started = time.time()
+    r.step_fn = r.step_fn.lower(r.state, batch).compile()
+    r.log(f"compiled the train step in {time.time() - started:.1f} s")
+    wait.reset()
+  while step < r.total_steps and not r.progress.stopped_early:
+    batch = wait.next(r.train_iter, r.global_batch) if batch is None else batch
+    r.state, metrics = r.step_fn(r.state, batch)
+    batch, step, wait.steps = None, step + 1, wait.steps + 1
+    if pending is not None:
+      check_finite(r, *pending)
+    pending = (step, metrics)
+    if step % r.config.train.log_every == 0 or step == r.total_steps:
+      check_finite(r, step, metrics)
+      host = dict(jax.device_get(metrics), **wait.report())
+      run_log.write("train", step, host, epoch=r.progress.epoch)
+      run_log.progress(r.progress.epoch, step, host)
+    if step % r.steps_per_epoch == 0:
+      check_finite(r, step, metrics)
+      end_of_epoch(r, step, run_log)
+    elif r.config.checkpoint.every_steps > 0 and step % r.config.checkpoint.every_steps == 0:
+      check_finite(r, step, metrics)
+      r.save(step)
+    if stop["signal"]:
+      check_finite(r, step, metrics)
+      r.save(step)
+      r.log(f"{stop['signal']}: saved a checkpoint at step {step}; rerun with the same workdir to resume")
+      return "interrupted", step
+  if pending is not None:
+    check_finite(r, *pending)
+    if r.checkpoints.latest_step() != step:
+      r.save(step)
+  return "finished", step
+
+
+def run(config, workdir, log=print) -> dict:
+  """Trains; returns a summary dict (also written to workdir/summary.json)."""
+  check_settings(config)
+  workdir = Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ConfigError(f"workdir {workdir} is a file; give a folder (it is created if missing)")
+  workdir.mkdir(parents=True, exist_ok=True)
+  with WorkdirLock(workdir, log):
+    r = setup(config, workdir, log)
+    start_step, start_time = int(jax.device_get(r.state["step"])), time.time()
+    run_log = RunLog(r.workdir, r.total_steps, config.train.batch_size, log, start_step=start_step)
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+      stop["signal"] = signal.Signals(signum).name
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      status, step = train_loop(r, run_log, stop)
+    finally:
+      for s, handler in previous.items():
+        signal.signal(s, handler)
+      run_log.close()
+      r.train_iter.close()  # Stops Grain's worker processes and frees their shared memory, also on a signal.
+    return finish(r, status, step, (step - start_step) * config.train.batch_size, time.time() - start_time)
+
+
+def finish(r: Run, status: str, step: int, samples: int, seconds: float) -> dict:
+  """Exports the best (or last) parameters of a finished run, waits for the checkpoint writes, writes
+  summary.json."""
+  p = r.progress
+  skipped = pipeline.skipped_records(r.train_source) + pipeline.skipped_records(r.val_source)
+  summary = {"status": status, "steps": step, "epochs": p.epoch, "best_val_loss": p.best_val_loss,
+             "best_step": p.best_step, "stopped_early": p.stopped_early, "train_seconds": seconds,
+             "samples_per_second": samples / max(seconds, 1e-9), "records_skipped_while_loading": skipped}
+  if skipped:
+    r.log(f"skipped {skipped} records that failed to load (config.data.skip_bad_records)")
   if status == "finished":
-    best, _ = checkpoints.restore_best(with_shardings(abstract_params, param_sh))
-    final = best if best is not None else state["params"]
-    summary["exported"] = export_vision(cfg, jax.device_get(final), workdir / "export", log)
-    plot_run(workdir)
+    best, _ = r.checkpoints.restore_best(with_shardings(r.abstract_params, r.param_shardings))
+    final = best if best is not None else r.state["params"]
+    summary["exported"] = weights.export_vision(r.cfg, jax.device_get(final), r.workdir / "export", r.log)
+    plot_run(r.workdir)
   started = time.time()
-  checkpoints.close()  # Waits for the asynchronous checkpoint writes.
-  log(f"checkpoint writes finished in {time.time() - started:.1f} s")
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+  r.checkpoints.close()  # Waits for the asynchronous checkpoint writes.
+  r.log(f"checkpoint writes finished in {time.time() - started:.1f} s")
+  (r.workdir / "summary.json").write_text(json.dumps(summary, indent=1))
   return summary
-
-
-def export_vision(cfg: ModelConfig, params, out, log=print) -> dict:
-  """The refined vision encoder: a converted (Flax) folder and a state_dict in the FM's own key layout."""
-  from safetensors.numpy import save_file
-  out = Path(out)
-  out.mkdir(parents=True, exist_ok=True)
-  flax_dir = out / "vision_flax"
-  if (flax_dir / "params").exists():
-    import shutil
-    shutil.rmtree(flax_dir)
-  vision = {"vision_encoder": jax.tree.map(np.asarray, params["vision_encoder"])}
-  weights.save_converted(flax_dir, cfg, vision, {"source": "retfiner_jax training", "source_format": cfg.backbone,
-                                                 "contents": ["vision_encoder"]})
-  state = weights.export_vision_state_dict(cfg, vision)
-  st_path = out / f"vision_{cfg.backbone}.safetensors"
-  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(st_path))
-  paths = {"flax": str(flax_dir), "safetensors": str(st_path)}
-  try:
-    weights.save_torch_state_dict(state, out / f"vision_{cfg.backbone}.pth")
-    paths["pytorch"] = str(out / f"vision_{cfg.backbone}.pth")
-  except ImportError:
-    log("torch not installed: the PyTorch state_dict is in the .safetensors file "
-        "(safetensors.torch.load_file gives the state_dict)")
-  log(f"exported the refined vision encoder: {paths}")
-  return paths

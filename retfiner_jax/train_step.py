@@ -48,7 +48,7 @@ def accumulated_gradients(loss_fn, params, batch, rng, micro_batches: int, views
 
 
 def make_train_step(model: RetFiner, settings: ObjectiveSettings, tx, seed: int, micro_batches: int):
-  loss_fn = make_loss_fn(model, settings)
+  loss_fn = make_loss_fn(model, settings, train=True)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   base_key = jax.random.PRNGKey(seed)
 
@@ -63,7 +63,10 @@ def make_train_step(model: RetFiner, settings: ObjectiveSettings, tx, seed: int,
       grads, metrics = accumulated_gradients(loss_fn, params, batch, rng, micro_batches, views)
       metrics["loss"] = sum(settings.weight(k) * metrics[f"loss_{k}"] for k in OBJECTIVES if settings.enabled(k))
     updates, opt = tx.update(grads, state["opt"], params)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-    return {"params": optax.apply_updates(params, updates), "opt": opt, "step": state["step"] + 1}, metrics
+    new_params = optax.apply_updates(params, updates)
+    # Checked before any checkpoint is written: a finite loss can still give non-finite parameters.
+    finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(new_params)]))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), params_finite=finite.astype(jnp.float32))
+    return {"params": new_params, "opt": opt, "step": state["step"] + 1}, metrics
 
   return train_step

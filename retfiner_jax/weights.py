@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retfiner_jax import convert as cv
+from retfiner_jax.errors import ConfigError, MissingInput
 from retfiner_jax.models.bert import BertTextEncoder
 from retfiner_jax.models.config import ModelConfig, get_variant
 from retfiner_jax.models.retfiner import RetFiner
@@ -67,7 +68,7 @@ def convert_checkpoint(path, fmt: str | None = None, variant: str | None = None,
   """
   path = Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+    raise MissingInput(f"{path}: no such checkpoint file or folder")
   hf_config = None
   if path.is_dir():
     state, hf_config = cv.read_hf_bert_folder(path)
@@ -163,7 +164,7 @@ def load_converted(folder):
   folder = Path(folder).absolute()
   info_path = folder / "model.json"
   if not info_path.exists() or not (folder / "params").exists():
-    raise FileNotFoundError(f"{folder}: not a converted checkpoint (needs model.json and params/); convert a "
+    raise MissingInput(f"{folder}: not a converted checkpoint (needs model.json and params/); convert a "
                             f"PyTorch file with: python tools/convert_weights.py --input FILE --output DIR")
   info = json.loads(info_path.read_text())
   cfg = ModelConfig.from_dict(info.pop("model_config"), source=str(info_path))
@@ -224,3 +225,81 @@ def export_hf_bert(cfg: ModelConfig, params: dict, folder):
         "position_embedding_type": "absolute", "is_decoder": True, "add_cross_attention": True,
         "tie_word_embeddings": True}
   (folder / "config.json").write_text(json.dumps(hf, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A training run's weights: the pretrained ones it starts from, the refined encoder it exports.
+
+def overlay(params: dict, loaded: dict, where: str, cfg: ModelConfig) -> dict:
+  """Replaces the subtrees of `params` that `loaded` holds; every shape must match (pos_embed is resampled)."""
+  flat = cv.flatten(params)
+  new = cv.flatten(cv.to_layer_layout(loaded, cfg.scan_layers))
+  problems = []
+  for path, value in new.items():
+    if path not in flat:
+      problems.append(f"{'/'.join(path)} is not a parameter of the configured model")
+      continue
+    value = np.asarray(value)
+    if path[-1] == "pos_embed" and value.shape != flat[path].shape:
+      value = cv.resample_pos_embed(value, cfg.grid_size)
+    if value.shape != tuple(flat[path].shape):
+      problems.append(f"{'/'.join(path)}: weights {value.shape}, configured model {tuple(flat[path].shape)}")
+      continue
+    flat[path] = value
+  if problems:
+    raise ConfigError(f"{where} does not fit config.model:\n  " + "\n  ".join(problems))
+  return cv.unflatten(flat)
+
+
+def load_pretrained(config, cfg: ModelConfig, params: dict, log=print) -> dict:
+  """Puts the configured pretrained weights (FM, BERT, or a whole RetFiner model) into `params` (numpy)."""
+  fmt = config.weights.format or None
+  sources = ([("retfiner", config.weights.retfiner, None)] if config.weights.retfiner else
+             [(n, p, n) for n, p in (("vision", config.weights.vision), ("text", config.weights.text)) if p])
+  for name, path, part in sources:
+    if not Path(path).exists():
+      raise MissingInput(
+          f"config.weights.{name} = {path}: not found. Give a converted folder (python tools/convert_weights.py "
+          f"--input CHECKPOINT --output DIR) or the PyTorch checkpoint itself.")
+    _, loaded, meta = load_weights(path, fmt=fmt, model_config=cfg, log=log)
+    if part == "vision":
+      if "vision_encoder" not in loaded:
+        raise ConfigError(f"config.weights.vision = {path} holds no vision encoder")
+      source = meta.get("source_format")
+      if source in ("retfound", "visionfm", "urfound") and source != cfg.backbone:
+        raise ConfigError(f"config.weights.vision = {path} is a {source} checkpoint but config.model.backbone is "
+                         f"{cfg.backbone!r}; use configs/{source}.py or set --config.model.backbone={source}")
+      loaded = {"vision_encoder": loaded["vision_encoder"]}
+    elif part == "text":
+      if "text_encoder" not in loaded:
+        raise ConfigError(f"config.weights.text = {path} holds no text encoder")
+      loaded = {"text_encoder": loaded["text_encoder"]}
+    params = overlay(params, loaded, f"config.weights.{name} = {path}", cfg)
+    log(f"loaded {', '.join(sorted(loaded))} from {path}")
+  return params
+
+
+def export_vision(cfg: ModelConfig, params, out, log=print) -> dict:
+  """The refined vision encoder: a converted (Flax) folder and a state_dict in the FM's own key layout."""
+  from safetensors.numpy import save_file
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  flax_dir = out / "vision_flax"
+  if (flax_dir / "params").exists():
+    import shutil
+    shutil.rmtree(flax_dir)
+  vision = {"vision_encoder": jax.tree.map(np.asarray, params["vision_encoder"])}
+  save_converted(flax_dir, cfg, vision, {"source": "retfiner_jax training", "source_format": cfg.backbone,
+                                         "contents": ["vision_encoder"]})
+  state = export_vision_state_dict(cfg, vision)
+  st_path = out / f"vision_{cfg.backbone}.safetensors"
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(st_path))
+  paths = {"flax": str(flax_dir), "safetensors": str(st_path)}
+  try:
+    save_torch_state_dict(state, out / f"vision_{cfg.backbone}.pth")
+    paths["pytorch"] = str(out / f"vision_{cfg.backbone}.pth")
+  except ImportError:
+    log("torch not installed: the PyTorch state_dict is in the .safetensors file "
+        "(safetensors.torch.load_file gives the state_dict)")
+  log(f"exported the refined vision encoder: {paths}")
+  return paths

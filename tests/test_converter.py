@@ -8,7 +8,7 @@ from retfiner_jax.models.config import get_variant
 from torch_reference import TorchViT
 
 quiet = dict(log=lambda *a: None)
-CFG = get_variant("tiny-retfound")
+CFG = get_variant("tiny-retfound").replace(dtype="float32")
 
 
 def _vit_state(proj=False, seed=0):
@@ -106,7 +106,6 @@ def test_layer_layouts_convert_both_ways_and_match_the_model(tmp_path):
   """Scanned <-> unrolled is lossless, each matches its model's own parameter tree, and a folder converted in
   one layout loads into a model configured with the other (the training overlay)."""
   import jax
-  from retfiner_jax import train
   path = _save(tmp_path, {"state_dict": _lightning_state()})
   _, scanned, meta = weights.convert_checkpoint(path, model_config=CFG, **quiet)
   _, unrolled, _ = weights.convert_checkpoint(path, model_config=CFG.replace(scan_layers=False), **quiet)
@@ -119,7 +118,7 @@ def test_layer_layouts_convert_both_ways_and_match_the_model(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(tree)))
   weights.save_converted(tmp_path / "scanned", CFG, scanned, meta)
   _, loaded, _ = weights.load_converted(tmp_path / "scanned")
-  into_unrolled = train._overlay(jax.tree.map(np.zeros_like, unrolled), loaded, "test", CFG.replace(scan_layers=False))
+  into_unrolled = weights.overlay(jax.tree.map(np.zeros_like, unrolled), loaded, "test", CFG.replace(scan_layers=False))
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(into_unrolled), jax.tree.leaves(unrolled)))
   with pytest.raises(convert.CheckpointError, match="numbered"):
     convert.to_layer_layout({"vision_encoder": {"blocks_0": {"w": np.zeros(2)}, "blocks_2": {"w": np.zeros(2)}}},
@@ -192,12 +191,7 @@ def test_errors_name_the_problem(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-  import importlib.util
-  from pathlib import Path
-  spec = importlib.util.spec_from_file_location("convert_weights",
-                                                Path(__file__).parents[1] / "tools" / "convert_weights.py")
-  cli = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cli)
+  from tools import convert_weights as cli
   path = _save(tmp_path, {"model": {**_vit_state(), **_mae_extras()}})
   assert cli.main(["--input", str(path), "--output", str(tmp_path / "out"), "--variant", "tiny-retfound"]) == 0
   assert (tmp_path / "out" / "model.json").exists()

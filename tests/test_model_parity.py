@@ -16,7 +16,7 @@ from torch_reference import TorchViT
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("variant,proj", [("tiny-retfound", 48), ("tiny-visionfm", None), ("tiny-urfound", None)])
 def test_vit_matches_pytorch(tmp_path, variant, proj, scan):
-  cfg = get_variant(variant).replace(scan_layers=scan)
+  cfg = get_variant(variant).replace(scan_layers=scan, dtype="float32")
   torch.manual_seed(1)
   net = TorchViT(dim=cfg.vision_dim, mlp=cfg.vision_mlp_dim, proj_dim=proj).eval()
   torch.save(net.state_dict(), tmp_path / "backbone.pth")
@@ -77,7 +77,7 @@ def _batch():
 def test_bert_matches_transformers_in_every_mode(tmp_path, scan):
   hf = _tiny_bert(tmp_path)
   cfg, params, meta = weights.convert_checkpoint(tmp_path / "bert", model_config=get_variant("bert-base").replace(
-      scan_layers=scan), log=lambda *a: None)
+      scan_layers=scan, dtype="float32"), log=lambda *a: None)
   assert ("layer" in params["text_encoder"]) == scan and ("layer_1" in params["text_encoder"]) != scan
   assert meta["report"]["initialised"] == []
   bert = BertTextEncoder(cfg)
@@ -112,7 +112,8 @@ def test_text_only_parity_on_real_minilm():
   ids, mask = torch.tensor(tok["input_ids"]).long(), torch.tensor(tok["attention_mask"]).long()
   with torch.no_grad():
     want = hf(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
-  got = BertTextEncoder(cfg).apply({"params": params["text_encoder"]}, jnp.asarray(tok["input_ids"]),
-                                   padding_bias(jnp.asarray(tok["attention_mask"])))
+  bert = BertTextEncoder(cfg.replace(dtype="float32"))  # The converted config has the run's bfloat16.
+  got = bert.apply({"params": params["text_encoder"]}, jnp.asarray(tok["input_ids"]),
+                   padding_bias(jnp.asarray(tok["attention_mask"])))
   valid = tok["attention_mask"].astype(bool)
   np.testing.assert_allclose(np.asarray(got)[valid], want[valid], rtol=1e-5, atol=1e-5)

@@ -1,7 +1,6 @@
 """The linear probe: agreement with scikit-learn, early stopping, vmapped seeds, metrics, folders, the CLI."""
 import json
 import shutil
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +10,9 @@ from PIL import Image
 
 from conftest import shared_path
 from retfiner_jax.data import synthetic
+import configs
 from retfiner_jax.probe import folders, heads, metrics, run
+from retfiner_jax.probe.settings import ProbeSettings
 
 
 def _blobs(n=240, dim=6, classes=3, seed=0):
@@ -25,8 +26,8 @@ def test_converged_probe_agrees_with_sklearn_logistic_regression():
   from sklearn.linear_model import LogisticRegression
   x, y = _blobs()
   c = 0.5
-  settings = heads.ProbeSettings(seeds=(0,), max_epochs=4000, patience=10 ** 9, learning_rate=0.05,
-                                 weight_decay=0.0, l2=1.0 / (c * len(y)), label_smoothing=0.0, batch_size=0)
+  settings = ProbeSettings(seeds=(0,), max_epochs=4000, patience=10 ** 9, learning_rate=0.05,
+                           weight_decay=0.0, l2=1.0 / (c * len(y)), label_smoothing=0.0, batch_size=-1)
   # sklearn minimises C * sum(CE) + |W|^2 / 2, i.e. mean(CE) + |W|^2 / (2 C n): our loss with l2 = 1 / (C n).
   trained = heads.train_heads(x, y, x, y, 3, settings)
   ours = heads.predict_proba(trained, x)[0]
@@ -37,7 +38,7 @@ def test_converged_probe_agrees_with_sklearn_logistic_regression():
 
 
 def test_early_stopping_rule_on_constructed_curves():
-  s = heads.ProbeSettings()
+  s = ProbeSettings()
 
   def run_curve(bacc, loss):
     state, stopped_at = heads.Stopping.start(), None
@@ -65,11 +66,11 @@ def test_early_stopping_rule_on_constructed_curves():
 
 def test_all_seeds_at_once_equal_separate_runs():
   x, y = _blobs(n=200)
-  settings = heads.ProbeSettings(seeds=(0, 1, 2), max_epochs=60, batch_size=32, learning_rate=1e-2)
+  settings = ProbeSettings(seeds=(0, 1, 2), max_epochs=60, batch_size=32, learning_rate=1e-2, weight_decay=0.05)
   together = heads.train_heads(x[:150], y[:150], x[150:], y[150:], 3, settings)
   for i, seed in enumerate(settings.seeds):
     alone = heads.train_heads(x[:150], y[:150], x[150:], y[150:], 3,
-                              heads.ProbeSettings(seeds=(seed,), max_epochs=60, batch_size=32, learning_rate=1e-2))
+                              settings.replace(seeds=(seed,)))
     np.testing.assert_allclose(together["kernel"][i], alone["kernel"][0], rtol=1e-5, atol=1e-7)
     assert int(together["best_epoch"][i]) == int(alone["best_epoch"][0])
   assert not np.allclose(together["kernel"][0], together["kernel"][1])  # Seeds differ (minibatch order, init).
@@ -136,16 +137,12 @@ def test_bad_inputs_name_the_path(tmp_path):
 
 def test_probe_cli_with_two_encoders_and_the_feature_cache(tmp_path):
   from torch_reference import TorchViT
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("probe_cfg", Path(__file__).parents[1] / "configs" / "probe.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   synthetic.generate(tmp_path / "data", count=60, seed=1, height=64, width=64, workers=1, log=lambda *a: None)
   for i, name in enumerate(("first", "second")):
     torch.manual_seed(i)
     net = TorchViT(dim=48, mlp=192)
     torch.save(net.state_dict(), tmp_path / f"{name}.pth")
-  config = module.get_config()
+  config = configs.load("probe")
   config.encoder = f"a={tmp_path / 'first.pth'},b={tmp_path / 'second.pth'}"
   config.variant = "tiny-visionfm"
   config.data.root = f"fluid={tmp_path / 'data/tasks/fluid'},drusen={tmp_path / 'data/tasks/drusen'}"

@@ -204,7 +204,7 @@ def test_affine_resampling_equals_torchvisions():
 
 
 def test_visionfm_features_use_the_final_norm():
-  cfg = get_variant("tiny-visionfm")
+  cfg = get_variant("tiny-visionfm").replace(dtype="float32")
   vit = VisionTransformer(cfg)
   images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   params = vit.init(jax.random.PRNGKey(1), images)["params"]
@@ -215,7 +215,7 @@ def test_visionfm_features_use_the_final_norm():
   normed = (tokens - mean) / np.sqrt(var + 1e-6) * np.asarray(params["norm"]["scale"]) + np.asarray(params["norm"]["bias"])
   want = np.concatenate([normed[:, 0], normed[:, 1:].mean(1)], -1)  # Class token first, no extra LayerNorm.
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-  retfound = VisionTransformer(get_variant("tiny-retfound"))
+  retfound = VisionTransformer(get_variant("tiny-retfound").replace(dtype="float32"))
   rparams = retfound.init(jax.random.PRNGKey(1), images)["params"]
   rparams["norm"] = {"scale": jnp.full((64,), 3.0), "bias": jnp.zeros(64)}  # Unused by RETFound's features.
   feats = np.asarray(retfound.apply({"params": rparams}, images, method=paper.paper_features), np.float64)

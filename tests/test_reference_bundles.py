@@ -79,11 +79,11 @@ def test_fused_passes_and_target_gathering_equal_the_plain_computation(bundle):
 
 def test_objective_switches(bundle):
   _, model, params, batch, views, negatives, expected = bundle
-  settings = ObjectiveSettings(weights=(("itc", 1.0), ("itm", 0.0), ("mlm", 0.0), ("gm", 0.0)))
+  settings = ObjectiveSettings(itm_weight=0.0, mlm_weight=0.0, gm_weight=0.0)
   metrics, _ = _losses(model, params, batch, views, negatives, settings)
   assert set(k for k in metrics if k.startswith("loss_")) == {"loss_itc"}
   np.testing.assert_allclose(metrics["loss"], expected["losses"]["itc"], rtol=1e-5)
-  settings = ObjectiveSettings(weights=(("itc", 0.5), ("itm", 2.0), ("mlm", 1.0), ("gm", 0.0)))
+  settings = ObjectiveSettings(itc_weight=0.5, itm_weight=2.0, gm_weight=0.0)
   metrics, _ = _losses(model, params, batch, views, negatives, settings)
   want = 0.5 * expected["losses"]["itc"] + 2 * expected["losses"]["itm"] + expected["losses"]["mlm"]
   np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)

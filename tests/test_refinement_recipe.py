@@ -16,7 +16,7 @@ from retfiner_jax.objectives import ObjectiveSettings, compute_objectives, make_
 from retfiner_jax.sampling import sample_hard_negatives
 from retfiner_jax.train_step import accumulated_gradients, make_train_step
 
-CFG = get_variant("tiny-retfound")
+CFG = get_variant("tiny-retfound").replace(dtype="float32", text_dropout=0.0)
 
 
 def _batch(n=8, seed=0, cfg=CFG):
@@ -59,15 +59,14 @@ def test_refinement_step_with_drop_path_is_deterministic_for_a_key():
   tx = optax.sgd(0.1)
 
   def make(model_cfg):
-    model = RetFiner(model_cfg, deterministic=model_cfg.drop_path == 0 and model_cfg.text_dropout == 0)
-    step = jax.jit(make_train_step(model, ObjectiveSettings(), tx, 0, 1))
+    step = jax.jit(make_train_step(RetFiner(model_cfg), ObjectiveSettings(), tx, 0, 1))
     # The step's key is fold_in(seed, step): another step number, another key.
     return lambda at: float(step({"params": params, "opt": tx.init(params), "step": jnp.int32(at)}, batch)[1]["loss"])
   dropping, plain = make(cfg), make(cfg.replace(drop_path=0.0))
   assert dropping(0) == dropping(0)
   assert dropping(0) != dropping(1)  # Another key, other blocks dropped.
   assert dropping(0) != plain(0) and plain(0) != plain(1)  # (plain differs by its masks only)
-  # Off in evaluation: the deterministic model ignores drop_path.
+  # Off in evaluation (train=False, the default): drop_path changes nothing.
   m = RetFiner(cfg)
   a = m.apply({"params": params}, batch["images"], method=RetFiner.image_tokens)
   b = RetFiner(cfg.replace(drop_path=0.0)).apply({"params": params}, batch["images"], method=RetFiner.image_tokens)
@@ -95,7 +94,7 @@ def test_new_layers_are_initialised_as_pytorch_linear():
 
 
 def test_accumulated_mlm_gm_gradients_equal_the_full_batch():
-  settings = ObjectiveSettings(weights=(("itc", 0.0), ("itm", 0.0), ("mlm", 1.0), ("gm", 1.0)))
+  settings = ObjectiveSettings(itc_weight=0.0, itm_weight=0.0)
   model = RetFiner(CFG)
   params = init_params(CFG, jax.random.PRNGKey(1))
   batch = _batch(8, seed=3)

@@ -1,20 +1,26 @@
 """Validates every row of a manifest before training.
 
     python -m retfiner_jax.data.check MANIFEST [--image-column image] [--report-column report] [--workers 8]
+                                      [--report problems.csv]
 
 Checks each row: image path given and present, decodes, 2-D after slice selection, slice index in range,
-finite pixels, report non-empty and valid UTF-8. Prints a table of problems by kind with the first offending
-rows (row number, path) and exits 0 only when there is no problem.
+finite pixels that fit float32, pixel values (not strings), report non-empty and valid UTF-8. Prints a table of
+problems by kind with the offending rows (row number, path; all of them up to 20 a kind) and writes every bad
+row with its reasons to a CSV report when there are more. Also warns (without failing) about duplicate rows and
+images the pipeline will convert: alpha or colour channels dropped, 16-bit scaled, very large images resized.
+Exits 0 only when there is no problem.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from retfiner_jax.data.images import ImageError, read_image
+from retfiner_jax.data.images import IMAGE_SUFFIXES, ImageError, read_image
 from retfiner_jax.data.manifest import Columns, ManifestError, read_manifest
 
 KINDS = {
@@ -25,6 +31,8 @@ KINDS = {
     "not_2d": "not a 2-D B-scan after slice selection",
     "slice_out_of_range": "slice index out of range",
     "non_finite": "NaN or infinite pixels",
+    "overflow": "pixel values overflow float32",
+    "not_pixels": "array of strings or objects, not pixels",
     "empty_report": "empty report text",
     "invalid_utf8": "report is not valid UTF-8",
 }
@@ -62,17 +70,98 @@ def check_records(records, workers: int = 8, log=None):
   return bad
 
 
-def problem_table(records, bad, first=5) -> str:
+LARGE_SIDE = 4096  # Pixels; larger images are resized all the same, but it is worth a look.
+
+
+def problem_table(records, bad, first=20, report_path=None) -> str:
+  """Problems by kind with their rows (all of them, up to `first` a kind). With more, and a `report_path`, every
+  bad row and its reasons go to that CSV and the table says so."""
   by_kind = defaultdict(list)
   paths = {r["row"]: r["image"] for r in records}
   for row, problems in sorted(bad.items()):
     for kind, _ in problems:
       by_kind[kind].append(row)
-  lines = [f"{'problem':<44}{'rows':>7}  first rows (row: path)"]
+  lines = [f"{'problem':<44}{'rows':>7}  rows (row: path)"]
+  cut = False
   for kind, rows in sorted(by_kind.items(), key=lambda kv: -len(kv[1])):
     examples = "; ".join(f"{r}: {paths[r] or '-'}" for r in rows[:first])
-    lines.append(f"{KINDS.get(kind, kind):<44}{len(rows):>7}  {examples}")
+    more = f"; ... {len(rows) - first} more" if len(rows) > first else ""
+    cut |= len(rows) > first
+    lines.append(f"{KINDS.get(kind, kind):<44}{len(rows):>7}  {examples}{more}")
+  if cut and report_path is not None:
+    write_problem_report(report_path, records, bad)
+    lines.append(f"every bad row with its reasons: {report_path}")
   return "\n".join(lines)
+
+
+def write_problem_report(path, records, bad):
+  """CSV: row, image, problem, message; one line per problem of every bad row."""
+  paths = {r["row"]: r["image"] for r in records}
+  with Path(path).open("w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(["row", "image", "problem", "message"])
+    for row, problems in sorted(bad.items()):
+      for kind, message in problems:
+        w.writerow([row, paths[row], kind, message.encode("utf-8", "replace").decode("utf-8")])
+
+
+def conversion_notes(record) -> list[str]:
+  """What the pipeline will do to a usable image that is not a plain grey B-scan (not problems)."""
+  path = Path(record["image"])
+  if not record["image"] or path.suffix.lower() not in IMAGE_SUFFIXES or not path.exists():
+    return []
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      mode, size = im.mode, im.size
+  except Exception:  # noqa: BLE001 - an unreadable file is a problem reported by check_record.
+    return []
+  notes = []
+  if mode in ("RGBA", "LA", "PA"):
+    notes.append("alpha channel dropped")
+  if mode in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr"):
+    notes.append("colour converted to grey")
+  if mode.startswith("I;16") or mode == "I":
+    notes.append("16-bit, scaled by its bit depth")
+  if max(size) > LARGE_SIDE:
+    notes.append(f"very large ({size[0]}x{size[1]}), resized")
+  return notes
+
+
+def duplicate_rows(records) -> dict:
+  """{row: the first row with the same image, slice and report}."""
+  first, out = {}, {}
+  for r in records:
+    key = (r["image"], r.get("slice"), r["report"])
+    if key in first:
+      out[r["row"]] = first[key]
+    else:
+      first[key] = r["row"]
+  return out
+
+
+def warning_lines(records, workers: int = 8, first: int = 20) -> list[str]:
+  notes = defaultdict(list)
+  with ThreadPoolExecutor(workers) as pool:
+    for record, found in zip(records, pool.map(conversion_notes, records)):
+      for note in found:
+        notes[note.split(" (")[0]].append(record["row"])
+  lines = []
+  for note, rows in sorted(notes.items()):
+    more = f", ... {len(rows) - first} more" if len(rows) > first else ""
+    lines.append(f"warning: {len(rows)} rows: {note} (rows {', '.join(map(str, rows[:first]))}{more})")
+  duplicates = duplicate_rows(records)
+  if duplicates:
+    pairs = ", ".join(f"{row} = {orig}" for row, orig in list(duplicates.items())[:first])
+    lines.append(f"warning: {len(duplicates)} duplicate rows, same image, slice and report as an earlier row "
+                 f"({pairs}{', ...' if len(duplicates) > first else ''})")
+  return lines
+
+
+def _positive(text: str) -> int:
+  if not text.isdigit() or int(text) < 1:
+    raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+  return int(text)
 
 
 def main(argv=None):
@@ -81,7 +170,9 @@ def main(argv=None):
   p.add_argument("--image-column", default="image")
   p.add_argument("--report-column", default="report")
   p.add_argument("--slice-column", default="slice")
-  p.add_argument("--workers", type=int, default=8)
+  p.add_argument("--workers", type=_positive, default=8, help="threads reading images (at least 1)")
+  p.add_argument("--report", default=None, help="CSV of every bad row and its reasons, written when a kind has "
+                 "more rows than the table shows (default: MANIFEST.problems.csv in the current folder)")
   a = p.parse_args(argv)
   try:
     records = read_manifest(a.manifest, Columns(image=a.image_column, report=a.report_column, slice=a.slice_column))
@@ -89,11 +180,13 @@ def main(argv=None):
     print(f"error: {e}", file=sys.stderr)
     return 2
   bad = check_records(records, a.workers, log=print)
+  for line in warning_lines(records, a.workers):
+    print(line)
   if not bad:
     print(f"{a.manifest}: all {len(records)} rows are usable")
     return 0
   print(f"{a.manifest}: {len(bad)} of {len(records)} rows have problems (rows numbered from 1, header excluded)")
-  print(problem_table(records, bad))
+  print(problem_table(records, bad, report_path=a.report or f"{Path(a.manifest).stem}.problems.csv"))
   return 1
 
 

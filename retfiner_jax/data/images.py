@@ -89,14 +89,19 @@ def read_image(path, slice_index=None) -> np.ndarray:
     raise ImageError("undecodable", f"{path}: cannot decode ({type(e).__name__}: {e})") from e
   if a.dtype == bool:
     a = a.astype(np.uint8) * 255
+  if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+    raise ImageError("not_pixels", f"{path}: holds {a.dtype} values, not pixel values (integers or floats)")
   a = _select_slice(a, slice_index, path, volume_capable=suffix in VOLUME_SUFFIXES)
   a = _to_gray(a)
   if a.ndim != 2:
     raise ImageError("not_2d", f"{path}: expected a 2-D B-scan after slice selection, got shape {a.shape}")
   if min(a.shape) < 2:
     raise ImageError("not_2d", f"{path}: image of shape {a.shape} is too small")
-  if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-    raise ImageError("non_finite", f"{path}: image holds NaN or infinite pixels")
+  if np.issubdtype(a.dtype, np.floating):
+    if not np.isfinite(a).all():
+      raise ImageError("non_finite", f"{path}: image holds NaN or infinite pixels")
+    if np.abs(a).max() > np.finfo(np.float32).max:  # Training reads pixels as float32.
+      raise ImageError("overflow", f"{path}: pixel values up to {np.abs(a).max():.3g} overflow float32")
   return a
 
 

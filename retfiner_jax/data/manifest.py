@@ -12,6 +12,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from retfiner_jax.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class Columns:
@@ -24,30 +26,56 @@ class Columns:
   slice: str = "slice"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
   pass
+
+
+def _read_csv(path: Path, delimiter: str) -> list[dict]:
+  # utf-8-sig drops the byte-order mark Excel writes; surrogateescape keeps invalid UTF-8 bytes visible to the
+  # checker instead of failing the whole file. strict: a quote never closed is an error, not rows swallowed.
+  rows = []
+  with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+    reader = csv.DictReader(f, delimiter=delimiter, strict=True)
+    reader.fieldnames  # Reads the header, so that line numbers below count it.
+    while True:
+      line = reader.reader.line_num + 1
+      try:
+        row = next(reader)
+      except StopIteration:
+        return rows
+      except csv.Error as e:
+        raise ManifestError(f"{path}: row {len(rows) + 1} (line {line}) cannot be parsed ({e}); a quote that is "
+                            f"never closed makes the rest of the file one field") from None
+      if None in row:  # More fields than the header names.
+        raise ManifestError(f"{path}: row {len(rows) + 1} (line {line}) has {len(row) - 1 + len(row[None])} "
+                            f"fields, the header {len(row) - 1}; quote fields that hold a {delimiter!r}")
+      rows.append(row)
 
 
 def _read_rows(path: Path) -> list[dict]:
   suffix = path.suffix.lower()
   if suffix in (".csv", ".tsv", ".txt"):
-    delimiter = "\t" if suffix == ".tsv" else ","
-    # surrogateescape keeps invalid UTF-8 bytes visible to the checker instead of failing the whole file.
-    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
-      return list(csv.DictReader(f, delimiter=delimiter))
+    return _read_csv(path, "\t" if suffix == ".tsv" else ",")
   if suffix in (".jsonl", ".ndjson"):
     rows = []
-    with path.open(encoding="utf-8", errors="surrogateescape") as f:
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
       for n, line in enumerate(f, 1):
         if line.strip():
           try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
           except json.JSONDecodeError as e:
-            raise ManifestError(f"{path}: row {len(rows) + 1} (line {n}) is not valid JSON: {e}") from e
+            raise ManifestError(f"{path}: row {len(rows) + 1} (line {n}) is not valid JSON: {e}") from None
+          if not isinstance(row, dict):
+            raise ManifestError(f"{path}: row {len(rows) + 1} (line {n}) is a JSON {type(row).__name__}, not an "
+                                f"object with the columns as keys")
+          rows.append(row)
     return rows
   if suffix == ".parquet":
     import pyarrow.parquet as pq
-    return pq.read_table(path).to_pylist()
+    try:
+      return pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file.
+      raise ManifestError(f"{path}: cannot read as Parquet ({type(e).__name__}: {e})") from None
   raise ManifestError(f"{path}: unsupported manifest type {suffix!r} (use .csv, .tsv, .jsonl or .parquet)")
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import threading
+import time
 
 import grain
 import numpy as np
@@ -65,7 +68,11 @@ class LoadPair(grain.transforms.RandomMap):
         pixels = read_image(record["image"], record.get("slice"))
       image = preprocess(pixels, self.spec.image_size, self.spec.backbone, self.spec.intensity,
                          rng if self.spec.augment else None, dict(self.spec.augment_kw))
-    except ImageError as e:
+      if not np.isfinite(image).all():
+        raise ImageError("non_finite", f"{record.get('image', 'TFDS record')}: not finite after preprocessing")
+    except Exception as e:  # noqa: BLE001 - any failure to load one file is that record's problem: named below.
+      if not isinstance(e, ImageError):
+        e = ImageError("undecodable", f"{record.get('image', 'TFDS record')}: {type(e).__name__}: {e}")
       message = f"{self.source} row {record['row']}: {e}"
       if self.skip_bad:
         _SKIPPED[self.source] = _SKIPPED.get(self.source, 0) + 1
@@ -82,10 +89,24 @@ def _ensure_absl_flags_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
+def _die_with_parent(worker_index: int, worker_count: int):
+  """Grain worker start-up: the worker exits when the process that started it is gone (a SIGKILLed run must not
+  leave workers behind, re-parented and holding memory). A watch thread rather than a parent-death signal,
+  which would fire when the starting *thread* ends."""
+  parent = os.getppid()
+
+  def watch():
+    while True:
+      time.sleep(1.0)
+      if os.getppid() != parent:
+        os._exit(1)
+  threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   if num_workers > 0:
     _ensure_absl_flags_parsed()  # Grain's worker processes read absl flags.
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers), worker_init_fn=_die_with_parent)
   return ds
 
 

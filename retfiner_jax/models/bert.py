@@ -26,7 +26,6 @@ def dense(features, dtype, name=None):
 class BertAttention(nn.Module):
   """Multi-head attention + output dense + residual + LayerNorm (BERT's `attention` / `crossattention`)."""
   cfg: ModelConfig
-  deterministic: bool = True
 
   def setup(self):
     cfg, dtype = self.cfg, compute_dtype(self.cfg)
@@ -44,17 +43,17 @@ class BertAttention(nn.Module):
     """(B, Lk, D) -> key, value of shape (B, Lk, H, d)."""
     return self._heads(self.key(source)), self._heads(self.value(source))
 
-  def __call__(self, hidden, keys_values, bias=None, extra_index=None):
+  def __call__(self, hidden, keys_values, bias=None, extra_index=None, train: bool = False):
     """Attention of `hidden` (R, L, D) to `keys_values` ((N, Lk, H, d) each), plus output and residual.
 
     For self-attention N = R. For cross-attention the keys/values are per image (N images) and the rows are
     G groups of N image-aligned rows (row g*N + i attends image i), then, if `extra_index` is given, one row
     per entry attending image extra_index[e]. Aligned groups run as one attention per image with G*L
-    queries, so no image's keys/values are copied; only the extra rows gather theirs.
+    queries, so no image's keys/values are copied; only the extra rows gather theirs. `train`: dropout on.
     """
     key, value = keys_values
     dropout = None
-    if self.cfg.text_dropout > 0 and not self.deterministic:
+    if self.cfg.text_dropout > 0 and train:
       dropout = lambda p: self.dropout(p, deterministic=False)
     query = self._heads(self.query(hidden))
     rows, length, heads, depth = query.shape
@@ -77,37 +76,35 @@ class BertAttention(nn.Module):
       context = jnp.concatenate([context, attention(query[groups * images:], key[extra_index], value[extra_index],
                                                     None, dropout)])
     out = self.output_dense(context.reshape(hidden.shape[:2] + (self.cfg.text_dim,)))
-    out = self.dropout(out, deterministic=self.deterministic)
+    out = self.dropout(out, deterministic=not train)
     return self.output_LayerNorm(out + hidden).astype(hidden.dtype)
 
 
 class BertLayer(nn.Module):
   cfg: ModelConfig
-  deterministic: bool = True
 
   def setup(self):
     cfg, dtype = self.cfg, compute_dtype(self.cfg)
-    self.attention = BertAttention(cfg, self.deterministic)
-    self.crossattention = BertAttention(cfg, self.deterministic)
+    self.attention = BertAttention(cfg)
+    self.crossattention = BertAttention(cfg)
     self.intermediate_dense = dense(cfg.text_intermediate, dtype)
     self.output_dense = dense(cfg.text_dim, dtype)
     self.output_LayerNorm = layer_norm(BERT_LN_EPS)
     self.dropout = nn.Dropout(cfg.text_dropout)
 
-  def __call__(self, hidden, self_bias, image_tokens=None, extra_image_index=None):
+  def __call__(self, hidden, self_bias, image_tokens=None, extra_image_index=None, train: bool = False):
     """One layer; returns (hidden, None) (a scan step). Cross-attention runs when `image_tokens` is given."""
-    hidden = self.attention(hidden, self.attention.keys_values(hidden), self_bias)
+    hidden = self.attention(hidden, self.attention.keys_values(hidden), self_bias, train=train)
     if image_tokens is not None:  # No mask: every image token is visible.
       cross_kv = self.crossattention.keys_values(image_tokens.astype(hidden.dtype))
-      hidden = self.crossattention(hidden, cross_kv, extra_index=extra_image_index)
+      hidden = self.crossattention(hidden, cross_kv, extra_index=extra_image_index, train=train)
     out = self.output_dense(gelu(self.intermediate_dense(hidden)))
-    out = self.dropout(out, deterministic=self.deterministic)
+    out = self.dropout(out, deterministic=not train)
     return self.output_LayerNorm(out + hidden).astype(hidden.dtype), None
 
 
 class BertEmbeddings(nn.Module):
   cfg: ModelConfig
-  deterministic: bool = True
 
   def setup(self):
     cfg = self.cfg
@@ -117,11 +114,11 @@ class BertEmbeddings(nn.Module):
     self.LayerNorm = layer_norm(BERT_LN_EPS)
     self.dropout = nn.Dropout(cfg.text_dropout)
 
-  def __call__(self, input_ids):
+  def __call__(self, input_ids, train: bool = False):
     length = input_ids.shape[-1]
     x = (self.word_embeddings(input_ids) + self.position_embeddings(jnp.arange(length))[None]
          + self.token_type_embeddings(jnp.zeros_like(input_ids)))
-    x = self.dropout(self.LayerNorm(x), deterministic=self.deterministic)
+    x = self.dropout(self.LayerNorm(x), deterministic=not train)
     return x.astype(compute_dtype(self.cfg))
 
 
@@ -141,19 +138,18 @@ class MlmHead(nn.Module):
 
 class BertTextEncoder(nn.Module):
   cfg: ModelConfig
-  deterministic: bool = True
 
   def setup(self):
-    self.embeddings = BertEmbeddings(self.cfg, self.deterministic)
-    self.layer = stack(BertLayer, self.cfg, self.cfg.text_layers, num_shared=3, deterministic=self.deterministic)
+    self.embeddings = BertEmbeddings(self.cfg)
+    self.layer = stack(BertLayer, self.cfg, self.cfg.text_layers, num_shared=3)
     self.mlm_head = MlmHead(self.cfg)
 
-  def __call__(self, input_ids, self_bias, image_tokens=None, extra_image_index=None):
+  def __call__(self, input_ids, self_bias, image_tokens=None, extra_image_index=None, train: bool = False):
     """Sequence output (R, L, D). `self_bias` is the additive self-attention mask (see attention.py).
     `image_tokens` (N, Lk, D) switches cross-attention on: rows come in groups of N image-aligned rows, then one
-    row per `extra_image_index` entry (see BertAttention)."""
-    return apply_stack(self.layer, self.embeddings(input_ids),
-                       shared=(self_bias, image_tokens, extra_image_index))
+    row per `extra_image_index` entry (see BertAttention). `train`: dropout on (needs a 'dropout' RNG)."""
+    return apply_stack(self.layer, self.embeddings(input_ids, train),
+                       shared=(self_bias, image_tokens, extra_image_index), train=train)
 
   def mlm_logits(self, hidden):
     """Vocabulary logits (float32) of the given hidden states (any leading shape)."""

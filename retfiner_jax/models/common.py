@@ -45,36 +45,39 @@ def torch_linear(features: int, fan_in: int, dtype, use_bias: bool = True, name=
                   kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"))
 
 
-def maybe_remat(module_cls, policy: str, scanned: bool = False):
-  """The module class, rematerialised in the backward pass by the named policy ('none': as is)."""
+def maybe_remat(module_cls, policy: str, scanned: bool = False, static_argnums=()):
+  """The module class, rematerialised in the backward pass by the named policy ('none': as is).
+  `static_argnums` (counting `self` as 0) name the call arguments that are Python values, such as `train`."""
   if policy == "none":
     return module_cls
   # Inside a scan the loop already keeps XLA from merging the recomputation away (Flax's advice).
-  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=not scanned)
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=not scanned, static_argnums=static_argnums)
 
 
-def stack(layer_cls, cfg: ModelConfig, length: int, num_per_layer: int = 0, num_shared: int = 0, **layer_kwargs):
+def stack(layer_cls, cfg: ModelConfig, length: int, num_per_layer: int = 0, num_shared: int = 0):
   """For a parent's `setup`: `length` layers of `layer_cls`, applied in turn by `apply_stack`.
 
-  A layer is called as `layer(x, *per_layer, *shared) -> (x, None)`: `num_per_layer` arguments differ per layer
-  (arrays with a leading layer axis, e.g. drop-path rates), `num_shared` are the same for every layer (masks,
-  image tokens). With `cfg.scan_layers` this is one `nn.scan`ned module (parameters stacked on axis 0 under the
-  attribute's name, e.g. `blocks`); otherwise a list of modules (`blocks_0`, `blocks_1`, ...).
+  A layer is called as `layer(x, *per_layer, *shared, train) -> (x, None)`: `num_per_layer` arguments differ
+  per layer (arrays with a leading layer axis, e.g. drop-path rates), `num_shared` are the same for every layer
+  (masks, image tokens), and `train` (a Python bool) switches dropout and stochastic depth on. With
+  `cfg.scan_layers` this is one `nn.scan`ned module (parameters stacked on axis 0 under the attribute's name,
+  e.g. `blocks`); otherwise a list of modules (`blocks_0`, `blocks_1`, ...).
   """
+  train_argnum = 2 + num_per_layer + num_shared  # self, x, per-layer, shared, train.
   if cfg.scan_layers:
-    layer = maybe_remat(layer_cls, cfg.remat, scanned=True)
+    layer = maybe_remat(layer_cls, cfg.remat, scanned=True, static_argnums=(train_argnum,))
     scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(0,) * num_per_layer + (nn.broadcast,) * num_shared, length=length)
-    return scanned(cfg, **layer_kwargs)
-  layer = maybe_remat(layer_cls, cfg.remat)
-  return [layer(cfg, **layer_kwargs) for _ in range(length)]
+                      in_axes=(0,) * num_per_layer + (nn.broadcast,) * (num_shared + 1), length=length)
+    return scanned(cfg)
+  layer = maybe_remat(layer_cls, cfg.remat, static_argnums=(train_argnum,))
+  return [layer(cfg) for _ in range(length)]
 
 
-def apply_stack(layers, x, per_layer=(), shared=()):
+def apply_stack(layers, x, per_layer=(), shared=(), train: bool = False):
   """Runs what `stack` built on `x`; `per_layer` arrays are indexed by layer, `shared` go to every layer."""
   if isinstance(layers, (list, tuple)):
     for i, layer in enumerate(layers):
-      x, _ = layer(x, *(a[i] for a in per_layer), *shared)
+      x, _ = layer(x, *(a[i] for a in per_layer), *shared, train)
     return x
-  x, _ = layers(x, *per_layer, *shared)
+  x, _ = layers(x, *per_layer, *shared, train)
   return x

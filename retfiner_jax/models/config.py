@@ -33,14 +33,15 @@ class ModelConfig:
   vocab_size: int = 30522
   max_position_embeddings: int = 512
   type_vocab_size: int = 2
-  text_dropout: float = 0.0  # BERT's hidden and attention-probability dropout during training.
+  text_dropout: float = 0.1  # BERT's hidden and attention-probability dropout while training (BERT's 0.1).
   # Heads and objectives.
   contrastive_dim: int = 512
   temperature: float = 0.07
   label_smoothing: float = 0.1
   max_text_length: int = 30
-  # Numerics: "float32" (parity) or "bfloat16" (bf16 compute, f32 params, softmax, LayerNorm and losses).
-  dtype: str = "float32"
+  # Numerics: "bfloat16" (bf16 compute, f32 params, softmax, LayerNorm and losses; the original trains in
+  # float16 mixed precision) or "float32" (the parity tests).
+  dtype: str = "bfloat16"
   # Rematerialisation of ViT blocks and BERT layers in the backward pass: none | full | dots.
   remat: str = "none"
   # Run the ViT blocks and BERT layers as one nn.scan each (parameters stacked on a leading layer axis): one
@@ -114,6 +115,9 @@ VARIANTS: dict[str, ModelConfig] = {
     "retfound": ModelConfig(backbone="retfound", vision_projection=True, **_VIT_L, **_BERT_BASE),
     "visionfm": ModelConfig(backbone="visionfm", vision_projection=False, **_VIT_B, **_BERT_BASE),
     "urfound": ModelConfig(backbone="urfound", vision_projection=False, **_VIT_B, **_BERT_BASE),
+    # A RETFound-shaped ViT-S/16 (the probe benchmark's encoder).
+    "vit-s16": ModelConfig(backbone="retfound", vision_projection=True, vision_dim=384, vision_depth=12,
+                           vision_heads=6, vision_mlp_dim=1536, **_BERT_BASE),
     # Text-only sizes: the vision part is left at its defaults and unused.
     "bert-base": ModelConfig(**_BERT_BASE),
     # Tiny models for tests (same shapes as the reference bundles).

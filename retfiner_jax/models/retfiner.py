@@ -29,39 +29,40 @@ class ItmHead(nn.Module):
 
 
 class RetFiner(nn.Module):
+  """Methods taking `train` run dropout (BERT) and stochastic depth (ViT) when it is True; they then need a
+  'dropout' RNG (`apply(..., rngs={"dropout": key})`)."""
   cfg: ModelConfig
-  deterministic: bool = True
 
   def setup(self):
     cfg = self.cfg
-    self.vision_encoder = VisionTransformer(cfg, self.deterministic)  # Stochastic depth when training.
-    self.text_encoder = BertTextEncoder(cfg, self.deterministic)
+    self.vision_encoder = VisionTransformer(cfg)
+    self.text_encoder = BertTextEncoder(cfg)
     # New layers of the original (torch.nn.Linear, no bias): PyTorch's init. Both see text-width tokens.
     self.contra_head_v = torch_linear(cfg.contrastive_dim, cfg.text_dim, compute_dtype(cfg), use_bias=False)
     self.contra_head_t = torch_linear(cfg.contrastive_dim, cfg.text_dim, compute_dtype(cfg), use_bias=False)
     self.itm_head = ItmHead(cfg)
 
-  def image_tokens(self, images):
+  def image_tokens(self, images, train: bool = False):
     """(B, S, S, 3) -> (B, 1+N, text_dim): the tokens the text side attends to; token 0 is the global one."""
-    return self.vision_encoder(images)
+    return self.vision_encoder(images, train)
 
   def image_embedding(self, image_tokens):
     """L2-normalised contrastive embedding of each image's token 0."""
     return l2_normalize(self.contra_head_v(image_tokens[:, 0]))
 
-  def text_only(self, input_ids, attention_mask):
+  def text_only(self, input_ids, attention_mask, train: bool = False):
     """Text encoding without cross-attention (padding mask): (B, L, D)."""
-    return self.text_encoder(input_ids, padding_bias(attention_mask))
+    return self.text_encoder(input_ids, padding_bias(attention_mask), train=train)
 
   def text_embedding(self, text_cls):
     """L2-normalised contrastive embedding of the text [CLS] output."""
     return l2_normalize(self.contra_head_t(text_cls))
 
-  def text_with_image(self, input_ids, self_bias, image_tokens, extra_image_index=None):
+  def text_with_image(self, input_ids, self_bias, image_tokens, extra_image_index=None, train: bool = False):
     """Text encoding fused with image tokens through cross-attention: (R, L, D). Rows: groups of N
     image-aligned rows (N = images in `image_tokens`), then one per `extra_image_index` entry. Each layer
     computes the images' keys/values once, whatever the number of rows."""
-    return self.text_encoder(input_ids, self_bias, image_tokens, extra_image_index)
+    return self.text_encoder(input_ids, self_bias, image_tokens, extra_image_index, train)
 
   def mlm_logits(self, hidden):
     return self.text_encoder.mlm_logits(hidden)

@@ -52,15 +52,14 @@ def drop_path(x, rate, rng):
 
 class Block(nn.Module):
   """Pre-LN transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)). Returns (x, None) (a scan step).
-  `drop_rate` (a scalar) is this block's stochastic-depth rate, applied to both branches when not
-  deterministic (draws from the 'dropout' RNG stream)."""
+  `drop_rate` (a scalar) is this block's stochastic-depth rate, applied to both branches when `train` (draws
+  from the 'dropout' RNG stream)."""
   cfg: ModelConfig
-  deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, drop_rate):
+  def __call__(self, x, drop_rate, train: bool = False):
     cfg, dtype = self.cfg, compute_dtype(self.cfg)
-    dropping = not self.deterministic and cfg.drop_path > 0
+    dropping = train and cfg.drop_path > 0
     branch = lambda y: drop_path(y, drop_rate, self.make_rng("dropout")) if dropping else y
     x = x + branch(FusedQKVAttention(cfg.vision_dim, cfg.vision_heads, dtype, name="attn")(
         layer_norm(VIT_LN_EPS, "norm1")(x).astype(dtype)))
@@ -76,9 +75,9 @@ class VisionTransformer(nn.Module):
   `__call__` gives the tokens the text encoder attends to: final norm if the backbone applies it, then the
   projection to the text width if configured. The `norm` parameters always exist (so an export carries
   them), even where the backbone's RetFiner path does not apply them.
+  `train=True` switches stochastic depth (cfg.drop_path) on; it then needs a 'dropout' RNG.
   """
   cfg: ModelConfig
-  deterministic: bool = True  # False: stochastic depth (cfg.drop_path) is active; needs a 'dropout' RNG.
 
   def setup(self):
     cfg, dtype = self.cfg, compute_dtype(self.cfg)
@@ -87,12 +86,12 @@ class VisionTransformer(nn.Module):
     self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.vision_dim))
     self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
                                 (1, 1 + cfg.grid_size ** 2, cfg.vision_dim))
-    self.blocks = stack(Block, cfg, cfg.vision_depth, num_per_layer=1, deterministic=self.deterministic)
+    self.blocks = stack(Block, cfg, cfg.vision_depth, num_per_layer=1)
     self.norm = layer_norm(VIT_LN_EPS)
     if cfg.vision_projection:
       self.proj = torch_linear(cfg.text_dim, cfg.vision_dim, dtype)  # RetFiner's new layer: PyTorch's init.
 
-  def features(self, images):
+  def features(self, images, train: bool = False):
     cfg = self.cfg
     if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
       raise ValueError(f"expected NHWC images of shape (B, {cfg.image_size}, {cfg.image_size}, 3), "
@@ -103,10 +102,10 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)
     # timm's rule: rates rising linearly from 0 at the first block to cfg.drop_path at the last.
     rates = jnp.linspace(0.0, cfg.drop_path, cfg.vision_depth, dtype=jnp.float32)
-    return apply_stack(self.blocks, x, per_layer=(rates,))
+    return apply_stack(self.blocks, x, per_layer=(rates,), train=train)
 
-  def __call__(self, images):
-    x = self.features(images)
+  def __call__(self, images, train: bool = False):
+    x = self.features(images, train)
     normed = self.norm(x)  # Always called so that its parameters exist.
     if self.cfg.apply_final_norm:
       x = normed

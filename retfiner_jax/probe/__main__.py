@@ -18,14 +18,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   from retfiner_jax import compile_cache
+  from retfiner_jax.errors import run_reporting_user_errors
   from retfiner_jax.probe.run import run
   config = _CONFIG.value
   if _WORKDIR.value:
     config.workdir = _WORKDIR.value
   log = functools.partial(print, flush=True)
   compile_cache.enable(config.compile_cache, log)
-  run(config, log)
+  run_reporting_user_errors(run, config, log)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from retfiner_jax.errors import parse_flags
+  app.run(main, flags_parser=parse_flags)

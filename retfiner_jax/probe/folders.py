@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
+from retfiner_jax.errors import UserError
+
 from retfiner_jax.data.images import IMAGE_SUFFIXES, ImageError, preprocess, read_image, scale_intensity
 
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
-class ProbeDataError(ValueError):
+class ProbeDataError(UserError, ValueError):
   pass
 
 
@@ -26,7 +28,8 @@ def read_image_folder(root):
     folder = root / split
     if not folder.is_dir():
       continue
-    names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    # Hidden folders (.ipynb_checkpoints, .DS_Store's kin) are not classes.
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(names) < 2:
       raise ProbeDataError(f"{folder}: a split needs at least two classes, found {names}")
     if classes is None:
@@ -35,7 +38,8 @@ def read_image_folder(root):
       raise ProbeDataError(f"{folder}: classes {names} differ from those of {root / 'train'}: {classes}")
     items = []
     for index, name in enumerate(names):
-      files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+      files = sorted(p for p in (folder / name).iterdir()
+                     if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
       if not files:
         raise ProbeDataError(f"{folder / name}: empty class folder (no {sorted(IMAGE_SUFFIXES)} files)")
       items += [(p, index) for p in files]
@@ -44,14 +48,31 @@ def read_image_folder(root):
 
 
 def stratified_split(items, fraction=0.15, seed=0):
-  """(train, val): a stratified `fraction` of `items` for validation, per class at least one."""
+  """(train, val, classes left without validation images): a stratified `fraction` of `items` for validation,
+  per class at least one, but never a class's only training image."""
   rng = np.random.default_rng(seed)
   labels = np.array([y for _, y in items])
   val = np.zeros(len(items), bool)
+  without_val = []
   for c in np.unique(labels):
     idx = np.flatnonzero(labels == c)
+    if len(idx) < 2:
+      without_val.append(int(c))
+      continue
     val[rng.permutation(idx)[:max(1, int(round(fraction * len(idx))))]] = True
-  return [it for it, v in zip(items, val) if not v], [it for it, v in zip(items, val) if v]
+  return ([it for it, v in zip(items, val) if not v], [it for it, v in zip(items, val) if v], without_val)
+
+
+def unreadable(paths, workers: int = 8) -> dict:
+  """{path: reason} of the images that do not open and decode fully (truncated, corrupt, unsupported)."""
+  def one(path):
+    try:
+      _as_pil_rgb(path).load()
+      return None
+    except (ImageError, OSError, ValueError, SyntaxError) as e:
+      return f"{type(e).__name__}: {e}"
+  with ThreadPoolExecutor(workers) as pool:
+    return {p: why for p, why in zip(paths, pool.map(one, paths)) if why is not None}
 
 
 def load_images(paths, image_size: int, backbone: str, workers: int = 8) -> np.ndarray:

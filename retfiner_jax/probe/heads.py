@@ -1,13 +1,12 @@
 """Linear heads on frozen features: every seed at once (`vmap`), the whole training loop compiled on device.
 
-The paper's protocol: weights truncated-normal (std 2e-5), bias 0; AdamW (weight decay 0.05); label-smoothing
-0.1 cross-entropy; up to 1000 epochs; early stopping with patience 20 on validation balanced accuracy
-(min delta 0.001, ties broken by validation loss), the patience counted from epoch 20; the best-validation
-head is the one tested.
+The features protocol (settings.py): weights truncated-normal (std 2e-5), bias 0; AdamW; label-smoothing
+cross-entropy; early stopping on validation balanced accuracy (ties broken by a lower validation loss), the
+patience counted from `patience_from_epoch`; the best-validation head is the one tested. A constant learning
+rate and clean features (no augmentation) are what this protocol changes against the paper's (paper.py).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -16,23 +15,7 @@ import numpy as np
 import optax
 
 from retfiner_jax.probe import rules
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeSettings:
-  seeds: tuple = (0, 1, 2, 3, 4)
-  max_epochs: int = 1000
-  patience: int = 20
-  patience_from_epoch: int = 20
-  min_delta: float = 0.001
-  learning_rate: float = 1e-3
-  weight_decay: float = 0.05  # AdamW's decoupled decay.
-  l2: float = 0.0  # An L2 penalty added to the loss (0 in the paper's protocol).
-  label_smoothing: float = 0.1
-  init_std: float = 2e-5
-  batch_size: int = 0  # 0: full batch (or, with batch_rule, the original's rule).
-  batch_rule: bool = False  # The original's batch size for the training-set size (rules.batch_size).
-  class_balanced: bool = False
+from retfiner_jax.probe.settings import ProbeSettings
 
 
 class Stopping(NamedTuple):
@@ -74,11 +57,10 @@ def train_heads(x_train, y_train, x_val, y_val, num_classes: int, settings: Prob
   n, dim = x_train.shape
   counts = jnp.bincount(y_train, length=num_classes)
   class_weight = n / (num_classes * jnp.maximum(counts, 1)) if settings.class_balanced else jnp.ones(num_classes)
+  if settings.weight_decay < 0:
+    raise ValueError("train_heads: weight_decay < 0 means 'per FM'; resolve it with settings.for_backbone first")
   tx = optax.adamw(settings.learning_rate, weight_decay=settings.weight_decay)
-  if settings.batch_rule:
-    batch = min(rules.batch_size(n), n)
-  else:
-    batch = settings.batch_size if 0 < settings.batch_size < n else n
+  batch = n if settings.batch_size < 0 else min(settings.batch_size or rules.batch_size(n), n)
   steps_per_epoch = n // batch
 
   def loss_fn(head, x, y):
@@ -90,7 +72,7 @@ def train_heads(x_train, y_train, x_val, y_val, num_classes: int, settings: Prob
 
   def one_seed(seed):
     key = jax.random.PRNGKey(seed)
-    head = {"kernel": settings.init_std * jax.random.truncated_normal(key, -2.0, 2.0, (dim, num_classes)),
+    head = {"kernel": rules.HEAD_STD * jax.random.truncated_normal(key, -2.0, 2.0, (dim, num_classes)),
             "bias": jnp.zeros(num_classes)}
 
     def epoch_body(carry):

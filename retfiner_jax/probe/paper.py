@@ -13,7 +13,6 @@ Every (dataset, encoder, seed) gets an audit folder with `log.jsonl` (one line p
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -29,32 +28,14 @@ from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.vit import VisionTransformer
 from retfiner_jax.probe import augment, rules
 from retfiner_jax.probe.features import representation
+from retfiner_jax.probe.settings import ProbeSettings
 
 
-@dataclasses.dataclass(frozen=True)
-class PaperSettings:
-  seeds: tuple = (0, 1, 2, 3, 4)
-  max_epochs: int = rules.MAX_EPOCHS
-  warmup_epochs: int = rules.WARMUP_EPOCHS
-  learning_rate: float = rules.BASE_LR
-  min_lr: float = rules.MIN_LR
-  weight_decay: float = 0.05  # Per FM: rules.WEIGHT_DECAY.
-  drop_path: float = 0.1  # Per FM: rules.DROP_PATH.
-  batch_size: int = 0  # 0: rules.batch_size(number of training images).
-  patience: int = rules.PATIENCE
-  start_from: int = rules.START_FROM
-  delta: float = rules.DELTA
-  delta_two: float = rules.DELTA_TWO
-  label_smoothing: float = rules.LABEL_SMOOTHING
-  fill: float = 0.0  # The affine transform's fill (the paper's runs: --fill 0).
-  data_seed: int = 0  # Shuffling and augmentation (shared by the seeds).
-
-
-def paper_features(module: VisionTransformer, images):
+def paper_features(module: VisionTransformer, images, train: bool = False):
   """The representation the original probes, per FM. RETFound/UrFound: last block output before the final
   norm, concat(mean of patch tokens, class token), LayerNorm without affine. VisionFM: the final norm applied,
   concat(class token, mean of patch tokens), nothing more. RETFound's `proj` is never used."""
-  tokens = module.features(images)
+  tokens = module.features(images, train)
   if module.cfg.backbone == "visionfm":
     tokens = module.norm(tokens).astype(jnp.float32)
     return jnp.concatenate([tokens[:, 0], tokens[:, 1:].mean(axis=1)], axis=-1)
@@ -63,7 +44,7 @@ def paper_features(module: VisionTransformer, images):
 
 def make_encoder_fn(cfg: ModelConfig, train: bool, fill: float = 0.0):
   """(params, uint8 grey images (B, S, S), key) -> features (B, F). Train mode: augmentation + stochastic depth."""
-  vit = VisionTransformer(cfg, deterministic=not train)
+  vit = VisionTransformer(cfg)
 
   def encode(params, gray_u8, key):
     gray = gray_u8.astype(jnp.float32) / 255.0
@@ -72,7 +53,7 @@ def make_encoder_fn(cfg: ModelConfig, train: bool, fill: float = 0.0):
       gray = augment.augment(key_augment, gray, fill)
     images = augment.to_model_input(gray, cfg.backbone)
     rngs = {"dropout": key_drop} if train else {}
-    return vit.apply({"params": params}, images, method=paper_features, rngs=rngs)
+    return vit.apply({"params": params}, images, train, method=paper_features, rngs=rngs)
   return jax.jit(encode)
 
 
@@ -93,7 +74,7 @@ def features_once(encode, params, gray_u8: np.ndarray, batch: int, mesh) -> np.n
   return np.concatenate(out)
 
 
-def make_head_step(num_classes: int, settings: PaperSettings):
+def make_head_step(num_classes: int, settings: ProbeSettings):
   tx = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8,
                                              weight_decay=settings.weight_decay)
 
@@ -127,12 +108,16 @@ def make_head_step(num_classes: int, settings: PaperSettings):
   return tx, jax.jit(step), jax.jit(validate, static_argnums=3)
 
 
-def probe(cfg: ModelConfig, params, data: dict, num_classes: int, settings: PaperSettings, audit_dirs: list,
+def probe(cfg: ModelConfig, params, data: dict, num_classes: int, settings: ProbeSettings, audit_dirs: list,
           log=print, mesh=None):
   """data: gray_{train,val,test} (N, S, S) uint8 and y_{train,val,test}. Trains every seed's head; writes
   each seed's audit folder; returns the test-split probabilities (seeds, N_test, C) of the best heads and the
   best epochs."""
+  if settings.weight_decay < 0 or settings.drop_path < 0 or settings.batch_size < 0:
+    raise ValueError("paper probe: resolve the per-FM settings first (settings.for_backbone); batch_size -1 "
+                     "(whole training set) is for the features protocol")
   mesh = mesh if mesh is not None else sharding.make_mesh()
+  cfg = cfg.replace(dtype="float32")  # As the features protocol: the probe's numbers in full precision.
   n_train = len(data["y_train"])
   batch = settings.batch_size or rules.batch_size(n_train)
   padded_batch = -(-batch // mesh.size) * mesh.size
@@ -151,7 +136,8 @@ def probe(cfg: ModelConfig, params, data: dict, num_classes: int, settings: Pape
   opts = jax.vmap(tx.init)(heads)
   best = jax.tree.map(np.array, heads)
   best_epoch = [-1] * seeds
-  stoppers = [rules.EarlyStopping(settings.patience, settings.delta, settings.delta_two, settings.start_from)
+  stoppers = [rules.EarlyStopping(settings.patience, settings.min_delta, settings.min_delta_loss,
+                                   settings.patience_from_epoch)
               for _ in range(seeds)]
   active = np.ones(seeds, bool)
   for folder in audit_dirs:

@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from retfiner_jax import weights
+from retfiner_jax.errors import ConfigError, MissingInput
 from retfiner_jax.probe.features import cache_key, cached_features, extract_features, file_identity
-from retfiner_jax.probe import paper, rules
+from retfiner_jax.probe import paper
 from retfiner_jax.probe.folders import (ProbeDataError, load_gray_u8, load_images, read_image_folder,
-                                        stratified_split)
-from retfiner_jax.probe.heads import ProbeSettings, predict_proba, train_heads
+                                        stratified_split, unreadable)
+from retfiner_jax.probe.heads import predict_proba, train_heads
+from retfiner_jax.probe.settings import ProbeSettings
 from retfiner_jax.probe.metrics import METRICS, classification_metrics, paired_comparison, summarise
 
 
@@ -25,25 +27,35 @@ def load_encoder(path, variant: str | None = None, log=print):
       path = candidate
       break
   if not path.exists():
-    raise FileNotFoundError(f"{path}: no such encoder (a converted folder, a training workdir or a checkpoint)")
+    raise MissingInput(f"{path}: no such encoder (a converted folder, a training workdir or a checkpoint)")
   cfg, params, _ = weights.load_weights(path, variant=variant or None, log=log)
   if "vision_encoder" not in params:
     raise ProbeDataError(f"{path}: holds no vision encoder")
   return cfg, params["vision_encoder"], path
 
 
-def dataset_splits(root, log=print):
+def dataset_splits(root, log=print, skip_bad_images: bool = False):
   splits, classes = read_image_folder(root)
+  if skip_bad_images:  # Checked first, so that a bad file never stops a run halfway.
+    for split, items in splits.items():
+      bad = unreadable([p for p, _ in items])
+      for path, why in bad.items():
+        log(f"{root}: leaving out {path} ({why}) (data.skip_bad_images)")
+      splits[split] = [it for it in items if it[0] not in bad]
   if "val" not in splits:
-    splits["train"], splits["val"] = stratified_split(splits["train"], seed=0)
+    splits["train"], splits["val"], without_val = stratified_split(splits["train"], seed=0)
     log(f"{root}: no val folder; a stratified 15 % of train (seed 0) is the validation split")
+    if without_val:
+      log(f"{root}: warning: classes {[classes[c] for c in without_val]} have a single training image, kept for "
+          f"training; the validation split has none of them")
   return splits, classes
 
 
-def probe_dataset_paper(cfg, vision_params, root, settings: paper.PaperSettings, audit_dir, log=print):
+def probe_dataset_paper(cfg, vision_params, root, settings: ProbeSettings, audit_dir, log=print,
+                        skip_bad_images: bool = False):
   """The paper's protocol on one ImageFolder dataset -> (summary, per-seed test probabilities, labels, classes);
   audit files under `audit_dir/seed<k>/`."""
-  splits, classes = dataset_splits(root, log)
+  splits, classes = dataset_splits(root, log, skip_bad_images)
   data = {}
   for split, items in splits.items():
     data[f"gray_{split}"] = load_gray_u8([p for p, _ in items], cfg.image_size)
@@ -57,10 +69,10 @@ def probe_dataset_paper(cfg, vision_params, root, settings: paper.PaperSettings,
 
 
 def probe_dataset(cfg, vision_params, root, settings: ProbeSettings, kind="concat", cache_dir=None,
-                  encoder_id="", log=print):
+                  encoder_id="", log=print, skip_bad_images: bool = False):
   """The features protocol on one ImageFolder dataset (clean features once, heads on them) -> (summary,
   per-seed test probabilities, labels, classes)."""
-  splits, classes = dataset_splits(root, log)
+  splits, classes = dataset_splits(root, log, skip_bad_images)
 
   def compute():
     out = {}
@@ -148,20 +160,13 @@ def parse_named(spec: str) -> list[tuple[str, str]]:
   return out
 
 
-def per_fm(value: float, table: dict, backbone: str) -> float:
-  """A probe setting: the configured value, or (when negative) the original's value for this FM."""
-  return float(value) if value >= 0 else table[backbone]
-
-
 def run(config, log=print) -> dict:
   start = time.time()
   encoders = parse_named(config.encoder)
   datasets = parse_named(config.data.root)
   if not encoders or not datasets:
-    raise ValueError("give --config.encoder=PATH[,PATH...] and --config.data.root=DIR[,DIR...]")
-  p = config.probe
-  if p.protocol not in ("paper", "features"):
-    raise ValueError(f"config.probe.protocol must be 'paper' or 'features', got {p.protocol!r}")
+    raise ConfigError("give --config.encoder=PATH[,PATH...] and --config.data.root=DIR[,DIR...]")
+  base = ProbeSettings(**config.probe)
   out_dir = Path(config.workdir)
   cache_dir = config.cache_dir or str(out_dir / "feature_cache")
   results, confusions = {}, {}
@@ -170,34 +175,23 @@ def run(config, log=print) -> dict:
     if config.image_size:
       cfg = cfg.replace(image_size=config.image_size)
     identity = file_identity(resolved)
-    weight_decay = per_fm(p.weight_decay, rules.WEIGHT_DECAY, cfg.backbone)
+    settings = base.for_backbone(cfg.backbone)
     for ds_name, root in datasets:
       t = time.time()
-      if p.protocol == "paper":
-        settings = paper.PaperSettings(
-            seeds=tuple(p.seeds), max_epochs=p.max_epochs, warmup_epochs=p.warmup_epochs,
-            learning_rate=p.learning_rate, min_lr=p.min_lr, weight_decay=weight_decay,
-            drop_path=per_fm(p.drop_path, rules.DROP_PATH, cfg.backbone), batch_size=p.batch_size,
-            patience=p.patience, start_from=p.patience_from_epoch, delta=p.min_delta, delta_two=p.min_delta_loss,
-            label_smoothing=p.label_smoothing, fill=p.fill)
-        log(f"{ds_name} / {enc_name}: paper protocol ({cfg.backbone}: weight decay {weight_decay:g}, drop path "
-            f"{settings.drop_path:g})")
+      if settings.protocol == "paper":
+        log(f"{ds_name} / {enc_name}: paper protocol ({cfg.backbone}: weight decay {settings.weight_decay:g}, "
+            f"drop path {settings.drop_path:g})")
         summary, proba, labels, classes = probe_dataset_paper(cfg, params, root, settings,
-                                                              out_dir / "audit" / ds_name / enc_name, log)
+                                                              out_dir / "audit" / ds_name / enc_name, log,
+                                                              config.data.skip_bad_images)
       else:
-        settings = ProbeSettings(seeds=tuple(p.seeds), max_epochs=p.max_epochs, patience=p.patience,
-                                 patience_from_epoch=p.patience_from_epoch, min_delta=p.min_delta,
-                                 learning_rate=p.learning_rate, weight_decay=weight_decay,
-                                 label_smoothing=p.label_smoothing, init_std=rules.HEAD_STD,
-                                 batch_size=p.batch_size, batch_rule=p.batch_size == 0,
-                                 class_balanced=p.class_balanced)
         summary, proba, labels, classes = probe_dataset(cfg, params, root, settings, config.representation,
-                                                        cache_dir, identity, log)
+                                                        cache_dir, identity, log, config.data.skip_bad_images)
       results.setdefault(ds_name, {})[enc_name] = summary
       confusions[(ds_name, enc_name)] = (proba, labels, classes)
       log(f"{ds_name} / {enc_name}: balanced accuracy {100 * summary['bacc']['mean']:.1f} ± "
           f"{100 * summary['bacc']['std']:.1f}, AUROC {summary['auroc']['mean']:.3f} "
-          f"({len(settings.seeds)} seeds, {p.protocol} protocol, {time.time() - t:.1f} s)")
+          f"({len(settings.seeds)} seeds, {settings.protocol} protocol, {time.time() - t:.1f} s)")
   write_outputs(out_dir, results, confusions, log)
   if len(encoders) == 2:
     comparison = paired_comparison(results, encoders[0][0], encoders[1][0])

@@ -1,0 +1,136 @@
+"""Every module in configs/ (found by listing the folder, no hand-kept list): its settings have one default each,
+the dataclasses built from it carry its values, and it runs: a short smoke run per config whose outcome is
+checked against numbers known independently (Adam's step size, the warm-up's learning rate, a falling loss)."""
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import configs
+from conftest import shared_path
+from retfiner_jax import train, weights
+from retfiner_jax.config_defaults import base_config, tiny_model
+from retfiner_jax.data import synthetic
+from retfiner_jax.models.config import VARIANTS, ModelConfig
+from retfiner_jax.objectives import ObjectiveSettings
+from retfiner_jax.probe.settings import ProbeSettings
+from retfiner_jax.run_log import read_metrics
+
+
+def probe_blocks(c):
+  """The config blocks that become ProbeSettings."""
+  return [b for b in (c.get("probe"), c.get("demo", {}).get("probe")) if b is not None]
+
+
+def kind(c) -> str:
+  return "demo" if "demo" in c else "probe" if "encoder" in c else "train"
+
+
+def test_every_config_module_is_found():
+  assert {"retfound", "visionfm", "urfound", "demo", "probe"} <= set(configs.NAMES)
+  with pytest.raises(ValueError, match="no config 'nope'.*known: demo, probe"):
+    configs.load("nope")
+
+
+def test_each_setting_has_one_default():
+  """The config blocks that become dataclasses are those dataclasses' defaults, not a second copy."""
+  for backbone in ("retfound", "visionfm", "urfound"):
+    c = base_config(backbone)
+    assert c.model.to_dict() == VARIANTS[backbone].to_dict()
+    assert c.train.objectives.to_dict() == dataclasses.asdict(ObjectiveSettings())
+  assert configs.load("probe").probe.to_dict() == dataclasses.asdict(ProbeSettings())
+  # The run's numerics and dropout are the model's own defaults (mixed precision as the original's
+  # precision=16, BERT's dropout 0.1).
+  assert ModelConfig().dtype == "bfloat16" and ModelConfig().text_dropout == 0.1
+
+
+@pytest.mark.parametrize("name", configs.NAMES)
+def test_dataclasses_built_from_a_config_carry_its_values(name):
+  c = configs.load(name)
+  if "model" in c:
+    assert ModelConfig.from_dict(c.model.to_dict()).to_dict() == c.model.to_dict()
+  if "train" in c:
+    assert dataclasses.asdict(ObjectiveSettings(**c.train.objectives)) == c.train.objectives.to_dict()
+  for block in probe_blocks(c):
+    assert dataclasses.asdict(ProbeSettings(**block)) == block.to_dict()
+  assert "model" in c or probe_blocks(c), f"configs/{name}.py: nothing to build"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  out = tmp_path_factory.mktemp("corpus")
+  synthetic.generate(out, count=60, seed=0, height=64, width=64, workers=1, log=lambda *a: None)
+  return out
+
+
+@pytest.mark.parametrize("name", configs.NAMES)
+def test_config_smoke_run(name, corpus, tmp_path):
+  c = configs.load(name)
+  {"train": smoke_train, "demo": smoke_demo, "probe": smoke_probe}[kind(c)](name, c, corpus, tmp_path)
+
+
+def smoke_train(name, config, corpus, tmp_path):
+  """Two steps from PyTorch FM weights: every exported ViT weight moved from the FM's by at most two Adam steps
+  (|update| <= ~lr each) and some by about one, so the FM's weights were loaded and trained, not replaced."""
+  import torch
+  from torch_reference import TorchViT
+  config = tiny_model(config)
+  config.model.dtype = "float32"
+  config.tokenizer = str(shared_path("reference", "vocab.txt"))
+  config.data.train_manifest = str(corpus / "manifest.csv")
+  config.data.val_manifest = str(corpus / "manifest_val.csv")
+  config.train.update(batch_size=8, log_every=1, max_steps=2, micro_batches=2)
+  cfg = train.model_config(config)
+  vit = TorchViT(dim=cfg.vision_dim, mlp=cfg.vision_mlp_dim).state_dict()
+  wrapped = {"retfound": {"model": vit}, "urfound": {"model": {**vit, "bert_mlp.w": torch.zeros(1)}},
+             "visionfm": {"teacher": {f"backbone.{k}": v for k, v in vit.items() if not k.startswith("head")}}}
+  torch.save(wrapped[cfg.backbone], tmp_path / "fm.pth")
+  config.weights.vision = str(tmp_path / "fm.pth")
+  lines = []
+  summary = train.run(config, tmp_path / "run", log=lambda line, **_: lines.append(line))
+  assert summary["status"] == "finished" and summary["steps"] == 2
+  assert any(line.startswith("loaded vision_encoder") for line in lines)
+  _, fm, _ = weights.convert_checkpoint(tmp_path / "fm.pth", model_config=cfg, log=lambda *a: None)
+  _, refined, _ = weights.load_converted(summary["exported"]["flax"])
+  lr = config.train.learning_rate
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                       refined["vision_encoder"], fm["vision_encoder"])
+  largest = max(jax.tree.leaves(moved))
+  assert 0.5 * lr < largest < 2.5 * lr, (name, largest)
+
+
+def smoke_demo(name, config, corpus, tmp_path):
+  """The demo in short: its outputs, and a refinement whose training loss falls."""
+  from retfiner_jax import demo
+  config.demo.update(count=60, image_height=64, tasks=("fluid",))
+  config.demo.probe.seeds = (0,)
+  config.model.image_size = 32
+  config.train.update(epochs=4, batch_size=8, log_every=1)
+  results = demo.run(config, tmp_path, log=lambda *a: None)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert set(saved["tasks"]) == {"fluid"} and results["tasks"] == saved["tasks"]
+  losses = [r["loss"] for r in read_metrics(tmp_path / "refine" / "metrics.jsonl") if r["kind"] == "train"]
+  assert len(losses) >= 8
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+  assert (tmp_path / "results.png").exists()
+
+
+def smoke_probe(name, config, corpus, tmp_path):
+  """Three epochs of the paper protocol on a tiny encoder: the audit's learning rates are the warm-up's, known by
+  hand (1e-3 x epoch / 10 at each epoch's first iteration)."""
+  import torch
+  from retfiner_jax.probe import run
+  from torch_reference import TorchViT
+  torch.manual_seed(0)
+  torch.save(TorchViT(dim=48, mlp=192).state_dict(), tmp_path / "enc.pth")
+  config.encoder = f"fm={tmp_path / 'enc.pth'}"
+  config.variant = "tiny-visionfm"
+  config.data.root = f"fluid={corpus / 'tasks' / 'fluid'}"
+  config.workdir = str(tmp_path / "out")
+  config.probe.update(seeds=(0,), max_epochs=3)
+  run.run(config, log=lambda *a: None)
+  log = [json.loads(x) for x in (tmp_path / "out/audit/fluid/fm/seed0/log.jsonl").read_text().splitlines()]
+  assert [r["lr_first"] for r in log] == pytest.approx([0.0, 1e-4, 2e-4], abs=1e-12)
+  assert json.loads((tmp_path / "out" / "results.json").read_text())["fluid"]["fm"]["protocol"] == "paper"

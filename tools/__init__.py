@@ -1,0 +1,1 @@
+"""Command-line tools: weight conversion, reference-bundle checks, the synthetic data grid."""
