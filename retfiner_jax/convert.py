@@ -323,11 +323,25 @@ def unflatten(flat: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # Reading checkpoints.
 
+def _harmless_globals() -> list:
+  """What the FMs' training scripts pickle beside the weights and that cannot run code: MAE's and iBOT's
+  `args` (an argparse.Namespace), numpy scalars and their dtypes."""
+  import argparse
+  try:
+    from numpy._core.multiarray import scalar
+  except ImportError:  # numpy < 2
+    from numpy.core.multiarray import scalar
+  dtypes = (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_)
+  return [argparse.Namespace, scalar, np.dtype] + [type(np.dtype(t)) for t in dtypes]
+
+
 def read_torch_file(path: Path):
-  """Loads a torch pickle without executing arbitrary code (weights_only), CUDA tensors onto the CPU."""
+  """Loads a torch pickle without executing arbitrary code (weights_only, plus the harmless globals above),
+  CUDA tensors onto the CPU."""
   import torch
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals(_harmless_globals()):
+      return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several types for truncated or foreign files.
     raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
 

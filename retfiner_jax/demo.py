@@ -36,14 +36,23 @@ SPECIAL = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "
 
 
 def build_vocab(reports, size: int, path: Path) -> Path:
-  """WordPiece vocabulary of the reports in bert-base-uncased's id layout (specials keep their ids)."""
-  from tokenizers import BertWordPieceTokenizer
-  tok = BertWordPieceTokenizer(lowercase=True)
-  tok.train_from_iterator(reports, vocab_size=size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-                          show_progress=False)
-  learnt = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]) if t not in SPECIAL]
+  """A WordPiece vocabulary of the reports in bert-base-uncased's id layout (specials keep their ids), built
+  deterministically: every character, alone and as a `##` continuation (so no word is unknown), then the most
+  frequent whole words (ties in alphabetical order) up to `size` entries. (The `tokenizers` trainer breaks ties
+  differently from run to run, which changed the demo's vocabulary, and so its results, between identical runs.)"""
+  from collections import Counter
+
+  from tokenizers.normalizers import BertNormalizer
+  from tokenizers.pre_tokenizers import BertPreTokenizer
+  normalise, split = BertNormalizer(lowercase=True), BertPreTokenizer()
+  counts = Counter(word for report in reports
+                   for word, _ in split.pre_tokenize_str(normalise.normalize_str(report)))
+  chars = sorted({c for word in counts for c in word})
+  pieces = [p for p in chars + ["##" + c for c in chars] if p not in SPECIAL]
+  room = max(size - len(SPECIAL) - len(pieces), 0)
+  words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1][:room]
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text("\n".join(SPECIAL + learnt) + "\n")
+  path.write_text("\n".join(SPECIAL + pieces + words) + "\n")
   return path
 
 

@@ -180,10 +180,45 @@ def setup_data(config, cfg: ModelConfig, mesh, log, workdir=None):
   return train_iter, train_source, val_batches, val_source, steps_per_epoch, total_steps
 
 
+# Settings a resumed run may change: how long it runs, how it reports and saves, how it reads and shards.
+RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.log_every", "train.patience", "checkpoint.",
+                     "data.num_workers", "compile_cache", "mesh.", "eval.recall_at")
+
+
+def _flat(d: dict, prefix="") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_resume_config(config, workdir: Path, log=print):
+  """A workdir with checkpoints resumes only with the model and data it was trained with: any other change is
+  refused, listing the keys. The saved config.json is written by a fresh run only and never overwritten."""
+  saved_path = workdir / "config.json"
+  new = json.loads(config.to_json_best_effort())
+  if not (workdir / "checkpoints").is_dir() or not any((workdir / "checkpoints").iterdir()) \
+      or not saved_path.exists():
+    saved_path.write_text(json.dumps(new, indent=1))
+    return
+  old, now = _flat(json.loads(saved_path.read_text())), _flat(new)
+  changed = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+  refused = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+  if refused:
+    raise ConfigError(f"{workdir} was trained with other settings; resuming would mix two runs. Changed: "
+                      + "; ".join(f"{k}: {old.get(k)!r} -> {now.get(k)!r}" for k in refused)
+                      + ". Use a new --workdir, or the saved settings (" + str(saved_path) + ")")
+  if changed:
+    log("resuming with changed settings: " + "; ".join(f"{k}: {old.get(k)!r} -> {now.get(k)!r}" for k in changed))
+
+
 def setup(config, workdir, log=print) -> Run:
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+  check_resume_config(config, workdir, log)
   cfg, settings = model_config(config), objective_settings(config)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   if config.train.batch_size % (mesh.size * config.train.micro_batches):
@@ -204,6 +239,9 @@ def setup(config, workdir, log=print) -> Run:
   abstract_state = jax.eval_shape(init_state, abstract_params)
   state_sh = sharding.tree_shardings(mesh, abstract_state)
   if checkpoints.latest_step() is None:
+    for tower in randomly_initialised(config):
+      key = "vision" if tower == "vision_encoder" else "text"
+      log(f"warning: the {tower.replace('_', ' ')} starts from random weights (config.weights.{key} is empty)")
     params = jax.tree.map(np.asarray, jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(config.seed)))
     params = jax.device_put(weights.load_pretrained(config, cfg, params, log), param_sh)
     state, progress = jax.jit(init_state, out_shardings=state_sh)(params), Progress()
@@ -264,24 +302,32 @@ def check_finite(r: Run, step, metrics):
                       f"{r.checkpoints.latest_step()}")
 
 
-def end_of_epoch(r: Run, step: int, run_log: RunLog):
-  """Validation, the best checkpoint, early stopping, and the epoch's checkpoint."""
+def validate(r: Run, step: int, run_log: RunLog, when: str) -> bool:
+  """Validation losses and recalls, logged; the best checkpoint if they improved. Returns whether they did."""
   progress, config = r.progress, r.config
-  progress.epoch += 1
   val = evaluate(r.model, r.state["params"], r.val_batches(), r.settings, config.eval.seed, r.global_batch,
                  tuple(config.eval.recall_at), r.eval_loss_fn, r.embed_fn,
                  epoch=None if config.eval.fixed_sampling else progress.epoch)
   run_log.write("val", step, val, epoch=progress.epoch)
-  r.log(f"validation after epoch {progress.epoch}: loss {val.get('loss', float('nan')):.4f}  " +
+  r.log(f"validation {when}: loss {val.get('loss', float('nan')):.4f}  " +
         "  ".join(f"{k} {v:.3f}" for k, v in val.items() if k.startswith("recall") and k.endswith(("@1", "@5"))))
   val_loss = val.get("loss", float("nan"))
   if not np.isfinite(val_loss):
-    raise NonFiniteLoss(f"non-finite validation loss {val_loss} after epoch {progress.epoch} (step {step}); "
-                        f"stopping. The last good checkpoint is {r.workdir / 'checkpoints'} step "
-                        f"{r.checkpoints.latest_step()}")
+    raise NonFiniteLoss(f"non-finite validation loss {val_loss} {when} (step {step}); stopping. The last good "
+                        f"checkpoint is {r.workdir / 'checkpoints'} step {r.checkpoints.latest_step()}")
   if val_loss < progress.best_val_loss:
-    progress.best_val_loss, progress.best_step, progress.bad_epochs = val_loss, step, 0
+    progress.best_val_loss, progress.best_step = val_loss, step
     r.checkpoints.save_best(step, r.state["params"], {"val_loss": val_loss, "epoch": progress.epoch})
+    return True
+  return False
+
+
+def end_of_epoch(r: Run, step: int, run_log: RunLog):
+  """Validation, the best checkpoint, early stopping, and the epoch's checkpoint."""
+  progress, config = r.progress, r.config
+  progress.epoch += 1
+  if validate(r, step, run_log, f"after epoch {progress.epoch}"):
+    progress.bad_epochs = 0
   else:
     progress.bad_epochs += 1
     if progress.bad_epochs >= config.train.patience:
@@ -312,8 +358,8 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
     if step % r.config.train.log_every == 0 or step == r.total_steps:
       check_finite(r, step, metrics)
       host = dict(jax.device_get(metrics), **wait.report())
-      run_log.write("train", step, host, epoch=r.progress.epoch)
-      run_log.progress(r.progress.epoch, step, host)
+      run_log.write("train", step, host, epoch=r.progress.epoch + 1)  # The epoch in progress, counted from 1.
+      run_log.progress(r.progress.epoch + 1, step, host)
     if step % r.steps_per_epoch == 0:
       check_finite(r, step, metrics)
       end_of_epoch(r, step, run_log)
@@ -327,6 +373,8 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
       return "interrupted", step
   if pending is not None:
     check_finite(r, *pending)
+    if r.progress.best_step < 0 and step % r.steps_per_epoch:  # Ended within the first epoch: validate once.
+      validate(r, step, run_log, f"at the end (step {step}, within epoch {r.progress.epoch + 1})")
     if r.checkpoints.latest_step() != step:
       r.save(step)
   return "finished", step
@@ -363,9 +411,11 @@ def finish(r: Run, status: str, step: int, samples: int, seconds: float) -> dict
   summary.json."""
   p = r.progress
   skipped = pipeline.skipped_records(r.train_source) + pipeline.skipped_records(r.val_source)
-  summary = {"status": status, "steps": step, "epochs": p.epoch, "best_val_loss": p.best_val_loss,
+  summary = {"status": status, "steps": step, "epochs": p.epoch,
+             "best_val_loss": p.best_val_loss if np.isfinite(p.best_val_loss) else None,  # Strict JSON.
              "best_step": p.best_step, "stopped_early": p.stopped_early, "train_seconds": seconds,
-             "samples_per_second": samples / max(seconds, 1e-9), "records_skipped_while_loading": skipped}
+             "samples_per_second": samples / max(seconds, 1e-9), "records_skipped_while_loading": skipped,
+             "initialised_randomly": randomly_initialised(r.config)}
   if skipped:
     r.log(f"skipped {skipped} records that failed to load (config.data.skip_bad_records)")
   if status == "finished":
@@ -376,5 +426,13 @@ def finish(r: Run, status: str, step: int, samples: int, seconds: float) -> dict
   started = time.time()
   r.checkpoints.close()  # Waits for the asynchronous checkpoint writes.
   r.log(f"checkpoint writes finished in {time.time() - started:.1f} s")
-  (r.workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+  (r.workdir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
   return summary
+
+
+def randomly_initialised(config) -> list[str]:
+  """The towers no pretrained weights are configured for."""
+  w = config.weights
+  if w.retfiner:
+    return []
+  return [name for name, path in (("vision_encoder", w.vision), ("text_encoder", w.text)) if not path]

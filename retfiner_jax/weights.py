@@ -157,6 +157,18 @@ def save_converted(out_dir, cfg: ModelConfig, params: dict, meta: dict):
     ckptr.save(target, jax.tree.map(np.asarray, params))
     ckptr.wait_until_finished()
   (out_dir / "model.json").write_text(json.dumps({"model_config": cfg.to_dict(), **meta}, indent=1))
+  readable_by_all(out_dir)
+
+
+def readable_by_all(folder):
+  """Files 0644 and folders 0755 under `folder` (Orbax writes 0600): exports are for colleagues too."""
+  import os
+  for root, dirs, files in os.walk(folder):
+    for d in dirs:
+      os.chmod(os.path.join(root, d), 0o755)
+    for f in files:
+      os.chmod(os.path.join(root, f), 0o644)
+  os.chmod(folder, 0o755)
 
 
 def load_converted(folder):
@@ -301,5 +313,6 @@ def export_vision(cfg: ModelConfig, params, out, log=print) -> dict:
   except ImportError:
     log("torch not installed: the PyTorch state_dict is in the .safetensors file "
         "(safetensors.torch.load_file gives the state_dict)")
+  readable_by_all(out)
   log(f"exported the refined vision encoder: {paths}")
   return paths

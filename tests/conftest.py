@@ -1,11 +1,17 @@
 """Shared test helpers: the path to ../shared (skip without it, fail under CI) and float32-exact matmuls."""
 import os
+import tempfile
 from pathlib import Path
 
 import jax
 import pytest
 
+from retfiner_jax import compile_cache
+
 jax.config.update("jax_default_matmul_precision", "highest")
+# One persistent compilation cache for the session, fresh every time: the many runs of the same tiny models in
+# different tests compile once (JAX's in-memory cache does not outlive a jitted function object).
+compile_cache.enable(tempfile.mkdtemp(prefix="retfiner-tests-xla-"))
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BUNDLES = ("tiny-retfound", "tiny-visionfm")

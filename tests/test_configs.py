@@ -92,6 +92,19 @@ def smoke_train(name, config, corpus, tmp_path):
   summary = train.run(config, tmp_path / "run", log=lambda line, **_: lines.append(line))
   assert summary["status"] == "finished" and summary["steps"] == 2
   assert any(line.startswith("loaded vision_encoder") for line in lines)
+  # What a first-day user reads: the random tower named, epochs counted from 1, a validation although the run
+  # ended within its first epoch, strict JSON, exports readable by colleagues.
+  assert summary["initialised_randomly"] == ["text_encoder"]
+  assert "warning: the text encoder starts from random weights (config.weights.text is empty)" in lines
+  assert [line.split()[1] for line in lines if line.startswith("epoch")] == ["1", "1"]
+  assert any(line.startswith("validation at the end (step 2, within epoch 1)") for line in lines)
+
+  def no_constants(name):
+    raise AssertionError(f"summary.json holds {name}, which is not JSON")
+  saved = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=no_constants)
+  assert saved["best_step"] == 2 and np.isfinite(saved["best_val_loss"])
+  exported = [p for p in (tmp_path / "run" / "export").rglob("*") if p.is_file()]
+  assert exported and all(p.stat().st_mode & 0o777 == 0o644 for p in exported)
   _, fm, _ = weights.convert_checkpoint(tmp_path / "fm.pth", model_config=cfg, log=lambda *a: None)
   _, refined, _ = weights.load_converted(summary["exported"]["flax"])
   lr = config.train.learning_rate

@@ -219,3 +219,32 @@ def test_urfound_lightning_without_final_norm_and_another_mlp_width(tmp_path):
   assert "model.vision_encoder.fc_norm.weight" in meta["report"]["ignored"]
   np.testing.assert_array_equal(params["vision_encoder"]["blocks"]["mlp"]["fc2"]["kernel"][1],
                                 vit["blocks.1.mlp.fc2.weight"].numpy().T)
+
+
+class _RunsCode:
+  """A pickle that would run a shell command when loaded."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    import os
+    return os.system, (f"touch {self.marker}",)
+
+
+def test_real_fm_checkpoints_with_training_args_load_and_code_is_still_refused(tmp_path):
+  """MAE/RETFound and iBOT/VisionFM save `args` (argparse.Namespace), numpy scalars and the epoch beside the
+  weights; those load. Anything that could run code is refused, also inside the Namespace."""
+  import argparse
+  args = argparse.Namespace(model="vit_large_patch16", input_size=224, blr=np.float64(1.5e-4),
+                            norm_pix_loss=True, mask_ratio=0.75, dtype=np.dtype("float32"), epochs=np.int64(800))
+  cfg, params, meta = weights.convert_checkpoint(
+      _save(tmp_path, {"model": _vit_state(), "epoch": 799, "args": args}, "mae.pth"), variant="tiny-retfound",
+      **quiet)
+  assert meta["source_format"] == "retfound" and "vision_encoder" in params
+  marker = tmp_path / "ran"
+  for name, obj in (("plain.pth", {"model": _vit_state(), "x": _RunsCode(marker)}),
+                    ("in_args.pth", {"model": _vit_state(), "args": argparse.Namespace(hook=_RunsCode(marker))})):
+    with pytest.raises(convert.CheckpointError, match=rf"{name}: cannot read as a PyTorch checkpoint"):
+      weights.convert_checkpoint(_save(tmp_path, obj, name), variant="tiny-retfound", **quiet)
+  assert not marker.exists()

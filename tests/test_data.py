@@ -288,3 +288,23 @@ def test_tfds_path_gives_the_same_examples(tmp_path, vocab):
   example = source[0]
   want = images.read_image(root / example["path"].decode()).astype(np.uint16) * 257
   np.testing.assert_array_equal(tfds_builders.decode_png16(example["image"]), want)
+
+
+def test_the_demo_vocabulary_is_deterministic_and_covers_every_report(tmp_path):
+  import random
+  from retfiner_jax.demo import build_vocab
+  from retfiner_jax.text import load_tokenizer, tokenize
+  reports = ["Subretinal fluid, 250 um.", "Drusen present; no fluid.", "Normal foveal contour.",
+             "Intraretinal cysts and subretinal fluid."] * 3 + ["Épiretinal membrane."]
+  shuffled = list(reports)
+  random.Random(0).shuffle(shuffled)
+  a, b = build_vocab(reports, 600, tmp_path / "a.txt"), build_vocab(shuffled, 600, tmp_path / "b.txt")
+  assert a.read_text() == b.read_text()
+  vocab = a.read_text().splitlines()
+  assert vocab[:4] == ["[PAD]", "[unused0]", "[unused1]", "[unused2]"] and vocab[101:104] == ["[CLS]", "[SEP]", "[MASK]"]
+  assert "fluid" in vocab and "##d" in vocab and vocab.index("fluid") < vocab.index("drusen")  # By frequency.
+  out = tokenize(load_tokenizer(a), reports, 30)
+  assert 100 not in out["input_ids"]  # [UNK]: every word is covered.
+  pieces = sum(1 for t in vocab[106:] if len(t.removeprefix("##")) == 1)  # Characters, alone and as ##c.
+  small = build_vocab(reports, 106 + pieces + 2, tmp_path / "small.txt").read_text().splitlines()
+  assert small[-2:] == ["fluid", "subretinal"]  # Room for two words: the two most frequent (9 and 6 times).

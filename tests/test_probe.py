@@ -163,3 +163,6 @@ def test_probe_cli_with_two_encoders_and_the_feature_cache(tmp_path):
   again = run.run(config, log=lines.append)
   assert sum("features from the cache" in line for line in lines) == 4
   assert again == results
+  earlier = list((tmp_path / "out" / "previous").iterdir())  # The first run's outputs are kept, set aside.
+  assert len(earlier) == 1 and json.loads((earlier[0] / "results.json").read_text()) == saved
+  assert (earlier[0] / "confusion_fluid_a.png").exists() and (tmp_path / "out" / "confusion_fluid_a.png").exists()

@@ -17,6 +17,7 @@ import pytest
 
 from retfiner_jax import train
 from retfiner_jax.checkpoints import NoRestorableCheckpoint, RunCheckpoints
+from retfiner_jax.errors import ConfigError
 from retfiner_jax.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLocked
 from retfiner_jax.run_log import read_metrics
 from test_train import ROOT, corpus, tiny_config, train_losses  # noqa: F401 - `corpus` is a fixture.
@@ -41,6 +42,14 @@ def test_kill_after_the_best_checkpoint_and_a_signal_at_an_epoch_end_resume(corp
   assert len(val_1) == 1 and val_1[0]["step"] == 6 and 0 <= val_1[0]["recall_i2t@5"] <= 1
   import shutil
   shutil.rmtree(work / "checkpoints" / "6")
+  saved_config = (work / "config.json").read_text()
+  changed = tiny_config(corpus, epochs=2)
+  changed.model.text_dropout = 0.0
+  changed.data.augment = True
+  with pytest.raises(ConfigError, match=r"other settings.*Changed: data.augment: False -> True; "
+                                        r"model.text_dropout: 0.1 -> 0.0\. Use a new --workdir"):
+    train.run(changed, work, log=lambda *a: None)
+  assert (work / "config.json").read_text() == saved_config  # A refused run leaves it as it was.
 
   config = tiny_config(corpus, epochs=2)
   config.checkpoint.every_steps = 4
@@ -52,6 +61,8 @@ def test_kill_after_the_best_checkpoint_and_a_signal_at_an_epoch_end_resume(corp
       os.kill(os.getpid(), signal.SIGTERM)
   second = train.run(config, work, log=log)
   assert any("resumed" in line and "step 4" in line for line in lines), lines
+  assert any(line.startswith("resuming with changed settings: ") and "train.epochs: 20 -> 2" in line
+             and "train.max_steps: 6 -> -1" in line for line in lines)
   assert second["status"] == "interrupted" and second["steps"] == 6
   third = train.run(config, work, log=lambda *a: None)
   assert third["status"] == "finished" and third["steps"] == 12
@@ -334,3 +345,10 @@ def test_a_checkpoint_that_cannot_fit_on_disk_stops_with_one_message(tmp_path, m
     saver.save_best(3, big, {"val_loss": 1.0})
   saver.close()
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"] and folder.exists()
+
+
+def test_a_device_makers_oct_file_gets_the_way_to_export_it(tmp_path):
+  from retfiner_jax.data import images
+  (tmp_path / "scan.e2e").write_bytes(b"CMDb")
+  with pytest.raises(images.ImageError, match=r"scan.e2e: a device maker's OCT file.*oct-converter.*eyepy"):
+    images.read_image(tmp_path / "scan.e2e")

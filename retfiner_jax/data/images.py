@@ -21,6 +21,8 @@ NORMALISATION = {
 VOLUME_SUFFIXES = {".npy", ".tif", ".tiff", ".dcm", ".dicom"}  # Formats that may hold several B-scans.
 IMAGE_SUFFIXES = VOLUME_SUFFIXES | {".png", ".jpg", ".jpeg"}
 LUMA = np.array([0.299, 0.587, 0.114])
+# Device makers' OCT files (Heidelberg .e2e/.vol, Topcon .fds, Zeiss .img): export their B-scans first.
+VENDOR_SUFFIXES = {".e2e", ".vol", ".fds", ".img"}
 
 
 class ImageError(ValueError):
@@ -80,6 +82,10 @@ def read_image(path, slice_index=None) -> np.ndarray:
         if im.mode in ("P", "LA", "PA", "1", "CMYK", "YCbCr"):
           im = im.convert("RGB")
         a = np.asarray(im)
+    elif suffix in VENDOR_SUFFIXES:
+      raise ImageError("unsupported_format", f"{path}: a device maker's OCT file ({suffix}); export its B-scans "
+                       f"as images first, e.g. with oct-converter (pip install oct-converter) or eyepy, and list "
+                       f"those in the manifest")
     else:
       raise ImageError("unsupported_format", f"{path}: unsupported image format {suffix!r} "
                        f"(supported: {sorted(IMAGE_SUFFIXES)})")

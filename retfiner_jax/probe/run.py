@@ -97,6 +97,24 @@ def probe_dataset(cfg, vision_params, root, settings: ProbeSettings, kind="conca
   return summary, proba, data["y_test"], classes
 
 
+def set_aside_previous_results(out_dir: Path, log=print):
+  """A rerun in a used workdir: the earlier run's results, plots and audit go to previous/<time>/ (kept, and
+  no stale plot is left beside the new results). The feature cache stays where it is."""
+  if not (out_dir / "results.json").exists():
+    return
+  import shutil
+  stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime((out_dir / "results.json").stat().st_mtime))
+  dest = out_dir / "previous" / stamp
+  n = 1
+  while dest.exists():
+    dest, n = out_dir / "previous" / f"{stamp}-{n}", n + 1
+  dest.mkdir(parents=True)
+  for path in out_dir.iterdir():
+    if path.name.startswith(("results.", "comparison.", "confusion_")) or path.name == "audit":
+      shutil.move(str(path), str(dest / path.name))
+  log(f"{out_dir} held results of an earlier run: moved them to {dest}")
+
+
 def write_outputs(out_dir, results: dict, confusions: dict, log=print):
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,6 +186,7 @@ def run(config, log=print) -> dict:
     raise ConfigError("give --config.encoder=PATH[,PATH...] and --config.data.root=DIR[,DIR...]")
   base = ProbeSettings(**config.probe)
   out_dir = Path(config.workdir)
+  set_aside_previous_results(out_dir, log)
   cache_dir = config.cache_dir or str(out_dir / "feature_cache")
   results, confusions = {}, {}
   for enc_name, enc_path in encoders:
