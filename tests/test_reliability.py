@@ -352,3 +352,25 @@ def test_a_device_makers_oct_file_gets_the_way_to_export_it(tmp_path):
   (tmp_path / "scan.e2e").write_bytes(b"CMDb")
   with pytest.raises(images.ImageError, match=r"scan.e2e: a device maker's OCT file.*oct-converter.*eyepy"):
     images.read_image(tmp_path / "scan.e2e")
+
+
+def test_a_save_cut_off_by_a_kill_is_ignored_and_redone(tmp_path):
+  """A SIGKILL during an Orbax write leaves only a temporary folder: restoring ignores it and the step is
+  saved again when the resumed run reaches it."""
+  _two_checkpoints(tmp_path)
+  partial = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "_METADATA").write_text("{")
+  saver = RunCheckpoints(tmp_path, keep=3, log=lambda *a: None)
+  assert saver.latest_step() == 2
+  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+  state, _, step = saver.restore({"w": jax.ShapeDtypeStruct((3,), jnp.float32)}, iterator)
+  assert step == 2 and np.all(np.asarray(state["w"]) == 2.0)
+  assert saver.save(3, {"w": jnp.full(3, 3.0)}, iterator, {"epoch": 3})
+  saver.close()
+  again = RunCheckpoints(tmp_path, keep=3, log=lambda *a: None)
+  assert again.latest_step() == 3
+  state, _, _ = again.restore({"w": jax.ShapeDtypeStruct((3,), jnp.float32)}, iter(grain.MapDataset.range(10)
+                                                                                   .to_iter_dataset()))
+  assert np.all(np.asarray(state["w"]) == 3.0)
+  again.close()
