@@ -29,7 +29,6 @@ from retfiner_jax.models.retfiner import init_params
 from retfiner_jax.probe.run import probe_dataset
 from retfiner_jax.probe.settings import ProbeSettings
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
 SPECIAL = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]",
                                                               "[unused99]", "[unused100]"]
@@ -139,7 +138,8 @@ def run(config, workdir, log=print) -> dict:
   return results
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", str(DEMO_CONFIG), "the demo's config", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "the demo's config (default: demo, in configs/)",
+                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "the demo's folder: data, refinement run, results; reused "
                                "to resume")
 
@@ -153,6 +153,11 @@ def main(argv):
   run_reporting_user_errors(run, _CONFIG.value, _WORKDIR.value, log)
 
 
+def cli():
+  """The console script's entry point."""
+  from retfiner_jax import cli as command_line
+  command_line.run(main, default_config="demo")
+
+
 if __name__ == "__main__":
-  from retfiner_jax.errors import parse_flags
-  app.run(main, flags_parser=parse_flags)
+  cli()

@@ -28,30 +28,3 @@ def run_reporting_user_errors(fn, *args, **kwargs):
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 
-
-def parse_flags(argv):
-  """absl's flag parsing for `app.run(main, flags_parser=parse_flags)`: a config key that does not exist (the
-  config files are locked; one line with ml_collections' "did you mean"), a value of the wrong type or a missing
-  flag is one `error: ...` line and exit status 2, not a traceback."""
-  from absl import flags
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:  # A missing flag, a value of the wrong type.
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
-  except (AttributeError, KeyError) as e:
-    option = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-                   and not _config_key_exists(a.split("=")[0][len("--config."):])), "--config.?")
-    hint = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").split("\n")[-1]
-    print(f"error: {option}: no such config key. {hint}".rstrip(), file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def _config_key_exists(dotted: str) -> bool:
-  from absl import flags
-  config = flags.FLAGS["config"].value
-  for part in dotted.split("."):
-    if config is None or not hasattr(config, "keys") or part not in config:
-      return False
-    config = config[part]
-  return True

@@ -9,7 +9,8 @@ import functools
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a config file in configs/", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a config: a name in configs/ (retfound, visionfm, "
+                                          "urfound) or a path", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, exports; reused to resume")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-host "
                                   "GPU clusters, TPU pods)")
@@ -33,6 +34,11 @@ def main(argv):
   run_reporting_user_errors(train.run, config, _WORKDIR.value, log)
 
 
+def cli():
+  """The console script's entry point."""
+  from retfiner_jax import cli as command_line
+  command_line.run(main)
+
+
 if __name__ == "__main__":
-  from retfiner_jax.errors import parse_flags
-  app.run(main, flags_parser=parse_flags)
+  cli()

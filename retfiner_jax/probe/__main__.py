@@ -8,7 +8,8 @@ import functools
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/probe.py", "probe config", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "probe config: a name in configs/ or a path (default: "
+                                          "probe)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (results, audit logs, feature cache); "
                                "overrides config.workdir")
 
@@ -28,6 +29,11 @@ def main(argv):
   run_reporting_user_errors(run, config, log)
 
 
+def cli():
+  """The console script's entry point."""
+  from retfiner_jax import cli as command_line
+  command_line.run(main, default_config="probe")
+
+
 if __name__ == "__main__":
-  from retfiner_jax.errors import parse_flags
-  app.run(main, flags_parser=parse_flags)
+  cli()

@@ -1,0 +1,37 @@
+"""The project as an installed package: `pip install .` gives console scripts that find their configs by name
+from any working directory."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_installed_console_scripts_run_from_another_folder(tmp_path):
+  source = tmp_path / "src"  # A copy, so that the build leaves nothing in the checkout.
+  shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "runs", "__pycache__",
+                                                              ".pytest_cache", "tests", "docs"))
+  target = tmp_path / "site"
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                  str(target), str(source)], check=True, capture_output=True, timeout=300)
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  env = dict(os.environ, PYTHONPATH=str(target))
+
+  def run(script, *args):
+    return subprocess.run([str(target / "bin" / script), *args], cwd=elsewhere, env=env, capture_output=True,
+                          text=True, timeout=300)
+  for script in ("retfiner-check", "retfiner-convert"):
+    out = run(script, "--help")
+    assert out.returncode == 0 and "usage:" in out.stdout, out.stderr[-2000:]
+  # Configs by name, from the installed package: the config loads (its check of log_every speaks).
+  for config in ("retfound", "configs/visionfm.py", "urfound.py"):
+    out = run("retfiner-train", f"--config={config}", "--workdir=w", "--config.train.log_every=0")
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(
+        "error: config.train.log_every must be at least 1"), (config, out.stderr[-2000:])
+  out = run("retfiner-probe", "--workdir=p")
+  assert out.returncode == 2 and "give --config.encoder=PATH" in out.stderr, out.stderr[-2000:]
+  out = run("retfiner-demo", "--config.demo.cont=5")
+  assert out.returncode == 2 and 'Did you mean "count"' in out.stderr, out.stderr[-2000:]
