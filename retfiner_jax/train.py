@@ -291,10 +291,12 @@ class InputWait:
 def check_finite(r: Run, step, metrics):
   """Stops the run if step `step` gave a non-finite loss, gradient or parameters. Every checkpoint is written
   after this check, so the latest one is always finite."""
-  loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+  # One transfer for the three scalars (this runs every step).
+  loss, grad_norm, params_finite = map(float, jax.device_get(
+      (metrics["loss"], metrics["grad_norm"], metrics["params_finite"])))
   if not (np.isfinite(loss) and np.isfinite(grad_norm)):
     problem = f"non-finite loss {loss} (gradient norm {grad_norm}) at step {step}"
-  elif not float(metrics["params_finite"]):
+  elif not params_finite:
     problem = f"non-finite parameters after step {step} (loss {loss}, gradient norm {grad_norm})"
   else:
     return

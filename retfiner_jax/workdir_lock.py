@@ -23,11 +23,11 @@ class WorkdirLocked(UserError, RuntimeError):
 
 def _alive(pid: int) -> bool:
   try:
-    os.kill(pid, 0)
+    os.kill(pid, 0)  # Signal 0: only checks. PermissionError: it exists, owned by someone else.
   except ProcessLookupError:
     return False
-  except PermissionError:  # Exists, owned by someone else.
-    return True
+  except PermissionError:
+    pass
   return True
 
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retfiner_jax.errors import UserError
-
 from retfiner_jax.data.images import IMAGE_SUFFIXES, ImageError, preprocess, read_image, scale_intensity
+from retfiner_jax.errors import UserError
 
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
