@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retfiner_jax import weights
+from retfiner_jax import exports, weights
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.retfiner import RetFiner
 from retfiner_jax.objectives import OBJECTIVES, ObjectiveSettings, compute_objectives
@@ -63,7 +63,7 @@ def compare_gradients(cfg: ModelConfig, grads, reference: dict):
   Returns {torch_key: relative error}. Raises if a reference gradient has no counterpart here; a parameter
   of ours without a reference gradient must have an all-zero gradient (it is unused by the original too).
   """
-  ours = weights.export_lightning_state_dict(cfg, jax.tree.map(np.asarray, grads))
+  ours = exports.lightning_state_dict(cfg, jax.tree.map(np.asarray, grads))
   ours.pop("model.multimodal_encoder.cls.predictions.decoder.weight", None)  # Tied: inside word_embeddings.
   ours.pop("model.multimodal_encoder.cls.predictions.decoder.bias", None)
   missing = sorted(set(reference) - set(ours))

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retfiner_jax import sharding, weights
+from retfiner_jax import exports, sharding, weights
 from retfiner_jax.checkpoints import RunCheckpoints
 from retfiner_jax.data import check, pipeline
 from retfiner_jax.data.manifest import Columns, read_manifest
@@ -423,7 +423,10 @@ def finish(r: Run, status: str, step: int, samples: int, seconds: float) -> dict
   if status == "finished":
     best, _ = r.checkpoints.restore_best(with_shardings(r.abstract_params, r.param_shardings))
     final = best if best is not None else r.state["params"]
-    summary["exported"] = weights.export_vision(r.cfg, jax.device_get(final), r.workdir / "export", r.log)
+    text_source = r.config.weights.text or r.config.weights.retfiner
+    summary["exported"] = exports.export_model(
+        r.cfg, jax.device_get(final), r.workdir / "export", tokenizer_path(r.config),
+        weights.source_pooler(text_source) if text_source else None, p.epoch, step, r.log)
     plot_run(r.workdir)
   started = time.time()
   r.checkpoints.close()  # Waits for the asynchronous checkpoint writes.

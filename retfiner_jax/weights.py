@@ -23,6 +23,8 @@ from retfiner_jax.models.vit import VisionTransformer
 
 DEFAULT_VARIANT = {"retfound": "retfound", "urfound": "urfound", "visionfm": "visionfm", "hf-bert": "bert-base"}
 HEADS = ("contra_head_v", "contra_head_t", "itm_head")
+POOLER_FILE = "bert_pooler.safetensors"
+POOLER_KEYS = ("pooler.dense.weight", "pooler.dense.bias")
 
 
 def abstract_params(cfg: ModelConfig):
@@ -146,8 +148,11 @@ def convert_checkpoint(path, fmt: str | None = None, variant: str | None = None,
 # ---------------------------------------------------------------------------------------------------------
 # The converted form.
 
-def save_converted(out_dir, cfg: ModelConfig, params: dict, meta: dict):
+def save_converted(out_dir, cfg: ModelConfig, params: dict, meta: dict, pooler: dict | None = None):
+  """`pooler`: a source BERT's pooler tensors (PyTorch layout), kept beside the parameters for the Hugging
+  Face export (RetFiner's model has no pooler and never changes it)."""
   import orbax.checkpoint as ocp
+  from safetensors.numpy import save_file
   out_dir = Path(out_dir).absolute()
   out_dir.mkdir(parents=True, exist_ok=True)
   target = out_dir / "params"
@@ -156,6 +161,8 @@ def save_converted(out_dir, cfg: ModelConfig, params: dict, meta: dict):
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(target, jax.tree.map(np.asarray, params))
     ckptr.wait_until_finished()
+  if pooler:
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in pooler.items()}, str(out_dir / POOLER_FILE))
   (out_dir / "model.json").write_text(json.dumps({"model_config": cfg.to_dict(), **meta}, indent=1))
   readable_by_all(out_dir)
 
@@ -194,49 +201,26 @@ def load_weights(path, **convert_kw):
   return convert_checkpoint(path, **convert_kw)
 
 
+def source_pooler(path) -> dict | None:
+  """The pooler of the BERT at `path` (a Hugging Face folder, or a converted folder that kept it), PyTorch
+  layout, or None when it has none. BERT's pooler (a dense layer and tanh on [CLS], trained by next-sentence
+  prediction) is not part of RetFiner's model; it is carried unchanged so that the plain text-encoder export
+  loads into `BertModel` whole."""
+  path = Path(path)
+  if (path / POOLER_FILE).exists():
+    from safetensors.numpy import load_file
+    return dict(load_file(str(path / POOLER_FILE)))
+  if path.is_dir() and (path / "config.json").exists() and not (path / "model.json").exists():
+    state, _ = cv.read_hf_bert_folder(path)
+    for prefix in ("", "bert."):
+      if all(prefix + k in state for k in POOLER_KEYS):
+        return {k: np.asarray(state[prefix + k], np.float32) for k in POOLER_KEYS}
+  return None
+
+
 def unrolled_flat(params: dict) -> dict:
   """Flat {path: array} of a parameter tree in the unrolled layer layout (what the key tables name)."""
   return cv.flatten(cv.to_layer_layout(jax.tree.map(np.asarray, params), scan=False))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Exports back to PyTorch layouts.
-
-def export_vision_state_dict(cfg: ModelConfig, params: dict) -> dict:
-  """The vision encoder as a state_dict in the FMs' own (timm/MAE/iBOT) key layout, numpy values."""
-  return cv.export_state(unrolled_flat({"vision_encoder": params["vision_encoder"]}), cv.vision_table(cfg))
-
-
-def export_lightning_state_dict(cfg: ModelConfig, params: dict) -> dict:
-  """The whole model in RetFiner's Lightning `state_dict` layout (`model.` prefix), tied decoder included."""
-  return cv.export_state(unrolled_flat(params), cv.lightning_table(cfg),
-                         cv.tied_keys("model.multimodal_encoder.", "model.multimodal_encoder.bert."))
-
-
-def save_torch_state_dict(state: dict, path):
-  import torch
-  torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, path)
-
-
-def export_hf_bert(cfg: ModelConfig, params: dict, folder):
-  """The text encoder as a Hugging Face folder that transformers' BertLMHeadModel loads with no missing keys."""
-  from safetensors.numpy import save_file
-  folder = Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
-  table = cv.bert_table(cfg, "bert.", "")
-  state = cv.export_state(unrolled_flat({"text_encoder": params["text_encoder"]}), table,
-                          cv.tied_keys("", "bert."))
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, str(folder / "model.safetensors"),
-            metadata={"format": "pt"})
-  hf = {"architectures": ["BertLMHeadModel"], "model_type": "bert", "hidden_size": cfg.text_dim,
-        "num_hidden_layers": cfg.text_layers, "num_attention_heads": cfg.text_heads,
-        "intermediate_size": cfg.text_intermediate, "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position_embeddings, "type_vocab_size": cfg.type_vocab_size,
-        "hidden_act": "gelu", "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1,
-        "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02, "pad_token_id": 0,
-        "position_embedding_type": "absolute", "is_decoder": True, "add_cross_attention": True,
-        "tie_word_embeddings": True}
-  (folder / "config.json").write_text(json.dumps(hf, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,30 +273,3 @@ def load_pretrained(config, cfg: ModelConfig, params: dict, log=print) -> dict:
     params = overlay(params, loaded, f"config.weights.{name} = {path}", cfg)
     log(f"loaded {', '.join(sorted(loaded))} from {path}")
   return params
-
-
-def export_vision(cfg: ModelConfig, params, out, log=print) -> dict:
-  """The refined vision encoder: a converted (Flax) folder and a state_dict in the FM's own key layout."""
-  from safetensors.numpy import save_file
-  out = Path(out)
-  out.mkdir(parents=True, exist_ok=True)
-  flax_dir = out / "vision_flax"
-  if (flax_dir / "params").exists():
-    import shutil
-    shutil.rmtree(flax_dir)
-  vision = {"vision_encoder": jax.tree.map(np.asarray, params["vision_encoder"])}
-  save_converted(flax_dir, cfg, vision, {"source": "retfiner_jax training", "source_format": cfg.backbone,
-                                         "contents": ["vision_encoder"]})
-  state = export_vision_state_dict(cfg, vision)
-  st_path = out / f"vision_{cfg.backbone}.safetensors"
-  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(st_path))
-  paths = {"flax": str(flax_dir), "safetensors": str(st_path)}
-  try:
-    save_torch_state_dict(state, out / f"vision_{cfg.backbone}.pth")
-    paths["pytorch"] = str(out / f"vision_{cfg.backbone}.pth")
-  except ImportError:
-    log("torch not installed: the PyTorch state_dict is in the .safetensors file "
-        "(safetensors.torch.load_file gives the state_dict)")
-  readable_by_all(out)
-  log(f"exported the refined vision encoder: {paths}")
-  return paths

@@ -112,6 +112,34 @@ def smoke_train(name, config, corpus, tmp_path):
                        refined["vision_encoder"], fm["vision_encoder"])
   largest = max(jax.tree.leaves(moved))
   assert 0.5 * lr < largest < 2.5 * lr, (name, largest)
+  check_whole_model_export(cfg, tmp_path / "run" / "export")
+
+
+def check_whole_model_export(cfg, export):
+  """The whole refined model, in every form: the Lightning file holds exactly the Flax folder's parameters; the
+  original's get_vision_backbone_for_linprobing.py (its filtering, re-typed) gets a state_dict from it that the
+  FM's ViT loads strictly; both Hugging Face folders load with no missing or unexpected keys."""
+  import torch
+  from transformers import AutoTokenizer, BertLMHeadModel, BertModel
+  from torch_reference import TorchViT
+  _, whole, info = weights.load_converted(export / "retfiner_flax")
+  assert set(whole) == {"vision_encoder", "text_encoder", *weights.HEADS} and info["contents"] == sorted(whole)
+  _, from_lightning, _ = weights.convert_checkpoint(export / "retfiner_lightning.ckpt", model_config=cfg,
+                                                    log=lambda *a: None)
+  jax.tree.map(np.testing.assert_array_equal, from_lightning, whole)
+  ckpt = torch.load(export / "retfiner_lightning.ckpt", weights_only=True)
+  state = ckpt["state_dict"] if "state_dict" in ckpt else ckpt
+  vision = {k.replace("model.vision_encoder.", ""): v for k, v in state.items() if "vision_encoder" in k}
+  vit = TorchViT(dim=cfg.vision_dim, mlp=cfg.vision_mlp_dim, proj_dim=cfg.text_dim if cfg.vision_projection else None)
+  vit.head = None
+  vit.load_state_dict(vision, strict=True)
+  for folder, model_class, kw in (("bert_encoder", BertModel, {"add_pooling_layer": False}),
+                                  ("bert_cross_attention", BertLMHeadModel, {})):
+    _, loading = model_class.from_pretrained(export / "text" / folder, output_loading_info=True, **kw)
+    assert not any(loading.values()), (folder, loading)
+    assert len(AutoTokenizer.from_pretrained(export / "text" / folder)) == cfg.vocab_size
+  heads = __import__("safetensors.numpy", fromlist=["load_file"]).load_file(str(export / "heads.safetensors"))
+  np.testing.assert_array_equal(heads["itm_head.linear2.weight"], np.asarray(whole["itm_head"]["linear2"]["kernel"]).T)
 
 
 def smoke_demo(name, config, corpus, tmp_path):

@@ -3,7 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from retfiner_jax import convert, weights
+import jax.numpy as jnp
+
+from conftest import minilm_folder
+from retfiner_jax import convert, exports, weights
+from retfiner_jax.errors import ConfigError
 from retfiner_jax.models.config import get_variant
 from torch_reference import TorchViT
 
@@ -95,7 +99,7 @@ def test_lightning_round_trip_is_bit_exact(tmp_path, scan):
   weights.save_converted(tmp_path / "converted", cfg, params, meta)
   cfg2, params2, _ = weights.load_converted(tmp_path / "converted")
   assert cfg2 == cfg
-  back = weights.export_lightning_state_dict(cfg2, params2)
+  back = exports.lightning_state_dict(cfg2, params2)
   expected = {k: v for k, v in sd.items() if "position_ids" not in k and ".head." not in k}
   assert set(back) == set(expected)
   for k, v in expected.items():
@@ -128,7 +132,7 @@ def test_layer_layouts_convert_both_ways_and_match_the_model(tmp_path):
 def test_vision_export_loads_strictly_into_the_fm(tmp_path):
   vit = _vit_state(proj=True)
   cfg, params, _ = weights.convert_checkpoint(_save(tmp_path, vit), variant="tiny-retfound", **quiet)
-  weights.save_torch_state_dict(weights.export_vision_state_dict(cfg, params), tmp_path / "out.pth")
+  exports.save_torch(exports.vision_state_dict(cfg, params), tmp_path / "out.pth")
   net = TorchViT(dim=CFG.vision_dim, mlp=CFG.vision_mlp_dim, proj_dim=CFG.text_dim)
   result = net.load_state_dict(torch.load(tmp_path / "out.pth", weights_only=True), strict=False)
   assert result.unexpected_keys == [] and sorted(result.missing_keys) == ["head.bias", "head.weight"]
@@ -137,8 +141,14 @@ def test_vision_export_loads_strictly_into_the_fm(tmp_path):
       assert torch.equal(v, vit[k]), k
 
 
+def _vocab(tmp_path, size):
+  words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(size - 5)]
+  (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+  return tmp_path / "vocab.txt"
+
+
 def test_hf_bert_folders_and_export(tmp_path):
-  from transformers import BertConfig, BertLMHeadModel, BertModel
+  from transformers import AutoModel, AutoTokenizer, BertConfig, BertLMHeadModel, BertModel
   small = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
   torch.manual_seed(0)
   BertModel(BertConfig(**small), add_pooling_layer=True).save_pretrained(tmp_path / "plain")  # No `bert.`, no head.
@@ -154,12 +164,65 @@ def test_hf_bert_folders_and_export(tmp_path):
   (tmp_path / "bin" / "config.json").write_text((tmp_path / "plain" / "config.json").read_text())
   cfg, params, meta = weights.convert_checkpoint(tmp_path / "bin", **quiet)
   assert meta["report"]["initialised"] == []
-  weights.export_hf_bert(cfg, params, tmp_path / "exported")
-  back, info = BertLMHeadModel.from_pretrained(str(tmp_path / "exported"), output_loading_info=True)
-  assert not info["missing_keys"], info
-  assert not info["unexpected_keys"], info
+  with pytest.raises(ConfigError, match="more than the model's 300"):  # Another model's vocabulary is refused.
+    exports.hf_bert(cfg, params, tmp_path / "exported", _vocab(tmp_path, 400))
+  paths = exports.hf_bert(cfg, params, tmp_path / "exported", _vocab(tmp_path, 300))
+  back, info = BertLMHeadModel.from_pretrained(paths["hf_cross_attention"], output_loading_info=True)
+  assert not any(info.values()), info
   for k, v in lm.state_dict().items():
     assert torch.equal(back.state_dict()[k], v), k
+  assert back.config.is_decoder and back.config.add_cross_attention
+  # The plain folder: a bidirectional BertModel without cross-attention; the source had no pooler to carry.
+  plain, info = BertModel.from_pretrained(paths["hf_encoder"], add_pooling_layer=False, output_loading_info=True)
+  assert not any(info.values()), info
+  assert not plain.config.is_decoder and not plain.config.add_cross_attention
+  assert len(AutoTokenizer.from_pretrained(paths["hf_encoder"])) == 300
+  assert "add_pooling_layer=False" in (tmp_path / "exported" / "README.md").read_text()
+  # transformers' outputs equal ours: the cross-attention model with causal attention over image tokens (the
+  # generative pass), the plain one bidirectional over text alone.
+  from retfiner_jax.models.attention import causal_padding_bias, padding_bias
+  from retfiner_jax.models.bert import BertTextEncoder
+  bert, p = BertTextEncoder(cfg.replace(dtype="float32")), {"params": params["text_encoder"]}
+  ids = torch.tensor([[2, 9, 17, 33, 3, 0], [2, 40, 41, 3, 0, 0]])
+  mask, image = (ids != 0).long(), torch.randn(2, 5, 32)
+  with torch.no_grad():
+    want_gm = back(input_ids=ids, attention_mask=mask, encoder_hidden_states=image).logits.numpy()
+    want_text = plain(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+  jids, jmask = jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())
+  got_gm = bert.apply(p, bert.apply(p, jids, causal_padding_bias(jmask), jnp.asarray(image.numpy())),
+                      method=BertTextEncoder.mlm_logits)
+  got_text = bert.apply(p, jids, padding_bias(jmask))
+  valid = mask.numpy().astype(bool)
+  np.testing.assert_allclose(np.asarray(got_gm)[valid], want_gm[valid], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(got_text)[valid], want_text[valid], rtol=1e-4, atol=1e-4)
+  assert AutoModel.from_pretrained(paths["hf_encoder"]).__class__.__name__ == "BertModel"
+
+
+def test_real_bert_exports_as_the_encoder_it_is(tmp_path, capsys):
+  """The first-day report: the source MiniLM, converted and exported, loads with AutoModel/AutoTokenizer with no
+  missing or unexpected keys (its pooler carried), tokenises as the source does, and gives the source's hidden
+  states (a causal export was off by 1.88)."""
+  from transformers import AutoModel, AutoTokenizer
+  from tools import convert_weights as cli
+  folder = minilm_folder()
+  assert cli.main(["--input", str(folder), "--output", str(tmp_path / "conv")]) == 0
+  assert cli.main(["--input", str(tmp_path / "conv"), "--export-bert", str(tmp_path / "hf")]) == 1
+  assert "--tokenizer" in capsys.readouterr().err  # A converted folder has no vocabulary: say how to give it.
+  assert cli.main(["--input", str(tmp_path / "conv"), "--export-bert", str(tmp_path / "hf"),
+                   "--tokenizer", str(folder)]) == 0
+  texts = ["subretinal fluid and intraretinal cysts", "normal foveal contour"]
+  source_tok, tok = AutoTokenizer.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(tmp_path / "hf" /
+                                                                                             "bert_encoder")
+  assert tok(texts)["input_ids"] == source_tok(texts)["input_ids"]
+  model, info = AutoModel.from_pretrained(tmp_path / "hf" / "bert_encoder", output_loading_info=True)
+  assert not any(info.values()), info
+  source = AutoModel.from_pretrained(str(folder)).eval()
+  batch = tok(texts, padding=True, return_tensors="pt")
+  with torch.no_grad():
+    got, want = model.eval()(**batch), source(**batch)
+  valid = batch["attention_mask"].numpy().astype(bool)
+  np.testing.assert_allclose(got.last_hidden_state.numpy()[valid], want.last_hidden_state.numpy()[valid], atol=1e-5)
+  np.testing.assert_allclose(got.pooler_output.numpy(), want.pooler_output.numpy(), atol=1e-5)
 
 
 def test_errors_name_the_problem(tmp_path):

@@ -5,9 +5,10 @@
   python tools/convert_weights.py --input bert-base-uncased/ --output weights/bert
   python tools/convert_weights.py --input best-model.ckpt --output weights/retfiner --variant retfound
 
-Writes DIR/params (Orbax) and DIR/model.json (the model config). With --export-vision FILE or --export-bert
-DIR it goes the other way: a converted folder (or any checkpoint) to a PyTorch state_dict of the vision
-encoder in the FM's key layout, or to a Hugging Face BERT folder.
+Writes DIR/params (Orbax) and DIR/model.json (the model config). The export options go the other way, from a
+converted folder (or any checkpoint): --export-vision FILE (the vision encoder in the FM's key layout),
+--export-bert DIR (two Hugging Face folders, see DIR/README.md; needs the model's vocabulary: --tokenizer,
+unless the input is a BERT folder holding it), --export-lightning FILE (the whole model in RetFiner's layout).
 """
 import argparse
 import sys
@@ -15,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retfiner_jax import convert, weights  # noqa: E402
+from retfiner_jax import convert, exports, weights  # noqa: E402
+from retfiner_jax.errors import UserError  # noqa: E402
 from retfiner_jax.models.config import VARIANTS  # noqa: E402
 
 
@@ -30,30 +32,48 @@ def main(argv=None):
   parser.add_argument("--ignore-key", action="append", default=[], metavar="PATTERN",
                       help="also ignore checkpoint keys matching this glob pattern (repeatable)")
   parser.add_argument("--export-vision", metavar="FILE", help="write the vision encoder as a PyTorch state_dict")
-  parser.add_argument("--export-bert", metavar="DIR", help="write the text encoder as a Hugging Face folder")
+  parser.add_argument("--export-bert", metavar="DIR", help="write the text encoder as Hugging Face folders")
+  parser.add_argument("--export-lightning", metavar="FILE", help="write the whole model in RetFiner's layout")
+  parser.add_argument("--tokenizer", help="the model's vocab.txt (or a folder holding one), for --export-bert")
   args = parser.parse_args(argv)
-  if not (args.output or args.export_vision or args.export_bert):
-    parser.error("give --output, --export-vision or --export-bert")
+  if not (args.output or args.export_vision or args.export_bert or args.export_lightning):
+    parser.error("give --output, --export-vision, --export-bert or --export-lightning")
   try:
     cfg, params, meta = weights.load_weights(args.input, fmt=args.format, variant=args.variant,
                                              model_config=args.model_config, extra_ignore=args.ignore_key)
+    pooler = weights.source_pooler(args.input)
     if args.output:
-      weights.save_converted(args.output, cfg, params, meta)
+      weights.save_converted(args.output, cfg, params, meta, pooler=pooler)
       print(f"wrote {args.output}/params and {args.output}/model.json")
     if args.export_vision:
       if "vision_encoder" not in params:
         raise convert.CheckpointError(f"{args.input}: holds no vision encoder to export")
-      weights.save_torch_state_dict(weights.export_vision_state_dict(cfg, params), args.export_vision)
+      exports.save_torch(exports.vision_state_dict(cfg, params), args.export_vision)
       print(f"wrote {args.export_vision} (vision encoder, {cfg.backbone} key layout)")
     if args.export_bert:
       if "text_encoder" not in params:
         raise convert.CheckpointError(f"{args.input}: holds no text encoder to export")
-      weights.export_hf_bert(cfg, params, args.export_bert)
-      print(f"wrote {args.export_bert}/config.json and model.safetensors")
-  except (convert.CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+      tokenizer = args.tokenizer or _vocabulary_beside(args.input)
+      if tokenizer is None:
+        raise convert.CheckpointError(f"{args.input}: --export-bert needs the vocabulary the model was trained "
+                                      f"with: give --tokenizer VOCAB.txt (RetFiner's: bert-base-uncased's)")
+      paths = exports.hf_bert(cfg, params, args.export_bert, tokenizer, pooler)
+      print(f"wrote {paths['hf_encoder']} (AutoModel) and {paths['hf_cross_attention']} (BertLMHeadModel)")
+    if args.export_lightning:
+      if set(params) != {"vision_encoder", "text_encoder", *weights.HEADS}:
+        raise convert.CheckpointError(f"{args.input}: holds {sorted(params)}, not a whole RetFiner model")
+      exports.save_lightning(cfg, params, args.export_lightning)
+      print(f"wrote {args.export_lightning} (RetFiner's Lightning layout)")
+  except (UserError, FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
+
+
+def _vocabulary_beside(path):
+  """The vocabulary of a BERT folder (a Hugging Face one, or a converted folder written with one)."""
+  path = Path(path)
+  return str(path) if path.is_dir() and (path / "vocab.txt").exists() else None
 
 
 if __name__ == "__main__":
