@@ -398,6 +398,26 @@ def detect_format(obj, path: Path) -> str:
                         f"Pass --format, one of {FORMATS}")
 
 
+def read_state(path: Path, fmt: str | None = None) -> tuple[dict, str]:
+  """A checkpoint file (torch pickle or safetensors) -> (flat numpy state without the format's wrapper, format)."""
+  path = Path(path)
+  if path.suffix == ".safetensors":
+    from safetensors.numpy import load_file
+    try:
+      state = dict(load_file(path))
+    except Exception as e:
+      raise CheckpointError(f"{path}: cannot read as safetensors ({e})") from e
+    detected = fmt or detect_format(state, path)
+  else:
+    obj = read_torch_file(path)
+    detected = fmt or detect_format(obj, path)
+  if detected not in FORMATS:
+    raise CheckpointError(f"unknown --format {detected!r}; known: {FORMATS}")
+  if fmt == "hf-bert":
+    raise CheckpointError(f"{path}: format {fmt} does not match (hf-bert is a folder, the others files)")
+  return (state if path.suffix == ".safetensors" else extract_state(obj, detected, path)), detected
+
+
 def extract_state(obj, fmt: str, path: Path) -> dict:
   """The flat tensor dict of a loaded checkpoint, with the format's wrapper prefix removed."""
   where = f"{path} (format {fmt})"

@@ -5,6 +5,7 @@
 The self-contained demo has its own command: python -m retfiner_jax.demo --workdir=runs/demo
 """
 import functools
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -31,7 +32,9 @@ def main(argv):
   from retfiner_jax import compile_cache, train
   from retfiner_jax.errors import run_reporting_user_errors
   compile_cache.enable(config.compile_cache, log)
-  run_reporting_user_errors(train.run, config, _WORKDIR.value, log)
+  # Model sizes set on the command line win over the weights' own (train.run takes the rest from the weights).
+  explicit = [a.split("=")[0][len("--config.model."):] for a in sys.argv[1:] if a.startswith("--config.model.")]
+  run_reporting_user_errors(train.run, config, _WORKDIR.value, log, explicit_model_keys=explicit)
 
 
 def cli():

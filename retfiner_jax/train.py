@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retfiner_jax import exports, sharding, weights
+from retfiner_jax import exports, sharding, weight_sizes, weights
 from retfiner_jax.checkpoints import RunCheckpoints
 from retfiner_jax.data import check, pipeline
 from retfiner_jax.data.manifest import Columns, read_manifest
@@ -98,6 +98,11 @@ def load_split(config, which: str, log=print, report_dir=None):
     if not records:
       raise ConfigError(f"{manifest}: no usable rows left")
   records, truncated = pipeline.tokenise_records(records, tokenizer_path(config), config.model.max_text_length)
+  top = max(int(np.max(r["input_ids"])) for r in records)
+  if top >= config.model.vocab_size:  # An embedding lookup past the table would silently read its last row.
+    raise ConfigError(f"the tokenizer {tokenizer_path(config)} gives token id {top}, but the text encoder has "
+                      f"config.model.vocab_size = {config.model.vocab_size} embeddings: use the text weights' own "
+                      f"vocabulary (config.tokenizer)")
   log(f"{which}: {len(records)} pairs from {manifest}"
       + (f" ({truncated} reports truncated to {config.model.max_text_length} tokens)" if truncated else ""))
   return records, manifest
@@ -215,9 +220,10 @@ def check_resume_config(config, workdir: Path, log=print):
     log("resuming with changed settings: " + "; ".join(f"{k}: {old.get(k)!r} -> {now.get(k)!r}" for k in changed))
 
 
-def setup(config, workdir, log=print) -> Run:
+def setup(config, workdir, log=print, explicit_model_keys=()) -> Run:
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  weight_sizes.resolve_model_sizes(config, explicit_model_keys, log)  # Before the config is saved or compared.
   check_resume_config(config, workdir, log)
   cfg, settings = model_config(config), objective_settings(config)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -382,15 +388,16 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
   return "finished", step
 
 
-def run(config, workdir, log=print) -> dict:
-  """Trains; returns a summary dict (also written to workdir/summary.json)."""
+def run(config, workdir, log=print, explicit_model_keys=()) -> dict:
+  """Trains; returns a summary dict (also written to workdir/summary.json). The model's sizes come from the
+  configured weights except the `config.model` keys named in `explicit_model_keys` (the command line's)."""
   check_settings(config)
   workdir = Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise ConfigError(f"workdir {workdir} is a file; give a folder (it is created if missing)")
   workdir.mkdir(parents=True, exist_ok=True)
   with WorkdirLock(workdir, log):
-    r = setup(config, workdir, log)
+    r = setup(config, workdir, log, explicit_model_keys)
     start_step, start_time = int(jax.device_get(r.state["step"])), time.time()
     run_log = RunLog(r.workdir, r.total_steps, config.train.batch_size, log, start_step=start_step)
     stop = {"signal": None}

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retfiner_jax import convert as cv
+from retfiner_jax import weight_sizes as sizes
 from retfiner_jax.errors import ConfigError, MissingInput
 from retfiner_jax.models.bert import BertTextEncoder
 from retfiner_jax.models.config import ModelConfig, get_variant
@@ -54,10 +55,7 @@ def _config_from_hf(hf: dict, base: ModelConfig, where: str) -> ModelConfig:
   if act != "gelu" or abs(eps - 1e-12) > 1e-15 or hf.get("position_embedding_type", "absolute") != "absolute":
     raise cv.CheckpointError(f"{where}: only BERT with exact GELU, LayerNorm eps 1e-12 and absolute positions "
                              f"is supported (got hidden_act={act}, layer_norm_eps={eps})")
-  return base.replace(text_dim=hf["hidden_size"], text_layers=hf["num_hidden_layers"],
-                      text_heads=hf["num_attention_heads"], text_intermediate=hf["intermediate_size"],
-                      vocab_size=hf["vocab_size"], max_position_embeddings=hf["max_position_embeddings"],
-                      type_vocab_size=hf.get("type_vocab_size", 2))
+  return base.replace(**sizes.hf_config_sizes(hf))
 
 
 def convert_checkpoint(path, fmt: str | None = None, variant: str | None = None,
@@ -65,28 +63,21 @@ def convert_checkpoint(path, fmt: str | None = None, variant: str | None = None,
                        log=print):
   """Reads any supported PyTorch checkpoint. Returns (ModelConfig, params (nested dict), meta dict).
 
-  Sizes come from `model_config` (a ModelConfig or a JSON file), else the named `variant`, else the format's
-  own FM; a Hugging Face folder's config.json sets the text sizes.
+  Sizes come from `model_config` (a ModelConfig or a JSON file), else the named `variant`, else the tensors
+  (weight_sizes.py) over the format's own FM; a Hugging Face folder's config.json sets the text sizes.
   """
   path = Path(path)
   if not path.exists():
     raise MissingInput(f"{path}: no such checkpoint file or folder")
   hf_config = None
   if path.is_dir():
-    state, hf_config = cv.read_hf_bert_folder(path)
-    obj = state
-  elif path.suffix == ".safetensors":
-    from safetensors.numpy import load_file
-    obj = dict(load_file(path))
+    if fmt not in (None, "hf-bert"):
+      raise cv.CheckpointError(f"{path}: format {fmt} does not match (hf-bert is a folder, the others files)")
+    (state, hf_config), detected = cv.read_hf_bert_folder(path), "hf-bert"
   else:
-    obj = cv.read_torch_file(path)
-  detected = fmt or cv.detect_format(obj, path)
-  if detected not in cv.FORMATS:
-    raise cv.CheckpointError(f"unknown --format {detected!r}; known: {cv.FORMATS}")
-  if fmt is not None and path.is_dir() != (fmt == "hf-bert"):
-    raise cv.CheckpointError(f"{path}: format {fmt} does not match (hf-bert is a folder, the others files)")
-  state = obj if hf_config is not None or path.suffix == ".safetensors" else cv.extract_state(obj, detected, path)
+    state, detected = cv.read_state(path, fmt)
 
+  explicit = model_config is not None or variant is not None
   if isinstance(model_config, (str, Path)):
     cfg = ModelConfig.from_json(model_config)
   elif model_config is not None:
@@ -102,12 +93,19 @@ def convert_checkpoint(path, fmt: str | None = None, variant: str | None = None,
                              f"pass --variant (retfound, visionfm, urfound, ...) or --model-config FILE")
   if hf_config is not None:
     cfg = _config_from_hf(hf_config, cfg, str(path))
-  # The MLP width is in the checkpoint (head counts are not): take it when every block agrees on it.
   vision_prefix = "model.vision_encoder." if detected == "lightning" else ""
-  widths = {np.shape(v)[0] for k, v in state.items()
-            if k.startswith(f"{vision_prefix}blocks.") and k.endswith(".mlp.fc1.weight")}
-  if len(widths) == 1:
-    cfg = cfg.replace(vision_mlp_dim=int(widths.pop()))
+  if not explicit:  # Sizes from the tensors (heads by the 64-channel convention where the width is new).
+    inferred = sizes.vit_sizes(state, vision_prefix) if detected != "hf-bert" else {}
+    if detected == "lightning":
+      inferred.update(sizes.bert_sizes(state, "model.multimodal_encoder.bert."))
+    elif detected == "hf-bert" and hf_config is None:  # A BERT state_dict saved as one file.
+      inferred.update(sizes.bert_sizes(state, "bert." if any(k.startswith("bert.") for k in state) else ""))
+    cfg = cfg.replace(**sizes.with_conventional_heads(inferred, cfg))
+  else:  # The MLP width is in the checkpoint (head counts are not): take it when every block agrees on it.
+    widths = {np.shape(v)[0] for k, v in state.items()
+              if k.startswith(f"{vision_prefix}blocks.") and k.endswith(".mlp.fc1.weight")}
+    if len(widths) == 1:
+      cfg = cfg.replace(vision_mlp_dim=int(widths.pop()))
 
   ignore = list(cv.IGNORED.get(detected, [])) + list(extra_ignore)
   tied = []

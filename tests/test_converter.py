@@ -311,3 +311,19 @@ def test_real_fm_checkpoints_with_training_args_load_and_code_is_still_refused(t
     with pytest.raises(convert.CheckpointError, match=rf"{name}: cannot read as a PyTorch checkpoint"):
       weights.convert_checkpoint(_save(tmp_path, obj, name), variant="tiny-retfound", **quiet)
   assert not marker.exists()
+
+
+def test_vit_sizes_come_from_the_tensors(tmp_path):
+  """No --variant: depth, width, MLP, patch and grid from the tensors, heads by the FMs' 64-channel convention
+  (before, every RETFound-format file was read as ViT-L and any other size was 100+ shape mismatches)."""
+  torch.manual_seed(0)
+  path = _save(tmp_path, {"model": TorchViT(image_size=48, dim=128, depth=3, heads=2, mlp=320).state_dict()})
+  cfg, params, _ = weights.convert_checkpoint(path, **quiet)
+  assert (cfg.vision_dim, cfg.vision_depth, cfg.vision_heads, cfg.vision_mlp_dim, cfg.patch_size,
+          cfg.image_size) == (128, 3, 2, 320, 16, 48)
+  assert params["vision_encoder"]["blocks"]["attn"]["qkv"]["kernel"].shape == (3, 128, 384)
+  odd = _save(tmp_path, {"model": TorchViT(dim=96, heads=2, mlp=192).state_dict()}, "odd.pth")
+  with pytest.raises(ConfigError, match=r"vision_dim 96, not a multiple of 64.*--variant"):
+    weights.convert_checkpoint(odd, **quiet)
+  cfg, _, _ = weights.convert_checkpoint(_save(tmp_path, _vit_state(), "tiny.pth"), variant="tiny-retfound", **quiet)
+  assert cfg.vision_heads == 4  # A named variant decides what the tensors cannot tell.

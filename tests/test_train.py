@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import configs
@@ -244,3 +245,57 @@ def test_step_benchmark_rejects_a_block_of_zero_steps():
   out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step.py"), "--block", "0"],
                        capture_output=True, check=False, text=True, timeout=300)
   assert out.returncode == 2 and "--block must be at least 1, got 0" in out.stderr
+
+
+def test_model_sizes_come_from_the_weights(corpus, tmp_path):
+  """With config.weights given, the encoders' sizes are the checkpoint's: a tensor-only FM file (heads by the
+  64-channel convention), a Hugging Face folder (its config.json). Sizes set on the command line win, and a
+  disagreement is one line naming the keys, not a list of shape mismatches."""
+  import torch
+  from transformers import BertConfig, BertModel
+  from retfiner_jax import demo, weights
+  from retfiner_jax.data.manifest import read_manifest
+  from torch_reference import TorchViT
+  torch.manual_seed(0)
+  torch.save({"model": TorchViT(dim=128, depth=3, heads=2, mlp=320).state_dict()}, tmp_path / "fm.pth")
+  BertModel(BertConfig(vocab_size=400, hidden_size=64, num_hidden_layers=3, num_attention_heads=8,
+                       intermediate_size=128)).save_pretrained(tmp_path / "bert")
+  reports = [r["report"] for r in read_manifest(corpus / "manifest.csv")]
+  demo.build_vocab(reports, 400, tmp_path / "bert" / "vocab.txt")
+  config = tiny_config(corpus, max_steps=1)
+  config.tokenizer = ""  # The BERT folder's own vocabulary.
+  config.weights.vision, config.weights.text = str(tmp_path / "fm.pth"), str(tmp_path / "bert")
+  lines = []
+  r = train.setup(config, tmp_path / "run", log=lambda line, **_: lines.append(line))  # Training: test_configs.
+  r.train_iter.close()
+  r.checkpoints.close()
+  said = next(line for line in lines if line.startswith("model sizes from the weights"))
+  for change in ("vision_dim 64 -> 128", "vision_depth 2 -> 3", "vision_heads 4 -> 2", "vision_mlp_dim 256 -> 320",
+                 "text_dim 48 -> 64", "text_layers 2 -> 3", "text_heads 4 -> 8", "text_intermediate 192 -> 128",
+                 "vocab_size 30522 -> 400"):
+    assert change in said, said
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
+  assert (saved["vision_dim"], saved["vision_heads"], saved["text_heads"]) == (128, 2, 8)
+  assert (r.cfg.vision_dim, r.cfg.vision_depth, r.cfg.text_dim, r.cfg.text_layers) == (128, 3, 64, 3)
+  _, fm, _ = weights.convert_checkpoint(tmp_path / "fm.pth", log=lambda *a: None)  # Sizes from the tensors too.
+  np.testing.assert_array_equal(r.state["params"]["vision_encoder"]["blocks"]["mlp"]["fc1"]["kernel"],
+                                fm["vision_encoder"]["blocks"]["mlp"]["fc1"]["kernel"])
+
+  config = tiny_config(corpus, max_steps=1)  # bert-base-uncased's vocabulary with the 400-token BERT.
+  config.weights.text = str(tmp_path / "bert")
+  with pytest.raises(train.ConfigError, match=r"gives token id \d+, but the text encoder has config.model.vocab_size "
+                     r"= 400 embeddings"):
+    train.setup(config, tmp_path / "vocab", log=lambda *a: None)
+  config = tiny_config(corpus, max_steps=1)
+  config.weights.vision = str(tmp_path / "fm.pth")
+  with pytest.raises(train.ConfigError, match=r"^the command line sets model sizes the weights do not have: "
+                     r"--config.model.vision_dim=64 but config.weights.vision has 128\. Drop those flags"):
+    train.run(config, tmp_path / "conflict", log=lambda *a: None, explicit_model_keys=["vision_dim"])
+  # The command line's keys reach the run: one line, exit status 2.
+  out = subprocess.run([sys.executable, "-m", "retfiner_jax.main", "--config=retfound", f"--workdir={tmp_path}/m",
+                        f"--config.weights.vision={tmp_path}/fm.pth", "--config.model.vision_dim=1024"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+      "error: the command line sets model sizes the weights do not have: --config.model.vision_dim=1024 but "
+      "config.weights.vision has 128. Drop those flags (sizes come from the weights), or give weights of those "
+      "sizes"], out.stderr[-2000:]
