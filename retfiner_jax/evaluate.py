@@ -27,7 +27,7 @@ def retrieval_recall(image_emb, text_emb, report_keys, ks=(1, 5, 10)) -> dict:
     order = np.argsort(-s, axis=1, kind="stable")
     hits = np.take_along_axis(m, order, axis=1)
     for k in ks:
-      out[f"recall_{name}@{k}"] = float(hits[:, :k].any(axis=1).mean())
+      out[f"recall_{name}_at_{k}"] = float(hits[:, :k].any(axis=1).mean())
   return out
 
 

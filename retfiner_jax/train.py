@@ -75,16 +75,30 @@ def tokenizer_path(config) -> str:
                    "config.weights.text to a Hugging Face BERT folder with its vocab.txt")
 
 
+def tfds_split(value: str, which: str) -> tuple[str, str]:
+  """A manifest setting -> (path, split): a built dataset folder is read at split `which` ("train", "val"), or
+  at the split named after a colon (`DIR:validation`)."""
+  head, sep, tail = str(value).rpartition(":")
+  if sep and tail and "/" not in tail and Path(head).is_dir():
+    return head, tail
+  return str(value), which
+
+
 def load_split(config, which: str, log=print, report_dir=None):
   manifest = config.data[f"{which}_manifest"]
   if not manifest:
     raise ConfigError(f"config.data.{which}_manifest is empty: give a CSV/TSV/JSONL/Parquet manifest of "
                      f"image paths and reports (check it first with python -m retfiner_jax.data.check FILE)")
-  if not Path(manifest).exists():
+  folder, split = tfds_split(manifest, which)
+  if not Path(folder).exists():
     raise MissingInput(f"config.data.{which}_manifest = {manifest}: file not found")
-  d = config.data
-  columns = Columns(image=d.image_column, report=d.report_column, id=d.id_column, slice=d.slice_column)
-  records = read_manifest(manifest, columns)
+  if Path(folder).is_dir():  # A dataset built by data/tfds_builders.py.
+    from retfiner_jax.data import tfds_builders
+    records = tfds_builders.pairs_records(folder, split)
+  else:
+    d = config.data
+    columns = Columns(image=d.image_column, report=d.report_column, id=d.id_column, slice=d.slice_column)
+    records = read_manifest(manifest, columns)
   # Every row is checked before anything else reads it (a report that is not UTF-8 cannot be tokenised).
   bad = check.check_records(records, log=log if len(records) > 5000 else None)
   if bad:
@@ -318,7 +332,7 @@ def validate(r: Run, step: int, run_log: RunLog, when: str) -> bool:
                  epoch=None if config.eval.fixed_sampling else progress.epoch)
   run_log.write("val", step, val, epoch=progress.epoch)
   r.log(f"validation {when}: loss {val.get('loss', float('nan')):.4f}  " +
-        "  ".join(f"{k} {v:.3f}" for k, v in val.items() if k.startswith("recall") and k.endswith(("@1", "@5"))))
+        "  ".join(f"{k} {v:.3f}" for k, v in val.items() if k.startswith("recall") and k.endswith(("_at_1", "_at_5"))))
   val_loss = val.get("loss", float("nan"))
   if not np.isfinite(val_loss):
     raise NonFiniteLoss(f"non-finite validation loss {val_loss} {when} (step {step}); stopping. The last good "

@@ -166,3 +166,36 @@ def test_probe_cli_with_two_encoders_and_the_feature_cache(tmp_path):
   earlier = list((tmp_path / "out" / "previous").iterdir())  # The first run's outputs are kept, set aside.
   assert len(earlier) == 1 and json.loads((earlier[0] / "results.json").read_text()) == saved
   assert (earlier[0] / "confusion_fluid_a.png").exists() and (tmp_path / "out" / "confusion_fluid_a.png").exists()
+
+
+def test_a_built_tfds_folder_probes_as_the_image_folder_it_came_from(tmp_path):
+  """Round trip: an ImageFolder dataset built into TFDS (data/tfds_builders.py `folder`) gives the same splits,
+  classes and pixels, and so the same probe results, under both protocols."""
+  from torch_reference import TorchViT
+  from retfiner_jax.data import tfds_builders
+  synthetic.generate(tmp_path / "data", count=60, seed=1, height=64, width=64, workers=1, log=lambda *a: None)
+  folder = tmp_path / "data" / "tasks" / "fluid"
+  tfds_builders.build("folder", folder, tmp_path / "tfds")
+  splits, classes = folders.read_image_folder(folder)
+  built_splits, built_classes = folders.read_image_folder(tmp_path / "tfds")
+  assert built_classes == classes and {k: len(v) for k, v in built_splits.items()} == {k: len(v) for k, v in
+                                                                                      splits.items()}
+  for split in splits:
+    assert [y for _, y in built_splits[split]] == [y for _, y in splits[split]]
+    np.testing.assert_array_equal(folders.load_gray_u8([p for p, _ in built_splits[split]], 32),
+                                  folders.load_gray_u8([p for p, _ in splits[split]], 32))
+  torch.manual_seed(0)
+  torch.save(TorchViT(dim=48, mlp=192).state_dict(), tmp_path / "enc.pth")
+  for protocol in ("features", "paper"):
+    outcomes = []
+    for name, root in (("folder", folder), ("tfds", tmp_path / "tfds")):
+      config = configs.load("probe")
+      config.encoder, config.variant = str(tmp_path / "enc.pth"), "tiny-visionfm"
+      config.data.root = f"fluid={root}"
+      config.workdir = str(tmp_path / f"{protocol}_{name}")
+      config.probe.update(protocol=protocol, seeds=(0,), max_epochs=3)
+      outcomes.append(run.run(config, log=lambda *a: None)["fluid"])
+    assert outcomes[0] == outcomes[1], protocol
+  with pytest.raises(tfds_builders.TfdsDataError,
+                     match=r"holds built \['oct_image_folder'\] data, not 'oct_report_pairs'"):
+    tfds_builders.pairs_records(tmp_path / "tfds", "train")

@@ -39,7 +39,7 @@ def test_kill_after_the_best_checkpoint_and_a_signal_at_an_epoch_end_resume(corp
   assert [p.name for p in (work / "best").iterdir()] == ["6"]
   losses_1 = train_losses(work)
   val_1 = [r for r in read_metrics(work / "metrics.jsonl") if r["kind"] == "val"]
-  assert len(val_1) == 1 and val_1[0]["step"] == 6 and 0 <= val_1[0]["recall_i2t@5"] <= 1
+  assert len(val_1) == 1 and val_1[0]["step"] == 6 and 0 <= val_1[0]["recall_i2t_at_5"] <= 1
   import shutil
   shutil.rmtree(work / "checkpoints" / "6")
   saved_config = (work / "config.json").read_text()
@@ -74,8 +74,33 @@ def test_kill_after_the_best_checkpoint_and_a_signal_at_an_epoch_end_resume(corp
   assert [r["step"] for r in val] == [6, 12] and val[0]["loss"] == val_1[0]["loss"]
   assert not (work / LOCK_NAME).exists()
   # Outputs a person reads: curves, TensorBoard events, the exported encoder in both forms.
-  assert (work / "training_curves.png").exists() and list((work / "tensorboard").glob("events.out.tfevents.*"))
+  assert (work / "training_curves.png").exists()
+  # TensorBoard holds what metrics.jsonl holds, under the same names (`<kind>/<key>`), and nothing else.
+  logged = {(f"{r['kind']}/{k}", r["step"]): v for r in read_metrics(work / "metrics.jsonl")
+            for k, v in r.items() if k not in ("kind", "step", "epoch")}
+  events = tensorboard_scalars(work / "tensorboard")
+  assert set(events) == set(logged)
+  assert all(np.isclose(events[key], value, rtol=1e-6) for key, value in logged.items())
+  assert {"train/loss_itc", "train/input_wait_fraction", "val/loss", "val/recall_i2t_at_1"} <= {t for t, _ in
+                                                                                                logged}
   assert Path(third["exported"]["flax"], "model.json").exists() and Path(third["exported"]["safetensors"]).exists()
+
+
+def tensorboard_scalars(folder) -> dict:
+  """{(tag, step): value} of the scalars in a folder's event files (TFRecord framing read by hand; the last
+  write of a step wins, as TensorBoard shows it)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for path in sorted(Path(folder).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      (length,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+      i += 12 + length + 4
+      for value in event.summary.value:
+        out[(value.tag, event.step)] = value.simple_value
+  return out
 
 
 def _two_checkpoints(folder):

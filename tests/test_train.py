@@ -299,3 +299,34 @@ def test_model_sizes_come_from_the_weights(corpus, tmp_path):
       "error: the command line sets model sizes the weights do not have: --config.model.vision_dim=1024 but "
       "config.weights.vision has 128. Drop those flags (sizes come from the weights), or give weights of those "
       "sizes"], out.stderr[-2000:]
+
+
+def test_training_from_a_built_tfds_folder_equals_training_from_the_manifests(corpus, tmp_path):
+  """Round trip: the manifests built into one TFDS dataset (splits train and val) and named as
+  `config.data.train_manifest`/`val_manifest` give the same training and validation losses."""
+  import csv
+  from retfiner_jax.data import tfds_builders
+  rows = []
+  for name, split in (("manifest.csv", "train"), ("manifest_val.csv", "val")):
+    with open(corpus / name, newline="") as f:
+      rows += [dict(r, split=split, image=str(corpus / r["image"])) for r in csv.DictReader(f)]
+  with open(tmp_path / "both.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  built = tfds_builders.build("pairs", tmp_path / "both.csv", tmp_path / "tfds")
+  runs = {}
+  for name, train_manifest, val_manifest in (
+      ("csv", corpus / "manifest.csv", corpus / "manifest_val.csv"),
+      ("tfds", tmp_path / "tfds", f"{built}:val")):  # The data_dir, and the version folder with a split.
+    config = tiny_config(corpus, max_steps=2)
+    config.data.train_manifest, config.data.val_manifest = str(train_manifest), str(val_manifest)
+    train.run(config, tmp_path / name, log=lambda *a: None)
+    runs[name] = read_metrics(tmp_path / name / "metrics.jsonl")
+  for a, b in zip(runs["csv"], runs["tfds"], strict=True):
+    assert a["kind"] == b["kind"] and a["step"] == b["step"]
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+  config = tiny_config(corpus, max_steps=2)
+  config.data.train_manifest = f"{built}:validation"
+  with pytest.raises(tfds_builders.TfdsDataError, match=r"no split 'validation'; it has \['train', 'val'\]"):
+    train.run(config, tmp_path / "bad", log=lambda *a: None)

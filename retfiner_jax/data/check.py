@@ -107,8 +107,10 @@ def write_problem_report(path, records, bad):
 
 def conversion_notes(record) -> list[str]:
   """What the pipeline will do to a usable image that is not a plain grey B-scan (not problems)."""
+  if not record["image"] or hasattr(record["image"], "read_pixels"):  # Stored 16-bit grey by tfds_builders.
+    return []
   path = Path(record["image"])
-  if not record["image"] or path.suffix.lower() not in IMAGE_SUFFIXES or not path.exists():
+  if path.suffix.lower() not in IMAGE_SUFFIXES or not path.exists():
     return []
   from PIL import Image
   try:

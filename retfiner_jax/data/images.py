@@ -59,7 +59,13 @@ def _select_slice(a: np.ndarray, slice_index, path, volume_capable: bool) -> np.
 
 
 def read_image(path, slice_index=None) -> np.ndarray:
-  """Any supported file -> a 2-D array in its stored dtype (uint8, uint16 or float)."""
+  """Any supported file -> a 2-D array in its stored dtype (uint8, uint16 or float). `path` may also be an
+  image stored in a built dataset (tfds_builders.TfdsImage), already 2-D."""
+  if hasattr(path, "read_pixels"):
+    try:
+      return path.read_pixels()
+    except Exception as e:  # noqa: BLE001 - a damaged record is that image's problem, named.
+      raise ImageError("undecodable", f"{path}: {type(e).__name__}: {e}") from e
   path = Path(path)
   if not path.exists():
     raise ImageError("missing_file", f"{path}: file not found")

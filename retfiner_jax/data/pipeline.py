@@ -61,18 +61,14 @@ class LoadPair(grain.transforms.RandomMap):
 
   def random_map(self, record, rng: np.random.Generator):
     try:
-      if "tfds" in record:  # A record of a built TFDS dataset (data/tfds_builders.py).
-        from retfiner_jax.data.tfds_builders import read_tfds_pixels
-        pixels = read_tfds_pixels(record)
-      else:
-        pixels = read_image(record["image"], record.get("slice"))
+      pixels = read_image(record["image"], record.get("slice"))
       image = preprocess(pixels, self.spec.image_size, self.spec.backbone, self.spec.intensity,
                          rng if self.spec.augment else None, dict(self.spec.augment_kw))
       if not np.isfinite(image).all():
-        raise ImageError("non_finite", f"{record.get('image', 'TFDS record')}: not finite after preprocessing")
+        raise ImageError("non_finite", f"{record['image']}: not finite after preprocessing")
     except Exception as e:  # noqa: BLE001 - any failure to load one file is that record's problem: named below.
       if not isinstance(e, ImageError):
-        e = ImageError("undecodable", f"{record.get('image', 'TFDS record')}: {type(e).__name__}: {e}")
+        e = ImageError("undecodable", f"{record['image']}: {type(e).__name__}: {e}")
       message = f"{self.source} row {record['row']}: {e}"
       if self.skip_bad:
         _SKIPPED[self.source] = _SKIPPED.get(self.source, 0) + 1

@@ -6,7 +6,9 @@
 Every B-scan is stored as the bytes of a 16-bit greyscale PNG (`decode_png16` reads it) of its 2-D array after
 slice selection: 8-bit images are multiplied by 257 (so bit-depth scaling gives exactly the same [0, 1]
 values), 16-bit images are kept, float images are min-max scaled to 16 bits. Read back with
-`tfds.data_source`, records feed the same Grain pipeline:
+`tfds.data_source`, records feed the same Grain pipeline; training takes a built `oct_report_pairs` folder as
+`config.data.train_manifest`/`val_manifest` (splits "train"/"val", or `DIR:split`), the probe a built
+`oct_image_folder` as a dataset:
 
     python -m retfiner_jax.data.tfds_builders pairs MANIFEST --data-dir DIR
     python -m retfiner_jax.data.tfds_builders folder ROOT --data-dir DIR
@@ -14,7 +16,10 @@ values), 16-bit images are kept, float images are min-max scaled to 16 bits. Rea
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,7 @@ import tensorflow_datasets as tfds
 
 from retfiner_jax.data.images import IMAGE_SUFFIXES, read_image
 from retfiner_jax.data.manifest import Columns, read_manifest
+from retfiner_jax.errors import UserError
 
 
 def to_uint16(a: np.ndarray) -> np.ndarray:
@@ -113,33 +119,99 @@ def build(kind: str, source, data_dir) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reading back into the Grain pipeline.
+# Reading back: training (`config.data.train_manifest=DIR`) and the probe (`--data=DIR`) take a built folder.
+
+class TfdsDataError(UserError, ValueError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsImage:
+  """One B-scan of a built dataset, read on demand: it stands where a file path would (`images.read_image`
+  reads it, the probe's feature cache identifies it by the dataset's files)."""
+  version_dir: str
+  split: str
+  index: int
+
+  def __str__(self):
+    return f"{self.version_dir}:{self.split}[{self.index}]"
+
+  def read_pixels(self) -> np.ndarray:
+    return decode_png16(_source(self.version_dir, self.split)[self.index]["image"])
+
+  def identity(self) -> str:
+    return f"{self}|{_split_files(self.version_dir, self.split)}"
+
+
+@functools.lru_cache(maxsize=None)
+def _split_files(version_dir: str, split: str) -> str:
+  """Names, sizes and modification times of a split's record files."""
+  files = sorted(Path(version_dir).glob(f"*-{split}.*"))
+  return "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
+def find_dataset(path, name: str) -> Path:
+  """A built dataset's version folder, given it, the dataset's folder or the data_dir holding it."""
+  path = Path(path)
+  found = {}
+  for info in (path / "dataset_info.json", *sorted(path.glob("*/dataset_info.json")),
+               *sorted(path.glob("*/*/dataset_info.json"))):
+    if info.exists():
+      found.setdefault(json.loads(info.read_text()).get("name"), info.parent)
+  if name in found:
+    return found[name]
+  if found:
+    raise TfdsDataError(f"{path}: holds built {sorted(found)} data, not {name!r}")
+  raise TfdsDataError(f"{path}: no built {name} dataset here (no dataset_info.json); build one with "
+                      f"python -m retfiner_jax.data.tfds_builders")
+
 
 _SOURCES: dict = {}
 
 
-def _source(data_dir, split):
-  key = (str(data_dir), split)
+def _source(version_dir, split: str):
+  key = (str(version_dir), split)
   if key not in _SOURCES:
-    _SOURCES[key] = tfds.data_source("oct_report_pairs", data_dir=str(data_dir), split=split)
+    builder = tfds.builder_from_directory(str(version_dir))
+    if split not in builder.info.splits:
+      raise TfdsDataError(f"{version_dir}: no split {split!r}; it has {sorted(builder.info.splits)} (name one as "
+                          f"DIR:split)")
+    _SOURCES[key] = builder.as_data_source(split=split)
   return _SOURCES[key]
 
 
-def read_tfds_pixels(record) -> np.ndarray:
-  data_dir, split, index = record["tfds"]
-  return decode_png16(_source(data_dir, split)[index]["image"])
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def pairs_records(data_dir, split: str) -> list[dict]:
+def pairs_records(path, split: str) -> list[dict]:
   """Manifest-like records of a built `oct_report_pairs` split (images are read lazily by the pipeline)."""
-  skip = _source(data_dir, split)
+  version_dir = find_dataset(path, "oct_report_pairs")
+  source = _source(version_dir, split)
   records = []
-  for i in range(len(skip)):
-    ex = skip[i]
-    text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
-    records.append({"row": int(ex["row"]), "image": f"tfds:{split}[{i}]", "tfds": (str(data_dir), split, i),
-                    "report": text(ex["report"]), "id": text(ex["id"]) or None, "slice": None})
+  for i in range(len(source)):
+    ex = source[i]
+    records.append({"row": int(ex["row"]), "image": TfdsImage(str(version_dir), split, i),
+                    "report": _text(ex["report"]), "id": _text(ex["id"]) or None, "slice": None})
   return sorted(records, key=lambda r: r["row"])  # TFDS stores examples in hashed-key order.
+
+
+def folder_items(path) -> tuple[dict, list[str]]:
+  """A built `oct_image_folder` -> ({split: [(TfdsImage, class index)]}, class names), as
+  probe/folders.read_image_folder gives for the folder it was built from (items in path order)."""
+  version_dir = find_dataset(path, "oct_image_folder")
+  builder = tfds.builder_from_directory(str(version_dir))
+  classes = list(builder.info.features["label"].names)
+  splits = {}
+  for split in ("train", "val", "test"):
+    if split not in builder.info.splits:
+      continue
+    source = _source(version_dir, split)
+    rows = sorted((_text(source[i]["path"]), i, int(source[i]["label"])) for i in range(len(source)))
+    splits[split] = [(TfdsImage(str(version_dir), split, i), label) for _, i, label in rows]
+  if "train" not in splits or "test" not in splits:
+    raise TfdsDataError(f"{version_dir}: the probe needs train and test splits, found {sorted(splits)}")
+  return splits, classes
 
 
 def main(argv=None):

@@ -71,6 +71,9 @@ def cache_key(encoder_id: str, files, cfg: ModelConfig, kind: str) -> str:
   h.update(json.dumps({"image_size": cfg.image_size, "backbone": cfg.backbone, "representation": kind,
                        "vision": [cfg.vision_dim, cfg.vision_depth, cfg.vision_heads], "version": 1}).encode())
   for path in files:
+    if hasattr(path, "identity"):  # An image of a built dataset (data/tfds_builders.py).
+      h.update(path.identity().encode())
+      continue
     stat = os.stat(path)
     h.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
   return h.hexdigest()[:24]

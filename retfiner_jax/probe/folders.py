@@ -17,8 +17,12 @@ class ProbeDataError(UserError, ValueError):
 
 
 def read_image_folder(root):
-  """-> ({split: [(path, class_index)]}, class names). Every split must hold the same >= 2 classes."""
+  """-> ({split: [(path, class_index)]}, class names). Every split must hold the same >= 2 classes. A dataset
+  built from such a folder by data/tfds_builders.py (`folder`) reads as the folder did."""
   root = Path(root)
+  if not (root / "train").is_dir() and any(any(root.glob(f"{depth}dataset_info.json")) for depth in ("", "*/", "*/*/")):
+    from retfiner_jax.data import tfds_builders
+    return tfds_builders.folder_items(root)
   if not (root / "train").is_dir() or not (root / "test").is_dir():
     raise ProbeDataError(f"{root}: expected ImageFolder layout {root}/{{train,val,test}}/<class>/<image> "
                          f"(val optional)")
@@ -89,8 +93,7 @@ def _as_pil_rgb(path):
   """The image as the original's loader opens it: PIL, converted to 8-bit RGB. Formats PIL cannot read (.npy,
   DICOM) are read by the project's reader and scaled to 8 bits by their bit depth first."""
   from PIL import Image
-  path = Path(path)
-  if path.suffix.lower() in PIL_SUFFIXES:
+  if not hasattr(path, "read_pixels") and Path(path).suffix.lower() in PIL_SUFFIXES:
     with Image.open(path) as img:
       return img.convert("RGB")
   gray = np.round(scale_intensity(read_image(path)) * 255).astype(np.uint8)
