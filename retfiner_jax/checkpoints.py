@@ -20,6 +20,7 @@ as they are.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +40,10 @@ class DiskFull(UserError, OSError):
   pass
 
 
+class ResumeMismatch(UserError, RuntimeError):
+  pass
+
+
 def _nbytes(tree) -> int:
   return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree))
 
@@ -47,10 +52,13 @@ class RunCheckpoints:
   def __init__(self, workdir, keep: int = 2, log=print):
     self.workdir = Path(workdir).absolute()
     self.log = log
-    self.last = ocp.CheckpointManager(self.workdir / "checkpoints",
-                                      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-    self.best = ocp.CheckpointManager(self.workdir / "best",
-                                      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    # Several processes: each manager's barriers get their own names (both save the epoch's step at once).
+    self.last = ocp.CheckpointManager(self.workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix="last")))
+    self.best = ocp.CheckpointManager(self.workdir / "best", options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix="best")))
 
   def latest_step(self):
     return self.last.latest_step()
@@ -75,6 +83,7 @@ class RunCheckpoints:
     """Restores the newest checkpoint that restores onto `abstract_state` (shapes + shardings) and into the
     iterator; returns (state, progress, step). Newer checkpoints that failed are moved aside, each named with
     its error."""
+    self._check_process_count()
     failed = []
     for step in sorted(self.last.all_steps(), reverse=True):
       try:
@@ -89,10 +98,27 @@ class RunCheckpoints:
         f"{self.workdir / 'checkpoints'}: no checkpoint restores (did the model config change since they were "
         f"written?):\n  " + "\n  ".join(f"step {s}: {why}" for s, why in failed))
 
+  def _check_process_count(self):
+    """Each process's data position is saved apart (`data/process_<i>-of-<n>.json`): a resume needs the same n."""
+    latest = self.last.latest_step()
+    if latest is None:
+      return
+    saved = {int(m.group(1)) for f in (self.workdir / "checkpoints" / str(latest) / "data").glob("process_*-of-*.json")
+             if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", f.name))}
+    if saved and saved != {jax.process_count()}:
+      raise ResumeMismatch(
+          f"{self.workdir / 'checkpoints'} step {latest} was written by {max(saved)} process(es), this run has "
+          f"{jax.process_count()}: each process's position in the data is saved apart, so resume with "
+          f"{max(saved)} processes (or train afresh in a new workdir)")
+
   def _move_aside(self, step: int, why: str, fallback: int):
     aside = self.workdir / "damaged_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(self.workdir / "checkpoints" / str(step)), str(aside))
+    if jax.process_index() == 0:  # One mover on a shared workdir; the others wait for it.
+      aside.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(self.workdir / "checkpoints" / str(step)), str(aside))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
     self.last.reload()
     self.log(f"checkpoint {step} is damaged ({why}); resuming from checkpoint {fallback} instead. The damaged "
              f"one is kept in {aside}")

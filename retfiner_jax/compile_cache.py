@@ -25,6 +25,12 @@ def enable(setting: str = "", log=None) -> Path | None:
     if log:
       log("compilation cache: off")
     return None
+  if jax.process_count() > 1 and jax.default_backend() == "cpu":
+    # Seen with jax 0.10 and gloo: a resumed pair of CPU processes whose programs came from the cache hung in
+    # their first cross-process collective after the train step (the validation); compiled afresh they run.
+    if log:
+      log("compilation cache: off (several CPU processes: cached programs hung in their collectives)")
+    return None
   folder = Path(setting).expanduser() if setting else default_dir()
   folder.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(folder))

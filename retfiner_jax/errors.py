@@ -20,11 +20,11 @@ class MissingInput(UserError, FileNotFoundError):
   """A file or folder the settings name does not exist."""
 
 
-def run_reporting_user_errors(fn, *args, **kwargs):
-  """Calls fn; a UserError becomes `error: ...` on stderr and exit status 2."""
+def run_reporting_user_errors(fn, *args, prefix: str = "", **kwargs):
+  """Calls fn; a UserError becomes `error: ...` on stderr and exit status 2 (`prefix`: e.g. which process)."""
   try:
     return fn(*args, **kwargs)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
+    print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 

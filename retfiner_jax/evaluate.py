@@ -5,6 +5,7 @@ import jax
 import numpy as np
 
 from retfiner_jax.models.retfiner import RetFiner
+from retfiner_jax.sharding import to_host
 from retfiner_jax.objectives import ObjectiveSettings, make_loss_fn
 
 
@@ -42,21 +43,22 @@ def evaluate(model: RetFiner, params, batches, settings: ObjectiveSettings, seed
   key = jax.random.PRNGKey(seed)
   if epoch is not None:
     key = jax.random.fold_in(key, epoch)
-  batch_metrics, weights, embeddings, valids, report_keys = [], [], [], [], []
+  batch_metrics, embeddings, valids, ids = [], [], [], []
   for i, batch in enumerate(batches):  # Results stay on device until the end: no sync per batch.
-    valid = np.asarray(batch["valid"])
     device_batch = to_global(batch)
     batch_metrics.append(loss_fn(params, device_batch, jax.random.fold_in(key, i))[1])
-    weights.append(int(valid.sum()))
     embeddings.append(embed_fn(params, device_batch["images"], device_batch["input_ids"],
                                device_batch["attention_mask"]))
-    valids.append(valid)
-    report_keys += [row.tobytes() for row in np.asarray(batch["input_ids"])[valid]]
-  batch_metrics, embeddings = jax.device_get((batch_metrics, embeddings))
+    valids.append(device_batch["valid"])
+    ids.append(device_batch["input_ids"])
+  # The global batches' rows (every process's share) on every host.
+  batch_metrics, (embeddings, valids, ids) = jax.device_get(batch_metrics), to_host((embeddings, valids, ids))
+  weights = [int(v.sum()) for v in valids]  # Each batch weighs by its real rows.
   out = {k: float(np.average([m[k] for m in batch_metrics], weights=weights)) for k in batch_metrics[0]} \
       if batch_metrics else {}
   images = np.concatenate([img[v] for (img, _), v in zip(embeddings, valids)])
   texts = np.concatenate([txt[v] for (_, txt), v in zip(embeddings, valids)])
+  report_keys = [row.tobytes() for batch_ids, v in zip(ids, valids) for row in np.asarray(batch_ids)[v]]
   out.update(retrieval_recall(images, texts, report_keys, ks))
   out["examples"] = float(len(report_keys))
   return out

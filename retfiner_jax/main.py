@@ -13,9 +13,31 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config: a name in configs/ (retfound, visionfm, "
                                           "urfound) or a path", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, exports; reused to resume")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-host "
-                                  "GPU clusters, TPU pods)")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "several processes (hosts): call "
+                                  "jax.distributed.initialize() first; with no other flag it finds its peers on a "
+                                  "TPU pod, under SLURM or Open MPI")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, for --distributed where nothing "
+                                   "tells it (e.g. two hosts started by hand)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "how many processes take part (with --coordinator)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def start_distributed(log):
+  """jax.distributed.initialize with the given flags (or auto-detection); CPU collectives over gloo."""
+  import jax
+  given = {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
+           "process_id": _PROCESS_ID.value}
+  if any(v is not None for v in given.values()) and not _DISTRIBUTED.value:
+    raise app.UsageError("--coordinator/--num_processes/--process_id need --distributed")
+  if _DISTRIBUTED.value:
+    # Gloo carries the collectives between CPU processes (a CPU-only cluster, or the two-process test); GPUs
+    # and TPUs use their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+    log(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local device(s), "
+        f"{jax.device_count()} in all")
+  return jax.process_index(), jax.process_count()
 
 
 def main(argv):
@@ -25,16 +47,23 @@ def main(argv):
   if "demo" in config:
     raise app.UsageError("this is the demo's config: run python -m retfiner_jax.demo --workdir=DIR")
   logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO.
-  if _DISTRIBUTED.value:
-    import jax
-    jax.distributed.initialize()
-  log = functools.partial(print, flush=True)
+  say = functools.partial(print, flush=True)
+  index, count = start_distributed(say)
+  # Several processes: process 0 prints; any process's error names it.
+  log = say if index == 0 else (lambda *a, **k: None)
+  prefix = f"process {index}: " if count > 1 else ""
   from retfiner_jax import compile_cache, train
   from retfiner_jax.errors import run_reporting_user_errors
   compile_cache.enable(config.compile_cache, log)
   # Model sizes set on the command line win over the weights' own (train.run takes the rest from the weights).
   explicit = [a.split("=")[0][len("--config.model."):] for a in sys.argv[1:] if a.startswith("--config.model.")]
-  run_reporting_user_errors(train.run, config, _WORKDIR.value, log, explicit_model_keys=explicit)
+  try:
+    run_reporting_user_errors(train.run, config, _WORKDIR.value, log, explicit_model_keys=explicit,
+                              prefix=prefix)
+  except Exception as e:
+    if prefix:
+      print(f"{prefix}{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    raise
 
 
 def cli():

@@ -10,22 +10,27 @@ class RunLog:
   """`start_step`: the step the run starts (or resumes) from; metrics.jsonl rows of later steps, written by a
   run that was killed before its next checkpoint, are dropped so that the resumed run does not repeat them."""
 
-  def __init__(self, workdir, total_steps: int, batch_size: int, print_fn=print, start_step: int = 0):
+  def __init__(self, workdir, total_steps: int, batch_size: int, print_fn=print, start_step: int = 0,
+               primary: bool = True):
     self.workdir = Path(workdir)
     self.metrics_path = self.workdir / "metrics.jsonl"
+    self.primary = primary  # Several processes: only the first one writes and prints.
+    self.total_steps, self.batch_size, self.print = total_steps, batch_size, print_fn
+    self._tb, self._last_time, self._last_step = None, time.time(), None
+    if not primary:
+      return
     if self.metrics_path.exists():
       kept = [line for line in self.metrics_path.read_text().splitlines() if _step_of(line) <= start_step]
       self.metrics_path.write_text("".join(line + "\n" for line in kept))
-    self.total_steps, self.batch_size, self.print = total_steps, batch_size, print_fn
-    self._tb = None
     try:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
     except ImportError:
       print_fn("tensorboardX not installed: no TensorBoard event files (metrics.jsonl is still written)")
-    self._last_time, self._last_step = time.time(), None
 
   def write(self, kind: str, step: int, metrics: dict, **extra):
+    if not self.primary:
+      return
     record = {"kind": kind, "step": int(step), **extra, **{k: float(v) for k, v in metrics.items()}}
     with self.metrics_path.open("a") as f:
       f.write(json.dumps(record) + "\n")
@@ -35,6 +40,8 @@ class RunLog:
       self._tb.flush()
 
   def progress(self, epoch: int, step: int, metrics: dict):
+    if not self.primary:
+      return
     now = time.time()
     rate = ""
     if self._last_step is not None and step > self._last_step:

@@ -62,3 +62,12 @@ def global_batch(mesh, local_batch: dict) -> dict:
   """This process's rows -> global arrays sharded over the batch axes (multi-host safe)."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def to_host(tree):
+  """Device arrays -> numpy with their global values on every host (an all-gather across processes when there
+  are several; a plain transfer otherwise)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)

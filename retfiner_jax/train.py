@@ -12,6 +12,7 @@ validation loss stops the run naming the step; nothing non-finite is ever saved.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -221,7 +222,8 @@ def check_resume_config(config, workdir: Path, log=print):
   new = json.loads(config.to_json_best_effort())
   if not (workdir / "checkpoints").is_dir() or not any((workdir / "checkpoints").iterdir()) \
       or not saved_path.exists():
-    saved_path.write_text(json.dumps(new, indent=1))
+    if jax.process_index() == 0:  # One writer on a shared workdir.
+      saved_path.write_text(json.dumps(new, indent=1))
     return
   old, now = _flat(json.loads(saved_path.read_text())), _flat(new)
   changed = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
@@ -308,18 +310,19 @@ class InputWait:
     return out
 
 
-def check_finite(r: Run, step, metrics):
+def check_finite(r: Run, step, metrics) -> bool:
   """Stops the run if step `step` gave a non-finite loss, gradient or parameters. Every checkpoint is written
-  after this check, so the latest one is always finite."""
-  # One transfer for the three scalars (this runs every step).
-  loss, grad_norm, params_finite = map(float, jax.device_get(
-      (metrics["loss"], metrics["grad_norm"], metrics["params_finite"])))
+  after this check, so the latest one is always finite. Returns whether any process asked to stop (a signal,
+  carried through the step so that every process sees it at the same step)."""
+  # One transfer for the scalars (this runs every step).
+  loss, grad_norm, params_finite, stop_requested = map(float, jax.device_get(
+      (metrics["loss"], metrics["grad_norm"], metrics["params_finite"], metrics.get("stop_requested", 0.0))))
   if not (np.isfinite(loss) and np.isfinite(grad_norm)):
     problem = f"non-finite loss {loss} (gradient norm {grad_norm}) at step {step}"
   elif not params_finite:
     problem = f"non-finite parameters after step {step} (loss {loss}, gradient norm {grad_norm})"
   else:
-    return
+    return bool(stop_requested)
   raise NonFiniteLoss(f"{problem}; stopping. The last good checkpoint is {r.workdir / 'checkpoints'} step "
                       f"{r.checkpoints.latest_step()}")
 
@@ -363,23 +366,29 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
   checked one step late so that the host never waits for the device between steps."""
   step, wait = int(jax.device_get(r.state["step"])), InputWait()
   pending, batch = None, None
+  several = jax.process_count() > 1
+
+  def to_global(local):
+    if several:  # Each row says whether this process was signalled; the step reports the maximum.
+      local = dict(local, stop=np.full(len(local["pair_ids"]), stop["signal"] is not None, np.int32))
+    return r.global_batch(local)
   if step < r.total_steps:  # Compiled on the first batch, timed apart from the first step.
-    batch = wait.next(r.train_iter, r.global_batch)
+    batch = wait.next(r.train_iter, to_global)
     r.log("compiling the train step ...")
     started = time.time()
     r.step_fn = r.step_fn.lower(r.state, batch).compile()
     r.log(f"compiled the train step in {time.time() - started:.1f} s")
     wait.reset()
   while step < r.total_steps and not r.progress.stopped_early:
-    batch = wait.next(r.train_iter, r.global_batch) if batch is None else batch
+    batch = wait.next(r.train_iter, to_global) if batch is None else batch
     r.state, metrics = r.step_fn(r.state, batch)
     batch, step, wait.steps = None, step + 1, wait.steps + 1
-    if pending is not None:
-      check_finite(r, *pending)
+    requested = check_finite(r, *pending) if pending is not None else False
     pending = (step, metrics)
     if step % r.config.train.log_every == 0 or step == r.total_steps:
       check_finite(r, step, metrics)
       host = dict(jax.device_get(metrics), **wait.report())
+      host.pop("stop_requested", None)
       run_log.write("train", step, host, epoch=r.progress.epoch + 1)  # The epoch in progress, counted from 1.
       run_log.progress(r.progress.epoch + 1, step, host)
     if step % r.steps_per_epoch == 0:
@@ -388,10 +397,13 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
     elif r.config.checkpoint.every_steps > 0 and step % r.config.checkpoint.every_steps == 0:
       check_finite(r, step, metrics)
       r.save(step)
-    if stop["signal"]:
+    # One process: at once. Several: when the step before this one says a process was signalled, so that all
+    # of them save the same step.
+    if (requested if several else stop["signal"]):
       check_finite(r, step, metrics)
       r.save(step)
-      r.log(f"{stop['signal']}: saved a checkpoint at step {step}; rerun with the same workdir to resume")
+      r.log(f"{stop['signal'] or 'another process was signalled'}: saved a checkpoint at step {step}; rerun "
+            f"with the same workdir to resume")
       return "interrupted", step
   if pending is not None:
     check_finite(r, *pending)
@@ -410,10 +422,12 @@ def run(config, workdir, log=print, explicit_model_keys=()) -> dict:
   if workdir.exists() and not workdir.is_dir():
     raise ConfigError(f"workdir {workdir} is a file; give a folder (it is created if missing)")
   workdir.mkdir(parents=True, exist_ok=True)
-  with WorkdirLock(workdir, log):
+  primary = jax.process_index() == 0  # Writes the run's files; every process trains and saves checkpoints.
+  with WorkdirLock(workdir, log) if primary else contextlib.nullcontext():
     r = setup(config, workdir, log, explicit_model_keys)
     start_step, start_time = int(jax.device_get(r.state["step"])), time.time()
-    run_log = RunLog(r.workdir, r.total_steps, config.train.batch_size, log, start_step=start_step)
+    run_log = RunLog(r.workdir, r.total_steps, config.train.batch_size, log, start_step=start_step,
+                     primary=primary)
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
@@ -441,18 +455,21 @@ def finish(r: Run, status: str, step: int, samples: int, seconds: float) -> dict
              "initialised_randomly": randomly_initialised(r.config)}
   if skipped:
     r.log(f"skipped {skipped} records that failed to load (config.data.skip_bad_records)")
+  primary = jax.process_index() == 0
   if status == "finished":
     best, _ = r.checkpoints.restore_best(with_shardings(r.abstract_params, r.param_shardings))
-    final = best if best is not None else r.state["params"]
-    text_source = r.config.weights.text or r.config.weights.retfiner
-    summary["exported"] = exports.export_model(
-        r.cfg, jax.device_get(final), r.workdir / "export", tokenizer_path(r.config),
-        weights.source_pooler(text_source) if text_source else None, p.epoch, step, r.log)
-    plot_run(r.workdir)
+    final = sharding.to_host(best if best is not None else r.state["params"])  # Every process takes part.
+    if primary:
+      text_source = r.config.weights.text or r.config.weights.retfiner
+      summary["exported"] = exports.export_model(
+          r.cfg, final, r.workdir / "export", tokenizer_path(r.config),
+          weights.source_pooler(text_source) if text_source else None, p.epoch, step, r.log)
+      plot_run(r.workdir)
   started = time.time()
   r.checkpoints.close()  # Waits for the asynchronous checkpoint writes.
   r.log(f"checkpoint writes finished in {time.time() - started:.1f} s")
-  (r.workdir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
+  if primary:
+    (r.workdir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
   return summary
 
 

@@ -53,6 +53,8 @@ def make_train_step(model: RetFiner, settings: ObjectiveSettings, tx, seed: int,
   base_key = jax.random.PRNGKey(seed)
 
   def train_step(state, batch):
+    batch = dict(batch)
+    stop = batch.pop("stop", None)  # Several processes: which of them were signalled (train.train_loop).
     rng = jax.random.fold_in(base_key, state["step"])
     params = state["params"]
     if micro_batches == 1:
@@ -67,6 +69,8 @@ def make_train_step(model: RetFiner, settings: ObjectiveSettings, tx, seed: int,
     # Checked before any checkpoint is written: a finite loss can still give non-finite parameters.
     finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(new_params)]))
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), params_finite=finite.astype(jnp.float32))
+    if stop is not None:
+      metrics["stop_requested"] = jnp.max(stop).astype(jnp.float32)
     return {"params": new_params, "opt": opt, "step": state["step"] + 1}, metrics
 
   return train_step

@@ -146,17 +146,25 @@ def convert_checkpoint(path, fmt: str | None = None, variant: str | None = None,
 # ---------------------------------------------------------------------------------------------------------
 # The converted form.
 
+def this_process_checkpointer():
+  """An Orbax checkpointer that involves this process alone: converted folders are written by one process and
+  read by each on its own, also when several train together (Orbax's default waits for all of them)."""
+  import orbax.checkpoint as ocp
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}))
+
+
 def save_converted(out_dir, cfg: ModelConfig, params: dict, meta: dict, pooler: dict | None = None):
   """`pooler`: a source BERT's pooler tensors (PyTorch layout), kept beside the parameters for the Hugging
   Face export (RetFiner's model has no pooler and never changes it)."""
-  import orbax.checkpoint as ocp
   from safetensors.numpy import save_file
   out_dir = Path(out_dir).absolute()
   out_dir.mkdir(parents=True, exist_ok=True)
   target = out_dir / "params"
   if target.exists():
     raise FileExistsError(f"{target} exists; choose an empty --output folder")
-  with ocp.StandardCheckpointer() as ckptr:
+  with this_process_checkpointer() as ckptr:
     ckptr.save(target, jax.tree.map(np.asarray, params))
     ckptr.wait_until_finished()
   if pooler:
@@ -177,7 +185,6 @@ def readable_by_all(folder):
 
 
 def load_converted(folder):
-  import orbax.checkpoint as ocp
   folder = Path(folder).absolute()
   info_path = folder / "model.json"
   if not info_path.exists() or not (folder / "params").exists():
@@ -185,7 +192,7 @@ def load_converted(folder):
                             f"PyTorch file with: python tools/convert_weights.py --input FILE --output DIR")
   info = json.loads(info_path.read_text())
   cfg = ModelConfig.from_dict(info.pop("model_config"), source=str(info_path))
-  with ocp.StandardCheckpointer() as ckptr:
+  with this_process_checkpointer() as ckptr:
     params = ckptr.restore(folder / "params")
   # Folders written before layers could be scanned hold the unrolled layout whatever model.json says.
   return cfg, cv.to_layer_layout(jax.tree.map(np.asarray, params), cfg.scan_layers), info

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from retfiner_jax import train
-from retfiner_jax.checkpoints import NoRestorableCheckpoint, RunCheckpoints
+from retfiner_jax.checkpoints import NoRestorableCheckpoint, ResumeMismatch, RunCheckpoints
 from retfiner_jax.errors import ConfigError
 from retfiner_jax.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLocked
 from retfiner_jax.run_log import read_metrics
@@ -153,6 +153,19 @@ def test_no_restorable_checkpoint_moves_nothing_and_names_each_error(tmp_path):
     restorer.restore(wrong, iterator)
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
   assert not (tmp_path / "damaged_checkpoints").exists()
+
+
+def test_checkpoints_of_another_process_count_are_refused_untouched(tmp_path):
+  """Each process's data position is saved apart: checkpoints written by two processes do not resume in one
+  (the two-process run itself: test_multihost.py)."""
+  latest = _two_checkpoints(tmp_path)
+  (latest / "data" / "process_0-of-1.json").rename(latest / "data" / "process_0-of-2.json")
+  restorer = RunCheckpoints(tmp_path, keep=2, log=lambda *a: None)
+  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+  with pytest.raises(ResumeMismatch, match=r"step 2 was written by 2 process\(es\), this run has 1: .*with 2"):
+    restorer.restore({"w": jax.ShapeDtypeStruct((3,), jnp.float32)}, iterator)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+  restorer.close()
 
 
 def test_one_run_per_workdir(tmp_path):

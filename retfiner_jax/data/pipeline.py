@@ -106,20 +106,69 @@ def _with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   return ds
 
 
-def train_dataset(records, spec: ImageSpec, batch_size: int, seed: int, source: str = "manifest",
-                  num_workers: int = 0, skip_bad: bool = False, process_index: int = 0, process_count: int = 1):
-  """Infinite stream of this process's share of the global batches (drops incomplete batches)."""
+class ProcessShare(grain.MapDataset):
+  """This process's rows of each global batch of `parent`, in order: local item k is global position
+  (k // L) * B + p * L + k % L (B the global batch, L = B / processes, p this process), so that the global
+  batches, row for row, are the same for any number of processes."""
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int, process_count: int):
+    super().__init__(parent)
+    self._global, self._local, self._index = global_batch, global_batch // process_count, process_index
+
+  def position(self, index: int) -> int:
+    return (index // self._local) * self._global + self._index * self._local + index % self._local
+
+  def __len__(self):
+    return len(self._parent) // self._global * self._local
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self.position(index)]
+
+  def __str__(self):
+    return f"ProcessShare(process {self._index}, {self._local} of every {self._global})"
+
+
+def _check_share(batch_size: int, process_count: int):
   if batch_size % process_count:
     raise ValueError(f"global batch {batch_size} is not divisible by the {process_count} processes")
+
+
+def train_dataset(records, spec: ImageSpec, batch_size: int, seed: int, source: str = "manifest",
+                  num_workers: int = 0, skip_bad: bool = False, process_index: int = 0, process_count: int = 1):
+  """Infinite stream of this process's share of the global batches (drops incomplete batches). Shuffling and
+  the random augmentation follow the global position, so the global batches do not depend on the number of
+  processes."""
+  _check_share(batch_size, process_count)
   if len(records) < batch_size:
     raise ValueError(f"{source}: {len(records)} records, fewer than one batch of {batch_size}")
   ds = grain.MapDataset.source(list(records)).shuffle(seed=seed).repeat(None)
-  ds = ds[process_index::process_count]
   ds = ds.random_map(LoadPair(spec, source, skip_bad), seed=seed)
+  ds = ProcessShare(ds, batch_size, process_index, process_count)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2 if num_workers == 0 else 1, prefetch_buffer_size=4))
   # Workers load single examples (interleaved back in stream order); batching after them keeps the batches
   # the same for any worker count.
   return _with_workers(ds, num_workers).batch(batch_size // process_count, drop_remainder=True)
+
+
+class LocalEvalBatch(grain.transforms.Map):
+  """Global batch j -> this process's rows of it, stacked and padded to the share's size (`valid` False on
+  padding rows and on records skipped as bad)."""
+
+  def __init__(self, loaded: grain.MapDataset, batch_size: int, process_index: int, process_count: int):
+    self.loaded, self.batch_size, self.per_process = loaded, batch_size, batch_size // process_count
+    self.first = process_index * self.per_process
+
+  def map(self, j):
+    start = j * self.batch_size + self.first
+    rows = [self.loaded[i] for i in range(start, min(start + self.per_process, len(self.loaded)))]
+    rows = [r for r in rows if r is not None]
+    if not rows:  # None of the last batch's rows are this process's: all padding, shaped as a loaded row.
+      row = next(r for r in (self.loaded[i] for i in range(len(self.loaded))) if r is not None)
+      return {**{k: np.zeros((self.per_process,) + np.shape(v), np.asarray(v).dtype) for k, v in row.items()},
+              "valid": np.zeros(self.per_process, bool)}
+    return PadBatch(self.per_process).map({k: np.stack([r[k] for r in rows]) for k in rows[0]})
 
 
 class PadBatch(grain.transforms.Map):
@@ -138,12 +187,14 @@ class PadBatch(grain.transforms.Map):
 
 def eval_dataset(records, spec: ImageSpec, batch_size: int, source: str = "manifest", num_workers: int = 0,
                  skip_bad: bool = False, process_index: int = 0, process_count: int = 1):
-  """Every record once, in order; the last batch padded (`valid` False on padding rows)."""
-  per_process = batch_size // process_count
-  ds = grain.MapDataset.source(list(records))[process_index::process_count]
-  ds = ds.random_map(LoadPair(dataclasses.replace(spec, augment=False), source, skip_bad), seed=0)
-  ds = _with_workers(ds.to_iter_dataset(), num_workers)
-  return ds.batch(per_process, drop_remainder=False).map(PadBatch(per_process))
+  """Every record once, in order, in global batches of `batch_size` of which this process gives its share;
+  the last batch padded (`valid` False on padding rows)."""
+  _check_share(batch_size, process_count)
+  loaded = grain.MapDataset.source(list(records)).random_map(
+      LoadPair(dataclasses.replace(spec, augment=False), source, skip_bad), seed=0)
+  batches = grain.MapDataset.range(-(-len(records) // batch_size))
+  ds = batches.map(LocalEvalBatch(loaded, batch_size, process_index, process_count))
+  return _with_workers(ds.to_iter_dataset(), num_workers)
 
 
 def load_pairs(manifest, vocab, max_length, columns=None):
