@@ -1,0 +1,158 @@
+"""The refined model from Python: image and report embeddings, image-report matching and zero-shot
+classification, with the preprocessing and tokenisation of training.
+
+    from retfiner_jax.api import RetFinerModel
+    model = RetFinerModel.load("runs/retfound")            # a training workdir, a converted folder or a .ckpt
+    scores = model.similarity(["a.png", "b.png"], ["subretinal fluid", "normal fovea"])
+    probs, classes = model.zero_shot(images, {"fluid": ["subretinal fluid"], "dry": ["no fluid"]})
+
+Every method is jitted and runs in batches (padded to a fixed size, so one program serves every call) on the
+default device.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from retfiner_jax import weights
+from retfiner_jax.data.images import preprocess, read_image
+from retfiner_jax.errors import ConfigError, MissingInput
+from retfiner_jax.models.attention import padding_bias
+from retfiner_jax.models.config import ModelConfig
+from retfiner_jax.models.retfiner import RetFiner
+from retfiner_jax.text import load_tokenizer, tokenize
+
+WHOLE_MODEL = {"vision_encoder", "text_encoder", *weights.HEADS}
+
+
+def _resolve(path, tokenizer):
+  """A training workdir -> its exported whole model and the tokenizer it trained with."""
+  path = Path(path)
+  for export in (path / "export", path / "refine" / "export"):
+    if (export / "retfiner_flax" / "model.json").exists():
+      if tokenizer is None:
+        saved = json.loads((export.parent / "config.json").read_text()) if (export.parent / "config.json").exists() \
+            else {}
+        tokenizer = saved.get("tokenizer") or (saved.get("weights") or {}).get("text") or None
+        if tokenizer is None and (export / "text" / "bert_encoder" / "vocab.txt").exists():
+          tokenizer = str(export / "text" / "bert_encoder")
+      return export / "retfiner_flax", tokenizer
+  return path, tokenizer
+
+
+class RetFinerModel:
+  def __init__(self, cfg: ModelConfig, params: dict, tokenizer, intensity: str = "bit_depth", batch_size: int = 32):
+    missing = WHOLE_MODEL - set(params)
+    if missing:
+      raise ConfigError(f"the weights lack {sorted(missing)}: the text side needs a whole RetFiner model (a "
+                        f"training workdir, its export/retfiner_flax, or a RetFiner checkpoint)")
+    self.cfg, self.params = cfg.replace(text_dropout=0.0, drop_path=0.0), jax.device_put(params)
+    self.tokenizer = load_tokenizer(tokenizer)
+    self.intensity, self.batch_size = intensity, batch_size
+    model = RetFiner(self.cfg)
+
+    def embed_images(p, images):
+      m = model.bind({"params": p})
+      return m.image_embedding(m.image_tokens(images))
+
+    def embed_texts(p, ids, mask):
+      m = model.bind({"params": p})
+      return m.text_embedding(m.text_only(ids, mask)[:, 0])
+
+    def match(p, images, ids, mask):
+      m = model.bind({"params": p})
+      fused = m.text_with_image(ids, padding_bias(mask), m.image_tokens(images))
+      return jax.nn.softmax(m.itm_logits(fused[:, 0]), axis=-1)[:, 1]
+    self._embed_images, self._embed_texts, self._match = jax.jit(embed_images), jax.jit(embed_texts), jax.jit(match)
+
+  @classmethod
+  def load(cls, path, tokenizer=None, variant: str | None = None, log=lambda *a: None, **kw) -> "RetFinerModel":
+    """`path`: a training workdir (its tokenizer is found too), a converted whole-model folder, or RetFiner's
+    Lightning checkpoint (`variant` names its backbone). `tokenizer`: a vocab.txt or a folder holding one."""
+    folder, tokenizer = _resolve(path, tokenizer)
+    if not Path(folder).exists():
+      raise MissingInput(f"{folder}: no such model (a training workdir, a converted folder or a checkpoint)")
+    cfg, params, _ = weights.load_weights(folder, variant=variant, log=log)
+    if tokenizer is None:
+      raise ConfigError(f"{path}: give the tokenizer the model was trained with (tokenizer=VOCAB.txt or a folder)")
+    return cls(cfg, params, tokenizer, **kw)
+
+  # -------------------------------------------------------------------------------------------------------
+  def preprocess(self, images) -> np.ndarray:
+    """Paths or arrays (2-D grey, or H x W x 3) -> (N, S, S, 3) model inputs, as training prepares them."""
+    out = []
+    for image in images:
+      a = read_image(image) if isinstance(image, (str, Path)) or hasattr(image, "read_pixels") else np.asarray(image)
+      out.append(preprocess(a, self.cfg.image_size, self.cfg.backbone, self.intensity))
+    return np.stack(out).astype(np.float32)
+
+  def tokenize(self, texts) -> tuple[np.ndarray, np.ndarray]:
+    out = tokenize(self.tokenizer, list(texts), self.cfg.max_text_length)
+    return out["input_ids"], out["attention_mask"]
+
+  def _batched(self, fn, *arrays) -> np.ndarray:
+    n, b, results = len(arrays[0]), self.batch_size, []
+    for start in range(0, n, b):
+      chunk = [a[start:start + b] for a in arrays]
+      real = len(chunk[0])
+      chunk = [np.concatenate([c, np.zeros((b - real,) + c.shape[1:], c.dtype)]) for c in chunk]
+      results.append(np.asarray(fn(self.params, *chunk))[:real])
+    return np.concatenate(results) if results else np.zeros((0,))
+
+  def embed_images(self, images) -> np.ndarray:
+    """(N, contrastive_dim), L2-normalised: the ITC image embeddings."""
+    return self._batched(self._embed_images, self.preprocess(images))
+
+  def embed_texts(self, texts) -> np.ndarray:
+    """(N, contrastive_dim), L2-normalised: the ITC report embeddings."""
+    return self._batched(self._embed_texts, *self.tokenize(texts))
+
+  def similarity(self, images, texts) -> np.ndarray:
+    """(images, texts) cosine similarities of the ITC embeddings."""
+    return self.embed_images(images) @ self.embed_texts(texts).T
+
+  def match(self, images, texts) -> np.ndarray:
+    """ITM probability that report i belongs to image i, for each pair (len(images) == len(texts))."""
+    if len(images) != len(texts):
+      raise ValueError(f"match takes pairs: {len(images)} images, {len(texts)} texts")
+    return self.match_prepared(self.preprocess(images), *self.tokenize(texts))
+
+  def match_prepared(self, pixels, input_ids, attention_mask) -> np.ndarray:
+    """`match` on inputs already preprocessed and tokenised (rows are pairs)."""
+    return self._batched(self._match, pixels, input_ids, attention_mask)
+
+  def class_embeddings(self, prompts: dict) -> tuple[np.ndarray, list[str]]:
+    """{class: [prompt, ...]} -> (classes, dim) mean prompt embedding per class, renormalised; class names."""
+    classes = list(prompts)
+    if len(classes) < 2 or any(not prompts[c] for c in classes):
+      raise ValueError("zero-shot needs at least two classes, each with at least one prompt")
+    emb = np.stack([self.embed_texts(prompts[c]).mean(0) for c in classes])
+    return emb / np.linalg.norm(emb, axis=-1, keepdims=True), classes
+
+  def zero_shot(self, images, prompts: dict, image_embeddings=None) -> tuple[np.ndarray, list[str]]:
+    """Class probabilities (softmax of the image-class similarities over the model's temperature) and class
+    names; the prediction is the class of highest similarity."""
+    emb = self.embed_images(images) if image_embeddings is None else image_embeddings
+    class_emb, classes = self.class_embeddings(prompts)
+    logits = emb @ class_emb.T / self.cfg.temperature
+    return np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1)), classes
+
+
+def command_parser(doc: str):
+  """The text-side commands' flags: --model (and --tokenizer / --variant where the model cannot tell), --workdir."""
+  import argparse
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True, help="the folder for the outputs")
+  parser.add_argument("--model", required=True, help="a training workdir, a converted whole-model folder, or "
+                      "RetFiner's Lightning checkpoint")
+  parser.add_argument("--tokenizer", help="the model's vocab.txt (found by itself in a training workdir)")
+  parser.add_argument("--variant", help="the backbone of a Lightning checkpoint (retfound, visionfm, urfound)")
+  return parser
+
+
+def load_from_flags(args) -> RetFinerModel:
+  return RetFinerModel.load(args.model, args.tokenizer, args.variant)

@@ -1,0 +1,120 @@
+"""The refined model's text side: the Python API (embeddings, matching, zero-shot), the retrieval metrics on
+constructed cases, and the zero-shot and retrieval commands on the synthetic corpus."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import shared_path
+from retfiner_jax import retrieval, weights, zeroshot
+from retfiner_jax.api import RetFinerModel
+from retfiner_jax.data import synthetic
+from retfiner_jax.models.attention import padding_bias
+from retfiner_jax.models.config import get_variant
+from retfiner_jax.models.retfiner import RetFiner, init_params
+
+CFG = get_variant("tiny-retfound").replace(dtype="float32", image_size=32)
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+  """A tiny whole model as a converted folder, and the synthetic corpus."""
+  root = tmp_path_factory.mktemp("text_side")
+  params = jax.tree.map(np.asarray, init_params(CFG, jax.random.PRNGKey(0)))
+  weights.save_converted(root / "model", CFG, params, {"source": "test", "contents": sorted(params)})
+  synthetic.generate(root / "data", count=60, seed=1, height=64, width=64, workers=1, log=lambda *a: None)
+  return root, params, str(shared_path("reference", "vocab.txt"))
+
+
+def test_api_embeddings_matching_and_zero_shot(setting, tmp_path):
+  root, params, vocab = setting
+  model = RetFinerModel.load(root / "model", tokenizer=vocab, batch_size=4)
+  images = sorted((root / "data" / "images").glob("*.png"))[:6]
+  texts = ["subretinal fluid", "normal foveal contour", "drusen", "macular hole", "no fluid", "atrophy"]
+  img, txt = model.embed_images(images), model.embed_texts(texts)
+  assert img.shape == (6, CFG.contrastive_dim) and txt.shape == (6, CFG.contrastive_dim)
+  np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1, atol=1e-5)
+  # Batching (a padded last batch) changes nothing; arrays work as paths do.
+  from retfiner_jax.data.images import read_image
+  np.testing.assert_allclose(model.embed_images([read_image(images[5])]), img[5:], atol=1e-5)
+  np.testing.assert_allclose(model.similarity(images, texts), img @ txt.T, atol=1e-6)
+
+  # Zero-shot by hand: class embedding = the renormalised mean of its prompts' embeddings.
+  prompts = {"fluid": ["subretinal fluid", "intraretinal fluid"], "dry": ["no fluid", "dry macula", "normal"]}
+  probs, classes = model.zero_shot(images, prompts)
+  assert classes == ["fluid", "dry"]
+  means = np.stack([model.embed_texts(p).mean(0) for p in prompts.values()])
+  means /= np.linalg.norm(means, axis=1, keepdims=True)
+  sims = img @ means.T
+  np.testing.assert_array_equal(probs.argmax(1), sims.argmax(1))
+  np.testing.assert_allclose(probs, np.exp(sims / CFG.temperature) / np.exp(sims / CFG.temperature).sum(1,
+                                                                                                        keepdims=True),
+                             rtol=1e-4)
+
+  # ITM probability of each pair, against the model's own methods applied by hand to one pair.
+  p = model.match(images[:2], texts[:2])
+  assert p.shape == (2,) and np.all((p > 0) & (p < 1))
+  ids, mask = model.tokenize(texts[1:2])
+  m = RetFiner(CFG).bind({"params": params})
+  fused = m.text_with_image(jnp.asarray(ids), padding_bias(jnp.asarray(mask)),
+                            m.image_tokens(jnp.asarray(model.preprocess(images[1:2]))))
+  want = jax.nn.softmax(m.itm_logits(fused[:, 0]))[0, 1]
+  np.testing.assert_allclose(p[1], want, rtol=1e-5)
+
+  # A training workdir: its exported whole model and the tokenizer of its config.json.
+  work = tmp_path / "run"
+  (work / "export").mkdir(parents=True)
+  (root / "model").rename(work / "export" / "retfiner_flax")
+  try:
+    (work / "config.json").write_text(json.dumps({"tokenizer": vocab, "weights": {"text": ""}}))
+    np.testing.assert_allclose(RetFinerModel.load(work).embed_texts(texts[:1]), txt[:1], atol=1e-6)
+  finally:
+    (work / "export" / "retfiner_flax").rename(root / "model")
+  with pytest.raises(ValueError, match="lack"):  # A vision encoder alone has no text side.
+    RetFinerModel(CFG, {"vision_encoder": params["vision_encoder"]}, vocab)
+
+
+def test_ranking_metrics_on_constructed_cases():
+  # Three queries: the match of query 0 ranks first, of query 1 third, of query 2 second.
+  scores = np.array([[0.9, 0.1, 0.2], [0.8, 0.1, 0.7], [0.3, 0.1, 0.2]])
+  got = retrieval.ranking_metrics(scores, np.eye(3, dtype=bool), ks=(1, 2, 3))
+  assert got == {"recall_at_1": 1 / 3, "recall_at_2": 2 / 3, "recall_at_3": 1.0, "median_rank": 2.0}
+  # Rows sharing an id are each other's matches; rows without one match only themselves.
+  matches = retrieval.match_matrix(["a", "a", None, ""])
+  np.testing.assert_array_equal(matches, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+  # Re-ranking: the top 2 are re-ordered by the ITM score, the rest keep their order below them.
+  reranked = retrieval.rerank_top_k(np.array([[0.9, 0.8, 0.1]]), 2, lambda row, cols: np.array(
+      [0.2 if c == 0 else 0.7 for c in cols]))
+  assert list(np.argsort(-reranked[0])) == [1, 0, 2]
+
+
+def test_zero_shot_and_retrieval_commands(setting, tmp_path, capsys):
+  root, _, vocab = setting
+  assert zeroshot.main([f"--model={root / 'model'}", f"--tokenizer={vocab}", f"--data={root / 'data/tasks/fluid'}",
+                        f"--workdir={tmp_path / 'zs'}"]) is None
+  saved = json.loads((tmp_path / "zs" / "results.json").read_text())["fluid"]["zero_shot"]
+  assert saved["classes"] == 2 and 0 <= saved["bacc"]["mean"] <= 1 and saved["prompts"]["no_fluid"][0] == "no fluid"
+  for name in ("results.csv", "results.md", "predictions.csv", "confusion_fluid_zero_shot.png"):
+    assert (tmp_path / "zs" / name).exists(), name
+  (tmp_path / "prompts.json").write_text(json.dumps({"fluid": ["fluid"]}))
+  with pytest.raises(SystemExit):
+    zeroshot.main([f"--model={root / 'model'}", f"--tokenizer={vocab}", f"--data={root / 'data/tasks/fluid'}",
+                   f"--workdir={tmp_path / 'zs2'}", f"--prompts={tmp_path / 'prompts.json'}", "--itm"])
+  assert "classes without prompts ['no_fluid']" in capsys.readouterr().err
+  (tmp_path / "prompts.json").write_text(json.dumps({"fluid": ["fluid"], "no_fluid": ["no fluid", "dry"]}))
+  zeroshot.main([f"--model={root / 'model'}", f"--tokenizer={vocab}", f"--data={root / 'data/tasks/fluid'}",
+                 f"--workdir={tmp_path / 'zs2'}", f"--prompts={tmp_path / 'prompts.json'}", "--itm"])
+  assert json.loads((tmp_path / "zs2" / "results.json").read_text())["fluid"]["zero_shot"]["protocol"] == \
+      "zero_shot_itm"
+
+  retrieval.main([f"--model={root / 'model'}", f"--tokenizer={vocab}", f"--manifest={root / 'data/manifest_val.csv'}",
+                  f"--workdir={tmp_path / 'ret'}", "--itm-top-k=3"])
+  result = json.loads((tmp_path / "ret" / "retrieval.json").read_text())
+  assert result["itm_top_k"] == 3 and result["pairs"] > 0
+  for direction in ("image_to_report", "report_to_image"):
+    m = result[direction]
+    assert 0 <= m["recall_at_1"] <= m["recall_at_5"] <= m["recall_at_10"] <= 1 and m["median_rank"] >= 1
+  assert "median rank" in (tmp_path / "ret" / "retrieval.md").read_text()
