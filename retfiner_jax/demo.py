@@ -23,6 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from retfiner_jax import compile_cache, train, weights
+from retfiner_jax.api import RetFinerModel
 from retfiner_jax.data import synthetic
 from retfiner_jax.errors import run_reporting_user_errors
 from retfiner_jax.models.retfiner import init_params
@@ -61,6 +62,21 @@ def probe_all(cfg, vision_params, data_dir: Path, tasks, settings, log):
     summary, *_ = probe_dataset(cfg, vision_params, data_dir / "tasks" / task, settings, log=log)
     results[task] = {m: summary[m]["mean"] for m in ("bacc", "auroc")}
     results[task]["bacc_std"] = summary["bacc"]["std"]
+  return results
+
+
+def zero_shot_all(model, data_dir: Path, tasks, log=print) -> dict:
+  """Zero-shot balanced accuracy and AUROC on each task's test split, with prompts in the reports' phrasing."""
+  from retfiner_jax.probe.metrics import classification_metrics
+  from retfiner_jax.zeroshot import dataset_items
+  results = {}
+  for task in tasks:
+    images, labels, classes = dataset_items(data_dir / "tasks" / task)
+    prompts = synthetic.ZERO_SHOT_PROMPTS[task]
+    probs, _ = model.zero_shot(images, {c: prompts[c] for c in classes})
+    m = classification_metrics(labels, probs)
+    results[task] = {"bacc": m["bacc"], "auroc": m["auroc"], "classes": len(classes)}
+    log(f"{task}: zero-shot balanced accuracy {100 * m['bacc']:.1f}% (chance {100 / len(classes):.1f}%)")
   return results
 
 
@@ -117,22 +133,26 @@ def run(config, workdir, log=print) -> dict:
   if summary["status"] != "finished":
     log("refinement was interrupted; rerun the same command to resume")
     return summary
-  _, refined, _ = weights.load_converted(summary["exported"]["flax"])
+  _, refined, _ = weights.load_converted(summary["exported"]["retfiner_flax"])
   log("probing the refined vision encoder")
   after = probe_all(cfg, refined["vision_encoder"], data_dir, d.tasks, settings, log)
+  zero_shot = zero_shot_all(RetFinerModel(cfg, refined, str(vocab)), data_dir, d.tasks, log)
 
   tasks = {t: {"before": {"bacc": before[t]["bacc"], "auroc": before[t]["auroc"]},
-               "after": {"bacc": after[t]["bacc"], "auroc": after[t]["auroc"]}} for t in d.tasks}
+               "after": {"bacc": after[t]["bacc"], "auroc": after[t]["auroc"]}, "zero_shot": zero_shot[t]}
+           for t in d.tasks}
   results = {"tasks": tasks, "wall_seconds": time.time() - start,
              "mean_bacc_gain_points": float(np.mean([100 * (v["after"]["bacc"] - v["before"]["bacc"])
                                                      for v in tasks.values()])),
              "refinement": {k: summary[k] for k in ("steps", "epochs", "best_val_loss", "samples_per_second")}}
   (workdir / "results.json").write_text(json.dumps(results, indent=1))
   plot(tasks, workdir / "results.png")
-  log(f"\n{'task':<12}{'bacc before':>12}{'bacc after':>12}{'auroc before':>14}{'auroc after':>13}")
+  log(f"\n{'task':<12}{'bacc before':>12}{'bacc after':>12}{'auroc before':>14}{'auroc after':>13}"
+      f"{'zero-shot bacc':>16}{'chance':>8}")
   for t, v in tasks.items():
     log(f"{t:<12}{100 * v['before']['bacc']:>11.1f}%{100 * v['after']['bacc']:>11.1f}%"
-        f"{v['before']['auroc']:>14.3f}{v['after']['auroc']:>13.3f}")
+        f"{v['before']['auroc']:>14.3f}{v['after']['auroc']:>13.3f}"
+        f"{100 * v['zero_shot']['bacc']:>15.1f}%{100 / v['zero_shot']['classes']:>7.1f}%")
   log(f"mean balanced-accuracy gain {results['mean_bacc_gain_points']:+.1f} points; "
       f"{results['wall_seconds']:.0f} s in all; results in {workdir / 'results.json'} and results.png")
   return results

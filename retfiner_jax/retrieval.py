@@ -22,16 +22,21 @@ KS = (1, 5, 10)
 
 def match_matrix(ids) -> np.ndarray:
   """(N, N) True where rows i and j are a pair: the same non-empty id, or the same row."""
-  ids = np.asarray([i if i else f"\0row{n}" for n, i in enumerate(ids)], dtype=object)
-  return ids[:, None] == ids[None, :]
+  keys = [i if i else f"\0row{n}" for n, i in enumerate(ids)]
+  codes = np.unique(np.asarray(keys, dtype=str), return_inverse=True)[1]  # Integers compare fast.
+  return codes[:, None] == codes[None, :]
 
 
 def ranking_metrics(scores, matches, ks=KS) -> dict:
   """Rows are queries ranked over the columns by `scores` (highest first, ties in column order); the rank of
-  a query is the 1-based position of its first match."""
-  order = np.argsort(-np.asarray(scores), axis=1, kind="stable")
-  hits = np.take_along_axis(np.asarray(matches), order, axis=1)
-  ranks = hits.argmax(axis=1) + 1
+  a query is the 1-based position of its first match. Counted, not sorted: the columns ahead of a query's
+  best-placed match are those scoring higher, and those scoring the same at a lower index."""
+  scores, matches = np.asarray(scores), np.asarray(matches, bool)
+  masked = np.where(matches, scores, -np.inf)
+  best = masked.max(axis=1, keepdims=True)
+  first = np.argmax(masked == best, axis=1)[:, None]  # The lowest-index match with the best score.
+  ahead = (scores > best) | ((scores == best) & (np.arange(scores.shape[1])[None, :] < first))
+  ranks = ahead.sum(axis=1) + 1
   out = {f"recall_at_{k}": float((ranks <= k).mean()) for k in ks}
   out["median_rank"] = float(np.median(ranks))
   return out

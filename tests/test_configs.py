@@ -152,6 +152,8 @@ def smoke_demo(name, config, corpus, tmp_path):
   results = demo.run(config, tmp_path, log=lambda *a: None)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert set(saved["tasks"]) == {"fluid"} and results["tasks"] == saved["tasks"]
+  zero_shot = saved["tasks"]["fluid"]["zero_shot"]  # The text side's row: balanced accuracy of 2 classes.
+  assert zero_shot["classes"] == 2 and 0 <= zero_shot["bacc"] <= 1 and 0 <= zero_shot["auroc"] <= 1
   losses = [r["loss"] for r in read_metrics(tmp_path / "refine" / "metrics.jsonl") if r["kind"] == "train"]
   assert len(losses) >= 8
   assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses

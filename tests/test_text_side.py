@@ -82,6 +82,16 @@ def test_ranking_metrics_on_constructed_cases():
   scores = np.array([[0.9, 0.1, 0.2], [0.8, 0.1, 0.7], [0.3, 0.1, 0.2]])
   got = retrieval.ranking_metrics(scores, np.eye(3, dtype=bool), ks=(1, 2, 3))
   assert got == {"recall_at_1": 1 / 3, "recall_at_2": 2 / 3, "recall_at_3": 1.0, "median_rank": 2.0}
+  # Against sorting (ties included): 200 queries with 3 matches each among 60 columns of coarse scores.
+  rng = np.random.default_rng(0)
+  scores, matches = rng.integers(0, 5, (200, 60)).astype(float), np.zeros((200, 60), bool)
+  for row in matches:
+    row[rng.choice(60, 3, replace=False)] = True
+  order = np.argsort(-scores, axis=1, kind="stable")
+  ranks = np.take_along_axis(matches, order, axis=1).argmax(axis=1) + 1
+  got = retrieval.ranking_metrics(scores, matches, ks=(1, 5, 10))
+  assert got == {"recall_at_1": np.mean(ranks <= 1), "recall_at_5": np.mean(ranks <= 5),
+                 "recall_at_10": np.mean(ranks <= 10), "median_rank": float(np.median(ranks))}
   # Rows sharing an id are each other's matches; rows without one match only themselves.
   matches = retrieval.match_matrix(["a", "a", None, ""])
   np.testing.assert_array_equal(matches, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])

@@ -195,6 +195,20 @@ _NEGATIONS = {"srf": ["no subretinal fluid", "no SRF"], "cysts": ["no intraretin
 _NORMAL = ["normal foveal contour", "normal retinal layers", "unremarkable macula", "preserved foveal depression",
            "normal OCT of the macula"]
 
+# Zero-shot prompts for the tasks' classes, in the reports' own phrasing (the demo's zero-shot row).
+ZERO_SHOT_PROMPTS = {
+    "fluid": {"fluid": ["subretinal fluid", "intraretinal cysts", "cystoid macular edema", "SRF present"],
+              "no_fluid": ["no subretinal fluid", "no intraretinal fluid", "normal foveal contour"]},
+    "drusen": {"drusen": ["drusen", "drusenoid deposits"], "no_drusen": ["no drusen", "normal foveal contour"]},
+    "diagnosis": {"dme": ["intraretinal cysts", "cystoid macular edema"],
+                  "dry_amd": ["drusen", "drusenoid deposits", "geographic atrophy"],
+                  "erm": ["epiretinal membrane with retinal thickening", "ERM"],
+                  "glaucoma": ["diffuse thinning of the inner retina", "thin retinal nerve fibre layer"],
+                  "hole": ["full-thickness macular hole", "macular hole present"],
+                  "normal": list(_NORMAL),
+                  "wet_amd": ["pigment epithelial detachment", "subretinal fluid", "PED"]},
+}
+
 
 def write_report(lab: dict, rng: np.random.Generator) -> str:
   parts = []
