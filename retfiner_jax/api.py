@@ -125,6 +125,46 @@ class RetFinerModel:
     """`match` on inputs already preprocessed and tokenised (rows are pairs)."""
     return self._batched(self._match, pixels, input_ids, attention_mask)
 
+  def attention_maps(self, image, text: str) -> dict:
+    """Where the report's tokens look in the B-scan: the cross-attention of the matching pass (bidirectional
+    text over the image tokens), softmax(q k^T / sqrt(d)) recomputed from each layer's captured query and key
+    projections. Returns {"tokens": the report's tokens, "per_token": (T, grid, grid) maps averaged over heads
+    and layers, "mean": (grid, grid) their mean over the tokens, "global": (T,) the share of each token's
+    attention on the image's global token}. Each token's patch map plus its global share sums to 1."""
+    cfg = self.cfg.replace(scan_layers=False)  # Layers in a Python loop, so that their projections are captured.
+    params = self._unrolled_params()
+    pixels = jnp.asarray(self.preprocess([image]))
+    ids, mask = self.tokenize([text])
+    model = RetFiner(cfg)
+
+    def captured(p):
+      def fused(m):
+        return m.text_with_image(jnp.asarray(ids), padding_bias(jnp.asarray(mask)), m.image_tokens(pixels))
+      wanted = lambda module, method: method == "__call__" and module.name in ("query", "key") and \
+          module.parent is not None and module.parent.name == "crossattention"
+      return model.apply({"params": p}, method=fused, capture_intermediates=wanted)[1]["intermediates"]
+    layers = jax.jit(captured)(params)["text_encoder"]
+    heads, depth = cfg.text_heads, cfg.text_dim // cfg.text_heads
+    probs = []
+    for i in range(cfg.text_layers):
+      cross = layers[f"layer_{i}"]["crossattention"]
+      q = cross["query"]["__call__"][0].reshape(1, -1, heads, depth).astype(jnp.float32)
+      k = cross["key"]["__call__"][0].reshape(1, -1, heads, depth).astype(jnp.float32)
+      probs.append(jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(depth), axis=-1))
+    probs = np.asarray(jnp.stack(probs).mean(axis=(0, 2)))[0]  # Over layers and heads: (L, 1 + grid^2).
+    valid = np.flatnonzero(mask[0])
+    keep = [t for t in valid if ids[0, t] not in (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id)]
+    grid = cfg.grid_size
+    per_token = probs[keep, 1:].reshape(len(keep), grid, grid)
+    return {"tokens": self.tokenizer.convert_ids_to_tokens([int(ids[0, t]) for t in keep]), "per_token": per_token,
+            "mean": per_token.mean(0), "global": probs[keep, 0]}
+
+  def _unrolled_params(self):
+    if not hasattr(self, "_unrolled"):
+      from retfiner_jax.convert import to_layer_layout
+      self._unrolled = jax.device_put(to_layer_layout(jax.tree.map(np.asarray, self.params), scan=False))
+    return self._unrolled
+
   def class_embeddings(self, prompts: dict) -> tuple[np.ndarray, list[str]]:
     """{class: [prompt, ...]} -> (classes, dim) mean prompt embedding per class, renormalised; class names."""
     classes = list(prompts)
@@ -142,11 +182,13 @@ class RetFinerModel:
     return np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1)), classes
 
 
-def command_parser(doc: str):
-  """The text-side commands' flags: --model (and --tokenizer / --variant where the model cannot tell), --workdir."""
+def command_parser(doc: str, workdir: bool = True):
+  """The text-side commands' flags: --model (and --tokenizer / --variant where the model cannot tell), and
+  --workdir for the outputs unless `workdir` is False."""
   import argparse
   parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True, help="the folder for the outputs")
+  if workdir:
+    parser.add_argument("--workdir", required=True, help="the folder for the outputs")
   parser.add_argument("--model", required=True, help="a training workdir, a converted whole-model folder, or "
                       "RetFiner's Lightning checkpoint")
   parser.add_argument("--tokenizer", help="the model's vocab.txt (found by itself in a training workdir)")
@@ -154,5 +196,8 @@ def command_parser(doc: str):
   return parser
 
 
-def load_from_flags(args) -> RetFinerModel:
-  return RetFinerModel.load(args.model, args.tokenizer, args.variant)
+def run_command(parser, argv, body):
+  """Parses `argv`, loads the named model and calls body(model, args); user mistakes are one error line."""
+  from retfiner_jax.errors import run_reporting_user_errors
+  args = parser.parse_args(argv)
+  run_reporting_user_errors(lambda: body(RetFinerModel.load(args.model, args.tokenizer, args.variant), args))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retfiner_jax.errors import MissingInput, run_reporting_user_errors
+from retfiner_jax.errors import MissingInput
 
 KS = (1, 5, 10)
 
@@ -90,8 +90,7 @@ def main(argv=None):
   p = api.command_parser(__doc__)
   p.add_argument("--manifest", required=True)
   p.add_argument("--itm-top-k", type=int, default=0)
-  a = p.parse_args(argv)
-  run_reporting_user_errors(lambda: run(api.load_from_flags(a), a.manifest, a.workdir, a.itm_top_k))
+  api.run_command(p, argv, lambda model, a: run(model, a.manifest, a.workdir, a.itm_top_k))
 
 
 def cli():

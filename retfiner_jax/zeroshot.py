@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from retfiner_jax.data.images import IMAGE_SUFFIXES
-from retfiner_jax.errors import ConfigError, MissingInput, run_reporting_user_errors
+from retfiner_jax.errors import ConfigError, MissingInput
 
 TEMPLATES = ("{}", "oct b-scan showing {}", "findings: {}.")
 
@@ -106,8 +106,7 @@ def main(argv=None):
   p.add_argument("--data", required=True)
   p.add_argument("--prompts")
   p.add_argument("--itm", action="store_true", help="score with the ITM head instead of the ITC embeddings")
-  a = p.parse_args(argv)
-  run_reporting_user_errors(lambda: run(api.load_from_flags(a), a.data, a.workdir, a.prompts, a.itm))
+  api.run_command(p, argv, lambda model, a: run(model, a.data, a.workdir, a.prompts, a.itm))
 
 
 def cli():

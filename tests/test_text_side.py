@@ -128,3 +128,49 @@ def test_zero_shot_and_retrieval_commands(setting, tmp_path, capsys):
     m = result[direction]
     assert 0 <= m["recall_at_1"] <= m["recall_at_5"] <= m["recall_at_10"] <= 1 and m["median_rank"] >= 1
   assert "median rank" in (tmp_path / "ret" / "retrieval.md").read_text()
+
+
+def test_attention_maps_equal_transformers_cross_attentions(setting, tmp_path):
+  """The maps against transformers' own cross-attention probabilities (`output_attentions`) of the same
+  weights exported to BertLMHeadModel, given the same image tokens, averaged over layers and heads."""
+  import torch
+  from transformers import BertLMHeadModel
+  from retfiner_jax import exports
+  root, params, vocab = setting
+  model = RetFinerModel.load(root / "model", tokenizer=vocab)
+  image = sorted((root / "data" / "images").glob("*.png"))[0]
+  text = "subretinal fluid nasal parafoveal"
+  maps = model.attention_maps(image, text)
+  grid = CFG.grid_size
+  assert maps["per_token"].shape == (len(maps["tokens"]), grid, grid) and maps["mean"].shape == (grid, grid)
+  assert maps["tokens"][:2] == ["sub", "##ret"] and np.all(maps["per_token"] >= 0)
+  np.testing.assert_allclose(maps["per_token"].sum((1, 2)) + maps["global"], 1, atol=1e-5)
+
+  paths = exports.hf_bert(CFG, params, tmp_path / "hf", vocab)
+  hf = BertLMHeadModel.from_pretrained(paths["hf_cross_attention"], attn_implementation="eager").eval()
+  ids, mask = model.tokenize([text])
+  m = RetFiner(CFG).bind({"params": params})
+  tokens = np.asarray(m.image_tokens(jnp.asarray(model.preprocess([image]))))
+  length = ids.shape[1]
+  bidirectional = (1.0 - torch.tensor(mask)[:, None, None, :].float().expand(1, 1, length, length)) * -1e9
+  with torch.no_grad():
+    out = hf(input_ids=torch.tensor(ids).long(), attention_mask=bidirectional,
+             encoder_hidden_states=torch.tensor(tokens), output_attentions=True)
+  probs = torch.stack(out.cross_attentions).mean(dim=(0, 2))[0].numpy()  # Over layers and heads.
+  keep = [t for t in range(length) if mask[0, t] and ids[0, t] not in (101, 102)]
+  np.testing.assert_allclose(maps["per_token"], probs[keep, 1:].reshape(-1, grid, grid), atol=1e-5)
+  np.testing.assert_allclose(maps["global"], probs[keep, 0], atol=1e-5)
+
+
+def test_explain_command_draws_every_pair(setting, tmp_path):
+  from retfiner_jax import explain
+  root, _, vocab = setting
+  images = [str(p) for p in sorted((root / "data" / "images").glob("*.png"))[:2]]
+  explain.main([f"--model={root / 'model'}", f"--tokenizer={vocab}", *(f"--image={i}" for i in images),
+                "--text=subretinal fluid", f"--out={tmp_path / 'maps.png'}", "--tokens=2"])
+  saved = json.loads((tmp_path / "maps.json").read_text())
+  assert [(r["image"], r["text"]) for r in saved] == [(i, "subretinal fluid") for i in images]
+  assert saved[0]["tokens"] == ["sub", "##ret", "##inal", "fluid"]
+  assert np.asarray(saved[0]["per_token"]).shape == (4, CFG.grid_size, CFG.grid_size)
+  from PIL import Image
+  assert Image.open(tmp_path / "maps.png").size[0] > 300
