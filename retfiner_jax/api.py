@@ -45,12 +45,15 @@ def _resolve(path, tokenizer):
 
 
 class RetFinerModel:
-  def __init__(self, cfg: ModelConfig, params: dict, tokenizer, intensity: str = "bit_depth", batch_size: int = 32):
+  def __init__(self, cfg: ModelConfig, params: dict, tokenizer, intensity: str = "bit_depth", batch_size: int = 32,
+               dtype: str | None = None):
+    """`dtype`: the compute dtype ("float32" or "bfloat16"); None keeps the model config's (training's)."""
     missing = WHOLE_MODEL - set(params)
     if missing:
       raise ConfigError(f"the weights lack {sorted(missing)}: the text side needs a whole RetFiner model (a "
                         f"training workdir, its export/retfiner_flax, or a RetFiner checkpoint)")
-    self.cfg, self.params = cfg.replace(text_dropout=0.0, drop_path=0.0), jax.device_put(params)
+    cfg = cfg.replace(text_dropout=0.0, drop_path=0.0, dtype=dtype or cfg.dtype)
+    self.cfg, self.params = cfg, jax.device_put(params)
     self.tokenizer = load_tokenizer(tokenizer)
     self.intensity, self.batch_size = intensity, batch_size
     model = RetFiner(self.cfg)

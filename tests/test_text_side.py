@@ -174,3 +174,26 @@ def test_explain_command_draws_every_pair(setting, tmp_path):
   assert np.asarray(saved[0]["per_token"]).shape == (4, CFG.grid_size, CFG.grid_size)
   from PIL import Image
   assert Image.open(tmp_path / "maps.png").size[0] > 300
+
+
+def test_the_original_lightning_checkpoint_loads_with_its_text_side():
+  """RetFinerModel on the original's own checkpoint (a reference bundle's model.ckpt): its ITC embeddings equal
+  the original's intermediates (image features and text [CLS] output, from the bundle) through its contrastive
+  heads, and its ITM probabilities equal the original's ITM logits."""
+  import torch
+  folder = shared_path("reference", "tiny-retfound")
+  model = RetFinerModel.load(folder / "model.ckpt", tokenizer=shared_path("reference", "vocab.txt"),
+                             variant="tiny-retfound", dtype="float32")
+  batch, inter = np.load(folder / "batch.npz"), np.load(folder / "intermediates.npz")
+  state = torch.load(folder / "model.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+  head_v, head_t = (state[f"model.contra_head_{k}.linear.weight"].float().numpy() for k in ("v", "t"))
+  normalise = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  images = batch["images"].transpose(0, 2, 3, 1)
+  got = model._batched(model._embed_images, images)
+  np.testing.assert_allclose(got, normalise(inter["vision_features"][:, 0] @ head_v.T), atol=1e-4)
+  got = model._batched(model._embed_texts, batch["input_ids"], batch["attention_mask"])
+  np.testing.assert_allclose(got, normalise(inter["text_only_sequence_output"][:, 0] @ head_t.T), atol=1e-4)
+  # The bundle's first ITM rows are the positive pairs (image i with its own report).
+  p = model.match_prepared(images, batch["input_ids"], batch["attention_mask"])
+  logits = inter["itm_logits"][:4]
+  np.testing.assert_allclose(p, np.exp(logits[:, 1]) / np.exp(logits).sum(1), atol=1e-4)
