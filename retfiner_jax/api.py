@@ -26,9 +26,6 @@ from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.retfiner import RetFiner
 from retfiner_jax.text import load_tokenizer, tokenize
 
-WHOLE_MODEL = {"vision_encoder", "text_encoder", *weights.HEADS}
-
-
 def _resolve(path, tokenizer):
   """A training workdir -> its exported whole model and the tokenizer it trained with."""
   path = Path(path)
@@ -48,7 +45,7 @@ class RetFinerModel:
   def __init__(self, cfg: ModelConfig, params: dict, tokenizer, intensity: str = "bit_depth", batch_size: int = 32,
                dtype: str | None = None):
     """`dtype`: the compute dtype ("float32" or "bfloat16"); None keeps the model config's (training's)."""
-    missing = WHOLE_MODEL - set(params)
+    missing = weights.WHOLE_MODEL - set(params)
     if missing:
       raise ConfigError(f"the weights lack {sorted(missing)}: the text side needs a whole RetFiner model (a "
                         f"training workdir, its export/retfiner_flax, or a RetFiner checkpoint)")
@@ -134,39 +131,37 @@ class RetFinerModel:
     projections. Returns {"tokens": the report's tokens, "per_token": (T, grid, grid) maps averaged over heads
     and layers, "mean": (grid, grid) their mean over the tokens, "global": (T,) the share of each token's
     attention on the image's global token}. Each token's patch map plus its global share sums to 1."""
-    cfg = self.cfg.replace(scan_layers=False)  # Layers in a Python loop, so that their projections are captured.
-    params = self._unrolled_params()
-    pixels = jnp.asarray(self.preprocess([image]))
+    if not hasattr(self, "_cross_attention"):
+      self._cross_attention = self._make_cross_attention()
+    fn, params = self._cross_attention
     ids, mask = self.tokenize([text])
-    model = RetFiner(cfg)
-
-    def captured(p):
-      def fused(m):
-        return m.text_with_image(jnp.asarray(ids), padding_bias(jnp.asarray(mask)), m.image_tokens(pixels))
-      wanted = lambda module, method: method == "__call__" and module.name in ("query", "key") and \
-          module.parent is not None and module.parent.name == "crossattention"
-      return model.apply({"params": p}, method=fused, capture_intermediates=wanted)[1]["intermediates"]
-    layers = jax.jit(captured)(params)["text_encoder"]
-    heads, depth = cfg.text_heads, cfg.text_dim // cfg.text_heads
-    probs = []
-    for i in range(cfg.text_layers):
-      cross = layers[f"layer_{i}"]["crossattention"]
-      q = cross["query"]["__call__"][0].reshape(1, -1, heads, depth).astype(jnp.float32)
-      k = cross["key"]["__call__"][0].reshape(1, -1, heads, depth).astype(jnp.float32)
-      probs.append(jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(depth), axis=-1))
-    probs = np.asarray(jnp.stack(probs).mean(axis=(0, 2)))[0]  # Over layers and heads: (L, 1 + grid^2).
-    valid = np.flatnonzero(mask[0])
-    keep = [t for t in valid if ids[0, t] not in (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id)]
-    grid = cfg.grid_size
-    per_token = probs[keep, 1:].reshape(len(keep), grid, grid)
+    probs = np.asarray(fn(params, jnp.asarray(self.preprocess([image])), ids, mask))[0]
+    keep = [t for t in np.flatnonzero(mask[0])
+            if ids[0, t] not in (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id)]
+    per_token = probs[keep, 1:].reshape(len(keep), self.cfg.grid_size, self.cfg.grid_size)
     return {"tokens": self.tokenizer.convert_ids_to_tokens([int(ids[0, t]) for t in keep]), "per_token": per_token,
             "mean": per_token.mean(0), "global": probs[keep, 0]}
 
-  def _unrolled_params(self):
-    if not hasattr(self, "_unrolled"):
-      from retfiner_jax.convert import to_layer_layout
-      self._unrolled = jax.device_put(to_layer_layout(jax.tree.map(np.asarray, self.params), scan=False))
-    return self._unrolled
+  def _make_cross_attention(self):
+    """(a jitted (params, pixels, ids, mask) -> (B, L, 1 + grid^2) cross-attention probabilities, mean over
+    layers and heads; the parameters it takes). The layers run unrolled (a Python loop), so that each one's
+    projections are captured."""
+    from retfiner_jax.convert import to_layer_layout
+    cfg = self.cfg.replace(scan_layers=False)
+    unrolled = jax.device_put(to_layer_layout(jax.tree.map(np.asarray, self.params), scan=False))
+    model, heads, depth = RetFiner(cfg), cfg.text_heads, cfg.text_dim // cfg.text_heads
+    wanted = lambda module, method: method == "__call__" and module.name in ("query", "key") and \
+        module.parent is not None and module.parent.name == "crossattention"
+
+    def cross_attention(params, pixels, ids, mask):
+      fused = lambda m: m.text_with_image(ids, padding_bias(mask), m.image_tokens(pixels))
+      layers = model.apply({"params": params}, method=fused, capture_intermediates=wanted)[1]["intermediates"]
+      split = lambda x: x.reshape(x.shape[:2] + (heads, depth)).astype(jnp.float32)
+      probs = [jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", split(layer["crossattention"]["query"]["__call__"][0]),
+                                         split(layer["crossattention"]["key"]["__call__"][0])) / np.sqrt(depth), -1)
+               for layer in (layers["text_encoder"][f"layer_{i}"] for i in range(cfg.text_layers))]
+      return jnp.stack(probs).mean(axis=(0, 2))
+    return jax.jit(cross_attention), unrolled
 
   def class_embeddings(self, prompts: dict) -> tuple[np.ndarray, list[str]]:
     """{class: [prompt, ...]} -> (classes, dim) mean prompt embedding per class, renormalised; class names."""
@@ -182,7 +177,8 @@ class RetFinerModel:
     emb = self.embed_images(images) if image_embeddings is None else image_embeddings
     class_emb, classes = self.class_embeddings(prompts)
     logits = emb @ class_emb.T / self.cfg.temperature
-    return np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1)), classes
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return probs / probs.sum(axis=-1, keepdims=True), classes
 
 
 def command_parser(doc: str, workdir: bool = True):

@@ -335,24 +335,31 @@ def _harmless_globals() -> list:
   return [argparse.Namespace, scalar, np.dtype] + [type(np.dtype(t)) for t in dtypes]
 
 
-def read_torch_file(path: Path):
+def read_torch_file(path: Path, mmap: bool = False):
   """Loads a torch pickle without executing arbitrary code (weights_only, plus the harmless globals above),
-  CUDA tensors onto the CPU."""
+  CUDA tensors onto the CPU. `mmap`: map the tensors' data instead of reading it (when only shapes are needed;
+  files in torch's old, non-zip format are read whole)."""
   import torch
   try:
     with torch.serialization.safe_globals(_harmless_globals()):
+      if mmap:
+        try:
+          return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # Not a zip-format file: no memory map.
+          pass
       return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several types for truncated or foreign files.
     raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
 
 
-def _to_numpy(state: dict, where: str) -> dict:
+def tensors_to_numpy(state: dict, where: str, convert: bool = True) -> dict:
+  """Tensors -> numpy (floating ones as float32); `convert` False checks them and keeps the tensors."""
   import torch
   out = {}
   for k, v in state.items():
     if not isinstance(v, torch.Tensor):
       raise CheckpointError(f"{where}: entry {k!r} is a {type(v).__name__}, not a tensor")
-    out[k] = v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
+    out[k] = v if not convert else v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
   return out
 
 
@@ -369,7 +376,7 @@ def read_hf_bert_folder(folder: Path):
     except Exception as e:
       raise CheckpointError(f"{folder / 'model.safetensors'}: cannot read ({e})") from e
   elif (folder / "pytorch_model.bin").exists():
-    state = _to_numpy(read_torch_file(folder / "pytorch_model.bin"), str(folder / "pytorch_model.bin"))
+    state = tensors_to_numpy(read_torch_file(folder / "pytorch_model.bin"), str(folder / "pytorch_model.bin"))
   else:
     raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin")
   return {k: np.asarray(v, np.float32) if np.issubdtype(np.asarray(v).dtype, np.floating) else np.asarray(v)
@@ -418,18 +425,37 @@ def read_state(path: Path, fmt: str | None = None) -> tuple[dict, str]:
   return (state if path.suffix == ".safetensors" else extract_state(obj, detected, path)), detected
 
 
-def extract_state(obj, fmt: str, path: Path) -> dict:
-  """The flat tensor dict of a loaded checkpoint, with the format's wrapper prefix removed."""
+def read_shapes(path: Path) -> tuple[dict, str]:
+  """As `read_state`, but for the tensors' shapes only, without reading their data where the file allows it (a
+  safetensors header, a memory-mapped zip-format torch file): ({key: anything with a .shape}, format)."""
+  path = Path(path)
+  if path.suffix != ".safetensors":
+    obj = read_torch_file(path, mmap=True)
+    fmt = detect_format(obj, path)
+    return extract_state(obj, fmt, path, to_numpy=False), fmt
+  import types
+  from safetensors import safe_open
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      shapes = {k: types.SimpleNamespace(shape=tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+  except Exception as e:
+    raise CheckpointError(f"{path}: cannot read as safetensors ({e})") from e
+  return shapes, detect_format(shapes, path)
+
+
+def extract_state(obj, fmt: str, path: Path, to_numpy: bool = True) -> dict:
+  """The flat tensor dict of a loaded checkpoint, with the format's wrapper prefix removed (numpy arrays, or
+  the tensors themselves with `to_numpy` False)."""
   where = f"{path} (format {fmt})"
   if fmt == "lightning":
     if "state_dict" not in obj:
       raise CheckpointError(f"{where}: no 'state_dict' entry")
-    return _to_numpy(obj["state_dict"], where)
+    return tensors_to_numpy(obj["state_dict"], where, to_numpy)
   if fmt == "visionfm":
     key = "teacher" if "teacher" in obj else "student"
     if key not in obj:
       raise CheckpointError(f"{where}: needs a 'teacher' or 'student' entry")
-    state = _to_numpy(obj[key], where)
+    state = tensors_to_numpy(obj[key], where, to_numpy)
     if key == "student":  # Saved from DistributedDataParallel: `module.backbone.*`, `module.head.*`.
       state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     # `backbone.*` is the ViT; the rest (the iBOT projection `head.*`) goes to the ignore list or is unknown.
@@ -437,5 +463,5 @@ def extract_state(obj, fmt: str, path: Path) -> dict:
   if fmt in ("retfound", "urfound"):
     if "model" not in obj:
       raise CheckpointError(f"{where}: no 'model' entry")
-    return _to_numpy(obj["model"], where)
-  return _to_numpy(obj, where)
+    return tensors_to_numpy(obj["model"], where, to_numpy)
+  return tensors_to_numpy(obj, where, to_numpy)

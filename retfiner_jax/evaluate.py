@@ -18,17 +18,35 @@ def make_embed_fn(model: RetFiner):
   return jax.jit(embed)
 
 
+def match_matrix(keys) -> np.ndarray:
+  """(N, N) True where rows i and j have equal keys (compared as integer codes: fast for many rows)."""
+  codes = np.unique(np.array(keys, dtype=object), return_inverse=True)[1].reshape(-1)
+  return codes[:, None] == codes[None, :]
+
+
+def ranking_metrics(scores, matches, ks=(1, 5, 10)) -> dict:
+  """Rows are queries ranked over the columns by `scores` (highest first, ties in column order); the rank of
+  a query is the 1-based position of its first match. Counted, not sorted: the columns ahead of a query's
+  best-placed match are those scoring higher, and those scoring the same at a lower index."""
+  scores, matches = np.asarray(scores), np.asarray(matches, bool)
+  masked = np.where(matches, scores, -np.inf)
+  best = masked.max(axis=1, keepdims=True)
+  first = np.argmax(masked == best, axis=1)[:, None]  # The lowest-index match with the best score.
+  ahead = (scores > best) | ((scores == best) & (np.arange(scores.shape[1])[None, :] < first))
+  ranks = ahead.sum(axis=1) + 1
+  out = {f"recall_at_{k}": float((ranks <= k).mean()) for k in ks}
+  out["median_rank"] = float(np.median(ranks))
+  return out
+
+
 def retrieval_recall(image_emb, text_emb, report_keys, ks=(1, 5, 10)) -> dict:
   """Recall@k both ways; a retrieved report counts as correct when its text equals the image's own report."""
   sims = np.asarray(image_emb, np.float64) @ np.asarray(text_emb, np.float64).T
-  keys = np.asarray(report_keys)
-  match = keys[:, None] == keys[None, :]
+  match = match_matrix(report_keys)
   out = {}
   for name, s, m in (("i2t", sims, match), ("t2i", sims.T, match.T)):
-    order = np.argsort(-s, axis=1, kind="stable")
-    hits = np.take_along_axis(m, order, axis=1)
-    for k in ks:
-      out[f"recall_{name}_at_{k}"] = float(hits[:, :k].any(axis=1).mean())
+    ranked = ranking_metrics(s, m, ks)
+    out.update({f"recall_{name}_at_{k}": ranked[f"recall_at_{k}"] for k in ks})
   return out
 
 

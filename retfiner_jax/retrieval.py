@@ -15,39 +15,25 @@ from pathlib import Path
 
 import numpy as np
 
+from retfiner_jax import evaluate
 from retfiner_jax.errors import MissingInput
+from retfiner_jax.evaluate import ranking_metrics
 
 KS = (1, 5, 10)
 
 
 def match_matrix(ids) -> np.ndarray:
   """(N, N) True where rows i and j are a pair: the same non-empty id, or the same row."""
-  keys = [i if i else f"\0row{n}" for n, i in enumerate(ids)]
-  codes = np.unique(np.asarray(keys, dtype=str), return_inverse=True)[1]  # Integers compare fast.
-  return codes[:, None] == codes[None, :]
-
-
-def ranking_metrics(scores, matches, ks=KS) -> dict:
-  """Rows are queries ranked over the columns by `scores` (highest first, ties in column order); the rank of
-  a query is the 1-based position of its first match. Counted, not sorted: the columns ahead of a query's
-  best-placed match are those scoring higher, and those scoring the same at a lower index."""
-  scores, matches = np.asarray(scores), np.asarray(matches, bool)
-  masked = np.where(matches, scores, -np.inf)
-  best = masked.max(axis=1, keepdims=True)
-  first = np.argmax(masked == best, axis=1)[:, None]  # The lowest-index match with the best score.
-  ahead = (scores > best) | ((scores == best) & (np.arange(scores.shape[1])[None, :] < first))
-  ranks = ahead.sum(axis=1) + 1
-  out = {f"recall_at_{k}": float((ranks <= k).mean()) for k in ks}
-  out["median_rank"] = float(np.median(ranks))
-  return out
+  return evaluate.match_matrix([i if i else f"\0row{n}" for n, i in enumerate(ids)])
 
 
 def rerank_top_k(scores, k: int, itm) -> np.ndarray:
-  """Scores with each row's top k replaced by `itm(row, columns)` plus an offset that keeps them on top."""
+  """Scores with each row's top k replaced by `itm(rows, columns)` (one call for all N*k pairs) plus an offset
+  that keeps them on top."""
   out = np.array(scores, np.float64)
   top = np.argsort(-out, axis=1, kind="stable")[:, :k]
-  for row, columns in enumerate(top):
-    out[row, columns] = 10.0 + itm(row, columns)  # Probabilities in [0, 1], above every cosine similarity.
+  rows = np.repeat(np.arange(out.shape[0]), top.shape[1])
+  out[rows, top.reshape(-1)] = 10.0 + itm(rows, top.reshape(-1))  # Probabilities in [0, 1], above any cosine.
   return out
 
 
@@ -66,8 +52,8 @@ def run(model, manifest, workdir, itm_top_k: int = 0, log=print) -> dict:
     pixels = model.preprocess(images)
     ids, mask = model.tokenize(reports)
     itm = lambda img, txt: model.match_prepared(pixels[img], ids[txt], mask[txt])
-    i2t = rerank_top_k(sims, itm_top_k, lambda row, cols: itm(np.full(len(cols), row), cols))
-    t2i = rerank_top_k(sims.T, itm_top_k, lambda row, cols: itm(cols, np.full(len(cols), row)))
+    i2t = rerank_top_k(sims, itm_top_k, itm)
+    t2i = rerank_top_k(sims.T, itm_top_k, lambda rows, cols: itm(cols, rows))
   result = {"pairs": len(records), "itm_top_k": itm_top_k,
             "image_to_report": ranking_metrics(i2t, matches), "report_to_image": ranking_metrics(t2i, matches.T)}
   workdir = Path(workdir)

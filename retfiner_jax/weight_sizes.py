@@ -92,10 +92,12 @@ def sizes_of_weights(path, part: str) -> dict:
     model, contents = info.get("model_config", {}), info.get("contents", [])
     keep = (VISION_SIZES if "vision_encoder" in contents else ()) + (TEXT_SIZES if "text_encoder" in contents else ())
     return {k: model[k] for k in wanted if k in keep and k in model}
-  if path.is_dir():  # A Hugging Face folder.
-    state, hf = cv.read_hf_bert_folder(path)
-    return {k: v for k, v in hf_config_sizes(hf).items() if k in wanted}
-  state, fmt = cv.read_state(path)
+  if path.is_dir():  # A Hugging Face folder: its config.json.
+    config = path / "config.json"
+    if not config.exists():
+      raise cv.CheckpointError(f"{path}: a BERT folder needs config.json")
+    return {k: v for k, v in hf_config_sizes(json.loads(config.read_text())).items() if k in wanted}
+  state, fmt = cv.read_shapes(path)  # Shapes only: the run reads the weights themselves once, later.
   if fmt == "lightning":
     sizes = {**vit_sizes(state, "model.vision_encoder."), **bert_sizes(state, "model.multimodal_encoder.bert.")}
   elif fmt == "hf-bert":

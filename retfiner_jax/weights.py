@@ -24,6 +24,7 @@ from retfiner_jax.models.vit import VisionTransformer
 
 DEFAULT_VARIANT = {"retfound": "retfound", "urfound": "urfound", "visionfm": "visionfm", "hf-bert": "bert-base"}
 HEADS = ("contra_head_v", "contra_head_t", "itm_head")
+WHOLE_MODEL = frozenset({"vision_encoder", "text_encoder", *HEADS})  # The parts of a whole RetFiner model.
 POOLER_FILE = "bert_pooler.safetensors"
 POOLER_KEYS = ("pooler.dense.weight", "pooler.dense.bias")
 
@@ -215,11 +216,21 @@ def source_pooler(path) -> dict | None:
   if (path / POOLER_FILE).exists():
     from safetensors.numpy import load_file
     return dict(load_file(str(path / POOLER_FILE)))
-  if path.is_dir() and (path / "config.json").exists() and not (path / "model.json").exists():
-    state, _ = cv.read_hf_bert_folder(path)
-    for prefix in ("", "bert."):
-      if all(prefix + k in state for k in POOLER_KEYS):
-        return {k: np.asarray(state[prefix + k], np.float32) for k in POOLER_KEYS}
+  if not path.is_dir() or not (path / "config.json").exists() or (path / "model.json").exists():
+    return None
+  if (path / "model.safetensors").exists():  # Only the pooler's two tensors are read.
+    from safetensors import safe_open
+    with safe_open(str(path / "model.safetensors"), framework="numpy") as f:
+      state = {k: f.get_tensor(k) for k in f.keys() if k.endswith(POOLER_KEYS)}
+  elif (path / "pytorch_model.bin").exists():
+    bin_file = path / "pytorch_model.bin"
+    tensors = cv.read_torch_file(bin_file, mmap=True)
+    state = cv.tensors_to_numpy({k: v for k, v in tensors.items() if k.endswith(POOLER_KEYS)}, str(bin_file))
+  else:
+    return None
+  for prefix in ("", "bert."):
+    if all(prefix + k in state for k in POOLER_KEYS):
+      return {k: np.asarray(state[prefix + k], np.float32) for k in POOLER_KEYS}
   return None
 
 

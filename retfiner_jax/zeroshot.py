@@ -50,12 +50,11 @@ def read_prompts(path, classes) -> dict:
 
 def dataset_items(root) -> tuple[list, np.ndarray, list[str]]:
   """-> (images, labels, class names): the test split, or every image of root/<class>/."""
-  from retfiner_jax.probe.folders import read_image_folder
+  from retfiner_jax.probe.folders import is_built_dataset, read_image_folder
   root = Path(root)
   if not root.exists():
     raise MissingInput(f"--data {root}: no such folder")
-  split = (root / "train").is_dir() or (root / "test").is_dir()
-  if split or any(any(root.glob(f"{depth}dataset_info.json")) for depth in ("", "*/", "*/*/")):
+  if (root / "train").is_dir() or (root / "test").is_dir() or is_built_dataset(root):
     splits, classes = read_image_folder(root)
     items = splits["test"]
   else:

@@ -96,7 +96,7 @@ def test_ranking_metrics_on_constructed_cases():
   matches = retrieval.match_matrix(["a", "a", None, ""])
   np.testing.assert_array_equal(matches, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
   # Re-ranking: the top 2 are re-ordered by the ITM score, the rest keep their order below them.
-  reranked = retrieval.rerank_top_k(np.array([[0.9, 0.8, 0.1]]), 2, lambda row, cols: np.array(
+  reranked = retrieval.rerank_top_k(np.array([[0.9, 0.8, 0.1]]), 2, lambda rows, cols: np.array(
       [0.2 if c == 0 else 0.7 for c in cols]))
   assert list(np.argsort(-reranked[0])) == [1, 0, 2]
 

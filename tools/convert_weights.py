@@ -60,7 +60,7 @@ def main(argv=None):
       paths = exports.hf_bert(cfg, params, args.export_bert, tokenizer, pooler)
       print(f"wrote {paths['hf_encoder']} (AutoModel) and {paths['hf_cross_attention']} (BertLMHeadModel)")
     if args.export_lightning:
-      if set(params) != {"vision_encoder", "text_encoder", *weights.HEADS}:
+      if set(params) != weights.WHOLE_MODEL:
         raise convert.CheckpointError(f"{args.input}: holds {sorted(params)}, not a whole RetFiner model")
       exports.save_lightning(cfg, params, args.export_lightning)
       print(f"wrote {args.export_lightning} (RetFiner's Lightning layout)")

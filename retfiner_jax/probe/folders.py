@@ -16,11 +16,17 @@ class ProbeDataError(UserError, ValueError):
   pass
 
 
+def is_built_dataset(root) -> bool:
+  """Whether `root` is (or holds) a dataset built by data/tfds_builders.py: a dataset_info.json in it, in the
+  dataset's folder or in its version folder."""
+  return any(any(Path(root).glob(f"{depth}dataset_info.json")) for depth in ("", "*/", "*/*/"))
+
+
 def read_image_folder(root):
   """-> ({split: [(path, class_index)]}, class names). Every split must hold the same >= 2 classes. A dataset
   built from such a folder by data/tfds_builders.py (`folder`) reads as the folder did."""
   root = Path(root)
-  if not (root / "train").is_dir() and any(any(root.glob(f"{depth}dataset_info.json")) for depth in ("", "*/", "*/*/")):
+  if not (root / "train").is_dir() and is_built_dataset(root):
     from retfiner_jax.data import tfds_builders
     return tfds_builders.folder_items(root)
   if not (root / "train").is_dir() or not (root / "test").is_dir():
