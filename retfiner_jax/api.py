@@ -19,12 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from retfiner_jax import weights
-from retfiner_jax.data.images import preprocess, read_image
-from retfiner_jax.errors import ConfigError, MissingInput
+from retfiner_jax.data.images import ImageError, preprocess, read_image
+from retfiner_jax.errors import ConfigError, MissingInput, UserError
 from retfiner_jax.models.attention import padding_bias
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.retfiner import RetFiner
 from retfiner_jax.text import load_tokenizer, tokenize
+
+class BadImage(UserError, ValueError):
+  """An image the text-side commands were given that does not exist or does not decode."""
+
 
 def _resolve(path, tokenizer):
   """A training workdir -> its exported whole model and the tokenizer it trained with."""
@@ -86,7 +90,10 @@ class RetFinerModel:
     """Paths or arrays (2-D grey, or H x W x 3) -> (N, S, S, 3) model inputs, as training prepares them."""
     out = []
     for image in images:
-      a = read_image(image) if isinstance(image, (str, Path)) or hasattr(image, "read_pixels") else np.asarray(image)
+      try:
+        a = read_image(image) if isinstance(image, (str, Path)) or hasattr(image, "read_pixels") else np.asarray(image)
+      except ImageError as e:  # A missing or unreadable file: one line naming it, not a traceback.
+        raise BadImage(str(e)) from e
       out.append(preprocess(a, self.cfg.image_size, self.cfg.backbone, self.intensity))
     return np.stack(out).astype(np.float32)
 

@@ -128,6 +128,16 @@ def test_zero_shot_and_retrieval_commands(setting, tmp_path, capsys):
     m = result[direction]
     assert 0 <= m["recall_at_1"] <= m["recall_at_5"] <= m["recall_at_10"] <= 1 and m["median_rank"] >= 1
   assert "median rank" in (tmp_path / "ret" / "retrieval.md").read_text()
+  with pytest.raises(SystemExit):  # A missing image: one line naming it.
+    retrieval.main([f"--model={root / 'model'}", f"--tokenizer={vocab}", f"--workdir={tmp_path / 'ret2'}",
+                    f"--manifest={_manifest_with_missing_image(root, tmp_path)}"])
+  assert capsys.readouterr().err.strip().endswith("gone.png: file not found")
+
+
+def _manifest_with_missing_image(root, tmp_path):
+  (tmp_path / "m.csv").write_text(f"image,report\n{root / 'data/images/oct_000000.png'},fluid\n"
+                                  f"{tmp_path / 'gone.png'},dry\n")
+  return tmp_path / "m.csv"
 
 
 def test_attention_maps_equal_transformers_cross_attentions(setting, tmp_path):
