@@ -132,42 +132,66 @@ class RetFinerModel:
     """`match` on inputs already preprocessed and tokenised (rows are pairs)."""
     return self._batched(self._match, pixels, input_ids, attention_mask)
 
-  def attention_maps(self, image, text: str) -> dict:
-    """Where the report's tokens look in the B-scan: the cross-attention of the matching pass (bidirectional
-    text over the image tokens), softmax(q k^T / sqrt(d)) recomputed from each layer's captured query and key
-    projections. Returns {"tokens": the report's tokens, "per_token": (T, grid, grid) maps averaged over heads
-    and layers, "mean": (grid, grid) their mean over the tokens, "global": (T,) the share of each token's
-    attention on the image's global token}. Each token's patch map plus its global share sums to 1."""
+  def attention_maps(self, image, text: str, gradcam_layer: int | None = None) -> dict:
+    """Where the report's tokens look in the B-scan, in the matching pass (bidirectional text over the image
+    tokens). Returns
+      "tokens": the report's tokens (no [CLS]/[SEP]);
+      "per_token": (T, grid, grid) cross-attention, softmax(q k^T / sqrt(d)), averaged over heads and layers;
+      "mean": (grid, grid) its mean over the tokens; "global": (T,) each token's share on the global image
+        token (a token's patch map plus its global share sums to 1);
+      "gradcam_per_token", "gradcam": ALBEF's Grad-CAM of one cross-attention layer: the probabilities times
+        the positive part of the gradient of the ITM "match" logit with respect to them, averaged over heads
+        (per token, and its mean over the tokens); "gradcam_layer": the layer (by default two thirds of the
+        way up, layer 8 of 12 as ALBEF takes, and never the last: only [CLS]'s row of the last layer reaches
+        the ITM logit, so the tokens' gradients are zero there); "itm": the pair's ITM probability."""
+    last = self.cfg.text_layers - 1
+    layer = max(0, min(self.cfg.text_layers * 2 // 3, last - 1)) if gradcam_layer is None else gradcam_layer
+    if not 0 <= layer < self.cfg.text_layers:
+      raise ConfigError(f"gradcam layer {layer}: the text encoder has layers 0..{last}")
     if not hasattr(self, "_cross_attention"):
       self._cross_attention = self._make_cross_attention()
     fn, params = self._cross_attention
     ids, mask = self.tokenize([text])
-    probs = np.asarray(fn(params, jnp.asarray(self.preprocess([image])), ids, mask))[0]
+    probs, cams, logits = fn(params, jnp.asarray(self.preprocess([image])), ids, mask)
+    probs, cams, logits = np.asarray(probs)[0], np.asarray(cams)[:, 0], np.asarray(logits)[0]
     keep = [t for t in np.flatnonzero(mask[0])
             if ids[0, t] not in (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id)]
-    per_token = probs[keep, 1:].reshape(len(keep), self.cfg.grid_size, self.cfg.grid_size)
+    grid = lambda a: a[keep, 1:].reshape(len(keep), self.cfg.grid_size, self.cfg.grid_size)
+    per_token, gradcam = grid(probs), grid(cams[layer])
+    itm = np.exp(logits - logits.max())
     return {"tokens": self.tokenizer.convert_ids_to_tokens([int(ids[0, t]) for t in keep]), "per_token": per_token,
-            "mean": per_token.mean(0), "global": probs[keep, 0]}
+            "mean": per_token.mean(0), "global": probs[keep, 0], "gradcam_per_token": gradcam,
+            "gradcam": gradcam.mean(0), "gradcam_layer": layer, "itm": float(itm[1] / itm.sum())}
 
   def _make_cross_attention(self):
-    """(a jitted (params, pixels, ids, mask) -> (B, L, 1 + grid^2) cross-attention probabilities, mean over
-    layers and heads; the parameters it takes). The layers run unrolled (a Python loop), so that each one's
-    projections are captured."""
+    """(a jitted (params, pixels, ids, mask) -> ((B, L, 1 + grid^2) cross-attention probabilities, mean over
+    layers and heads; (layers, B, L, 1 + grid^2) Grad-CAM per layer, mean over heads; (B, 2) ITM logits), the
+    parameters it takes). The layers run unrolled (a Python loop), so that each one's query and key projections
+    are captured and each one's probabilities carry a perturbation to take the gradient at."""
     from retfiner_jax.convert import to_layer_layout
     cfg = self.cfg.replace(scan_layers=False)
     unrolled = jax.device_put(to_layer_layout(jax.tree.map(np.asarray, self.params), scan=False))
     model, heads, depth = RetFiner(cfg), cfg.text_heads, cfg.text_dim // cfg.text_heads
     wanted = lambda module, method: method == "__call__" and module.name in ("query", "key") and \
         module.parent is not None and module.parent.name == "crossattention"
+    layer_names = [f"layer_{i}" for i in range(cfg.text_layers)]
 
     def cross_attention(params, pixels, ids, mask):
-      fused = lambda m: m.text_with_image(ids, padding_bias(mask), m.image_tokens(pixels))
-      layers = model.apply({"params": params}, method=fused, capture_intermediates=wanted)[1]["intermediates"]
+      itm = lambda m: m.itm_logits(m.text_with_image(ids, padding_bias(mask), m.image_tokens(pixels))[:, 0])
+      zeros = model.apply({"params": params}, method=itm, mutable=["perturbations"])[1]["perturbations"]
+
+      def match_logit(perturbations):
+        logits, state = model.apply({"params": params, "perturbations": perturbations}, method=itm,
+                                    capture_intermediates=wanted)
+        return logits[:, 1].sum(), (logits, state["intermediates"]["text_encoder"])
+      grads, (logits, layers) = jax.grad(match_logit, has_aux=True)(zeros)
       split = lambda x: x.reshape(x.shape[:2] + (heads, depth)).astype(jnp.float32)
-      probs = [jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", split(layer["crossattention"]["query"]["__call__"][0]),
-                                         split(layer["crossattention"]["key"]["__call__"][0])) / np.sqrt(depth), -1)
-               for layer in (layers["text_encoder"][f"layer_{i}"] for i in range(cfg.text_layers))]
-      return jnp.stack(probs).mean(axis=(0, 2))
+      probs = jnp.stack([
+          jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", split(layers[n]["crossattention"]["query"]["__call__"][0]),
+                                    split(layers[n]["crossattention"]["key"]["__call__"][0])) / np.sqrt(depth), -1)
+          for n in layer_names])
+      grad = jnp.stack([grads["text_encoder"][n]["crossattention"]["probs"] for n in layer_names])
+      return probs.mean(axis=(0, 2)), (probs * jnp.maximum(grad, 0)).mean(axis=2), logits
     return jax.jit(cross_attention), unrolled
 
   def class_embeddings(self, prompts: dict) -> tuple[np.ndarray, list[str]]:

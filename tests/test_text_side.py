@@ -140,11 +140,13 @@ def _manifest_with_missing_image(root, tmp_path):
   return tmp_path / "m.csv"
 
 
-def test_attention_maps_equal_transformers_cross_attentions(setting, tmp_path):
+def test_attention_maps_equal_transformers_cross_attentions(setting, tmp_path, monkeypatch):
   """The maps against transformers' own cross-attention probabilities (`output_attentions`) of the same
-  weights exported to BertLMHeadModel, given the same image tokens, averaged over layers and heads."""
+  weights exported to BertLMHeadModel, given the same image tokens, averaged over layers and heads; the
+  Grad-CAM map against PyTorch's gradient of the ITM logit with respect to those probabilities."""
   import torch
   from transformers import BertLMHeadModel
+  from transformers.models.bert import modeling_bert
   from retfiner_jax import exports
   root, params, vocab = setting
   model = RetFinerModel.load(root / "model", tokenizer=vocab)
@@ -163,30 +165,65 @@ def test_attention_maps_equal_transformers_cross_attentions(setting, tmp_path):
   tokens = np.asarray(m.image_tokens(jnp.asarray(model.preprocess([image]))))
   length = ids.shape[1]
   bidirectional = (1.0 - torch.tensor(mask)[:, None, None, :].float().expand(1, 1, length, length)) * -1e9
-  with torch.no_grad():
-    out = hf(input_ids=torch.tensor(ids).long(), attention_mask=bidirectional,
-             encoder_hidden_states=torch.tensor(tokens), output_attentions=True)
-  probs = torch.stack(out.cross_attentions).mean(dim=(0, 2))[0].numpy()  # Over layers and heads.
+  # transformers' attention function wrapped to keep the probabilities its matmul used (the tensors in
+  # `out.cross_attentions` are copies, off the gradient's path), in call order: self, cross, self, cross, ...
+  used, original = [], modeling_bert.eager_attention_forward
+
+  def keeping(*args, **kw):
+    context, probs = original(*args, **kw)
+    probs.retain_grad()
+    used.append(probs)
+    return context, probs
+  monkeypatch.setattr(modeling_bert, "eager_attention_forward", keeping)
+  out = hf(input_ids=torch.tensor(ids).long(), attention_mask=bidirectional,
+           encoder_hidden_states=torch.tensor(tokens), output_attentions=True, output_hidden_states=True)
+  assert len(used) == 2 * CFG.text_layers and torch.equal(used[1], out.cross_attentions[0])
+  probs = torch.stack(out.cross_attentions).mean(dim=(0, 2))[0].detach().numpy()  # Over layers and heads.
   keep = [t for t in range(length) if mask[0, t] and ids[0, t] not in (101, 102)]
   np.testing.assert_allclose(maps["per_token"], probs[keep, 1:].reshape(-1, grid, grid), atol=1e-5)
   np.testing.assert_allclose(maps["global"], probs[keep, 0], atol=1e-5)
 
+  # Grad-CAM by PyTorch's autograd: the ITM head (typed out here from its parameters) on the last layer's [CLS],
+  # the "match" logit differentiated with respect to transformers' cross-attention probabilities.
+  head = {k: {n: torch.tensor(np.asarray(v)) for n, v in layer.items()} for k, layer in params["itm_head"].items()}
+  x = out.hidden_states[-1][:, 0]
+  x = torch.nn.functional.gelu(x @ head["linear1"]["kernel"] + head["linear1"]["bias"])
+  x = torch.nn.functional.layer_norm(x, x.shape[-1:], head["layernorm"]["scale"], head["layernorm"]["bias"], 1e-12)
+  logits = x @ head["linear2"]["kernel"] + head["linear2"]["bias"]
+  logits[:, 1].sum().backward()
+  chosen = used[2 * maps["gradcam_layer"] + 1]
+  cam = (chosen * chosen.grad.clamp(min=0)).mean(dim=1)[0].detach().numpy()  # Mean over heads.
+  assert maps["gradcam_layer"] == 0  # Two layers: the last one's token rows have no gradient (see the API).
+  grad = chosen.grad[0, :, keep, 1:]
+  assert (grad > 0).any() and (grad < 0).any()  # So the clamp matters.
+  np.testing.assert_allclose(maps["gradcam_per_token"], cam[keep, 1:].reshape(-1, grid, grid),
+                             rtol=1e-3, atol=1e-3 * np.abs(cam[keep, 1:]).max())
+  np.testing.assert_allclose(maps["gradcam"], maps["gradcam_per_token"].mean(0), rtol=1e-6)
+  np.testing.assert_allclose(maps["itm"], torch.softmax(logits, -1)[0, 1].item(), atol=1e-5)
 
-def test_explain_command_draws_every_pair(setting, tmp_path):
+
+def test_explain_command_draws_every_pair(setting, tmp_path, capsys):
   from retfiner_jax import explain
   root, _, vocab = setting
   images = [str(p) for p in sorted((root / "data" / "images").glob("*.png"))[:2]]
   explain.main([f"--model={root / 'model'}", f"--tokenizer={vocab}", *(f"--image={i}" for i in images),
-                "--text=subretinal fluid", f"--out={tmp_path / 'maps.png'}", "--tokens=2"])
+                "--text=subretinal fluid", f"--out={tmp_path / 'maps.png'}", "--tokens=2", "--gradcam-layer=1"])
   saved = json.loads((tmp_path / "maps.json").read_text())
   assert [(r["image"], r["text"]) for r in saved] == [(i, "subretinal fluid") for i in images]
   assert saved[0]["tokens"] == ["sub", "##ret", "##inal", "fluid"]
   assert np.asarray(saved[0]["per_token"]).shape == (4, CFG.grid_size, CFG.grid_size)
+  assert np.asarray(saved[0]["gradcam_per_token"]).shape == (4, CFG.grid_size, CFG.grid_size)
+  assert saved[0]["gradcam_layer"] == 1 and 0 < saved[0]["itm"] < 1
   from PIL import Image
   assert Image.open(tmp_path / "maps.png").size[0] > 300
+  with pytest.raises(SystemExit) as stop:
+    explain.main([f"--model={root / 'model'}", f"--tokenizer={vocab}", f"--image={images[0]}", "--text=fluid",
+                  f"--out={tmp_path / 'no.png'}", "--gradcam-layer=2"])
+  assert stop.value.code == 2
+  assert "gradcam layer 2: the text encoder has layers 0..1" in capsys.readouterr().err
 
 
-def test_the_original_lightning_checkpoint_loads_with_its_text_side():
+def test_the_original_lightning_checkpoint_loads_with_its_text_side(tmp_path):
   """RetFinerModel on the original's own checkpoint (a reference bundle's model.ckpt): its ITC embeddings equal
   the original's intermediates (image features and text [CLS] output, from the bundle) through its contrastive
   heads, and its ITM probabilities equal the original's ITM logits."""
@@ -207,3 +244,13 @@ def test_the_original_lightning_checkpoint_loads_with_its_text_side():
   p = model.match_prepared(images, batch["input_ids"], batch["attention_mask"])
   logits = inter["itm_logits"][:4]
   np.testing.assert_allclose(p, np.exp(logits[:, 1]) / np.exp(logits).sum(1), atol=1e-4)
+
+  # The explain command on the same checkpoint (a real B-scan): its ITM probability is the API's, its maps finite.
+  from retfiner_jax import explain
+  scan = sorted(shared_path("data", "real-oct-samples").rglob("*.jp*g"))[0]
+  out = tmp_path / "maps.png"
+  explain.main([f"--model={folder / 'model.ckpt'}", "--variant=tiny-retfound", f"--image={scan}",
+                f"--tokenizer={shared_path('reference', 'vocab.txt')}", "--text=drusen", f"--out={out}"])
+  saved = json.loads(out.with_suffix(".json").read_text())[0]
+  np.testing.assert_allclose(saved["itm"], model.match([scan], ["drusen"])[0], atol=2e-3)  # Command: bfloat16.
+  assert np.isfinite(saved["gradcam"]).all() and np.asarray(saved["gradcam"]).shape == (model.cfg.grid_size,) * 2

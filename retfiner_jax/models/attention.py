@@ -9,12 +9,13 @@ import jax.numpy as jnp
 MASKED = -1e9
 
 
-def attention(query, key, value, bias=None, probs_dropout=None):
+def attention(query, key, value, bias=None, on_probs=None):
   """Scaled dot-product attention over heads.
 
   query: (B, Lq, H, d); key, value: (B, Lk, H, d); bias: additive, broadcastable to (B, H, Lq, Lk), float32.
   The scores, the bias and the softmax are float32 whatever the compute dtype; the weighted sum of the
-  values runs in the values' dtype. `probs_dropout`, if given, is applied to the attention probabilities.
+  values runs in the values' dtype. `on_probs`, if given, maps the attention probabilities (B, H, Lq, Lk) before
+  they weight the values (dropout; a Flax perturbation, to take gradients with respect to them).
   Returns (B, Lq, H, d).
   """
   depth = query.shape[-1]
@@ -26,8 +27,8 @@ def attention(query, key, value, bias=None, probs_dropout=None):
   if bias is not None:
     scores = scores + bias
   probs = jax.nn.softmax(scores, axis=-1)
-  if probs_dropout is not None:
-    probs = probs_dropout(probs)
+  if on_probs is not None:
+    probs = on_probs(probs)
   return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(value.dtype), value), 1, 2)
 
 

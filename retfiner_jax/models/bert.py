@@ -52,9 +52,12 @@ class BertAttention(nn.Module):
     queries, so no image's keys/values are copied; only the extra rows gather theirs. `train`: dropout on.
     """
     key, value = keys_values
-    dropout = None
-    if self.cfg.text_dropout > 0 and train:
-      dropout = lambda p: self.dropout(p, deterministic=False)
+    drop = self.cfg.text_dropout > 0 and train
+
+    def on_probs(name):
+      # A zero perturbation (a no-op unless a 'perturbations' collection is passed: the gradient of an output
+      # with respect to it is the gradient with respect to the probabilities, for Grad-CAM), then dropout.
+      return lambda p: self.dropout(self.perturb(name, p), deterministic=not drop)
     query = self._heads(self.query(hidden))
     rows, length, heads, depth = query.shape
     images = key.shape[0]
@@ -64,17 +67,18 @@ class BertAttention(nn.Module):
       raise ValueError(f"attention: {rows} rows do not split into groups of {images} image-aligned rows "
                        f"plus {extra} extra rows")
     if groups == 1:
-      context = attention(query[:images], key, value, bias, dropout)
+      context = attention(query[:images], key, value, bias, on_probs("probs"))
     else:
       if bias is not None:
         raise ValueError("attention: grouped rows take no mask (cross-attention sees every image token)")
       grouped = query[:groups * images].reshape(groups, images, length, heads, depth).swapaxes(0, 1)
-      context = attention(grouped.reshape(images, groups * length, heads, depth), key, value, None, dropout)
+      context = attention(grouped.reshape(images, groups * length, heads, depth), key, value, None,
+                          on_probs("probs"))
       context = context.reshape(images, groups, length, heads, depth).swapaxes(0, 1)
       context = context.reshape(groups * images, length, heads, depth)
     if extra:
       context = jnp.concatenate([context, attention(query[groups * images:], key[extra_index], value[extra_index],
-                                                    None, dropout)])
+                                                    None, on_probs("extra_probs"))])
     out = self.output_dense(context.reshape(hidden.shape[:2] + (self.cfg.text_dim,)))
     out = self.dropout(out, deterministic=not train)
     return self.output_LayerNorm(out + hidden).astype(hidden.dtype)
