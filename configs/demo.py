@@ -1,4 +1,5 @@
-"""The self-contained demo: synthetic OCT–report corpus, a small ViT and BERT, probe -> refine -> probe.
+"""The self-contained demo: synthetic OCT–report corpus, a small ViT pretrained by MAE, then refined with
+RetFiner (small BERT), against more MAE for the same images; the probe of each.
 
   python -m retfiner_jax.demo --workdir=runs/demo
 """
@@ -6,25 +7,12 @@ import dataclasses
 
 import ml_collections
 
-from retfiner_jax.config_defaults import base_config
+from retfiner_jax.config_defaults import base_config, demo_mae, demo_model, mae_config
 from retfiner_jax.probe.settings import ProbeSettings
 
 
 def get_config():
-  c = base_config("retfound")
-  # A small RETFound-shaped model (final norm + projection), trained from scratch on CPU in minutes.
-  c.model.image_size = 64
-  c.model.vision_dim = 96
-  c.model.vision_depth = 3
-  c.model.vision_heads = 4
-  c.model.vision_mlp_dim = 384
-  c.model.text_dim = 96
-  c.model.text_layers = 2
-  c.model.text_heads = 4
-  c.model.text_intermediate = 384
-  c.model.contrastive_dim = 64
-  c.model.max_position_embeddings = 64
-  c.model.dtype = "float32"  # bfloat16 has no speed-up on this CPU.
+  c = demo_model(base_config("retfound"))  # A small RETFound-shaped model (config_defaults.demo_model).
   c.train.batch_size = 32
   c.train.epochs = 12
   c.train.learning_rate = 1e-3
@@ -35,6 +23,9 @@ def get_config():
   c.demo.image_height = 256
   c.demo.vocab_size = 600  # WordPiece vocabulary trained on the corpus's training reports.
   c.demo.tasks = ("diagnosis", "fluid", "drusen")
+  # Stage 1, the FM: MAE pretraining (configs/mae_demo.py's settings; its model, seed and data are the demo's).
+  # The control continues it for as many images as the refinement saw.
+  c.demo.mae = demo_mae(demo_model(mae_config("retfound")))
   # The probe (ProbeSettings fields): the features protocol (clean features once; the paper protocol's per-epoch
   # encoder passes would not fit the demo's minutes), the paper's early stopping, minibatches of 128, 3 seeds.
   c.demo.probe = ml_collections.ConfigDict(dataclasses.asdict(ProbeSettings(

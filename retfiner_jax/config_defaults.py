@@ -66,6 +66,51 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   return c
 
 
+def mae_config(variant: str) -> ml_collections.ConfigDict:
+  """MAE pretraining (retfiner_jax/mae.py) of `variant`'s vision encoder, with MAE's settings (He et al. 2022,
+  as RETFound pretrains): 75 % masking, decoder 512 wide and 8 deep, normalised-pixel loss, AdamW betas
+  0.9/0.95, weight decay 0.05, base learning rate 1.5e-4 per 256 images, 40 warm-up epochs of 800."""
+  from retfiner_jax.models.mae import MaeSettings
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.compile_cache = ""
+  c.model = ml_collections.ConfigDict(get_variant(variant).to_dict())
+  c.mae = ml_collections.ConfigDict(dataclasses.asdict(MaeSettings()))
+  c.init = ""  # An earlier MAE run (its workdir or export/mae_flax) to continue from, decoder included.
+  c.data = ml_collections.ConfigDict(dict(train_manifest="", image_column="image", slice_column="slice",
+                                          intensity="bit_depth", augment=True, num_workers=0,
+                                          skip_bad_records=False))
+  c.train = ml_collections.ConfigDict(dict(batch_size=4096, epochs=800, warmup_epochs=40, learning_rate=2.4e-3,
+                                           min_learning_rate=0.0, weight_decay=0.05, b1=0.9, b2=0.95,
+                                           log_every=10, max_steps=-1))
+  c.checkpoint = ml_collections.ConfigDict(dict(keep=2))
+  return c
+
+
+def demo_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The demo's small RETFound-shaped model (final norm + projection), trained from scratch on CPU in minutes:
+  the refinement's (configs/demo.py) and the MAE pretraining's (configs/mae_demo.py)."""
+  m = c.model
+  m.image_size, m.vision_dim, m.vision_depth, m.vision_heads, m.vision_mlp_dim = 64, 96, 3, 4, 384
+  m.text_dim, m.text_layers, m.text_heads, m.text_intermediate = 96, 2, 4, 384
+  m.contrastive_dim, m.max_position_embeddings = 64, 64
+  m.dtype = "float32"  # bfloat16 has no speed-up on this CPU.
+  return c
+
+
+def demo_mae(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """MAE pretraining settings for the demo's small ViT (configs/mae_demo.py; the demo's stage 1 and control)."""
+  c.mae.decoder_dim = 64  # A decoder to match the 96-wide encoder (MAE's is 512 wide for ViT-L's 1024).
+  c.mae.decoder_depth = 2
+  c.mae.decoder_heads = 4
+  c.train.batch_size = 64
+  c.train.epochs = 40
+  c.train.warmup_epochs = 2
+  c.train.learning_rate = 1e-3  # MAE's 1.5e-4 per 256 images is for 800 epochs; the demo has minutes.
+  c.train.log_every = 50
+  return c
+
+
 def tiny_model(c: ml_collections.ConfigDict, image_size=32):
   """Shrinks a config's model to test sizes (used by the smoke tests of every real config)."""
   tiny = get_variant(f"tiny-{c.model.backbone}").to_dict()

@@ -1,4 +1,5 @@
-"""The random parts of the objectives, separate from the losses: token masks and ITM hard negatives.
+"""The random parts of the objectives, separate from the losses: token masks, ITM hard negatives, and MAE's
+patch masks.
 
 Everything is vectorised over the batch with `jax.random` and jittable: no Python loop over rows, no host
 round trip. The losses (objectives.py) take the sampled views and negatives as explicit inputs.
@@ -81,3 +82,16 @@ def sample_hard_negatives(rng, sim_i2t, sim_t2i, pair_ids=None, valid=None):
   key_image, key_text = jax.random.split(rng)
   counted = no_other if valid is None else no_other & valid
   return draw(key_image, sim_t2i), draw(key_text, sim_i2t), counted.sum()
+
+
+def sample_patch_masks(rng, batch: int, patches: int, mask_ratio: float):
+  """MAE's random masking: each row keeps `patches * (1 - mask_ratio)` (rounded down) patches, chosen uniformly
+  without replacement (the lowest of uniform noise values). Returns (visible (B, K) patch indices in the order
+  of their noise, restore (B, N): where each patch sits in [visible, masked] order, mask (B, N): 1 = masked)."""
+  keep = int(patches * (1 - mask_ratio))
+  if keep < 1:
+    raise ValueError(f"mask ratio {mask_ratio} leaves no visible patch of {patches}")
+  shuffle = jnp.argsort(jax.random.uniform(rng, (batch, patches)), axis=-1)
+  restore = jnp.argsort(shuffle, axis=-1)
+  mask = (restore >= keep).astype(jnp.float32)
+  return shuffle[:, :keep], restore, mask

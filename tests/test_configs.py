@@ -14,6 +14,7 @@ from retfiner_jax import train, weights
 from retfiner_jax.config_defaults import base_config, tiny_model
 from retfiner_jax.data import synthetic
 from retfiner_jax.models.config import VARIANTS, ModelConfig
+from retfiner_jax.models.mae import MaeSettings
 from retfiner_jax.objectives import ObjectiveSettings
 from retfiner_jax.probe.settings import ProbeSettings
 from retfiner_jax.run_log import read_metrics
@@ -25,7 +26,7 @@ def probe_blocks(c):
 
 
 def kind(c) -> str:
-  return "demo" if "demo" in c else "probe" if "encoder" in c else "train"
+  return "demo" if "demo" in c else "probe" if "encoder" in c else "mae" if "mae" in c else "train"
 
 
 def test_every_config_module_is_found():
@@ -51,8 +52,11 @@ def test_dataclasses_built_from_a_config_carry_its_values(name):
   c = configs.load(name)
   if "model" in c:
     assert ModelConfig.from_dict(c.model.to_dict()).to_dict() == c.model.to_dict()
-  if "train" in c:
+  if "train" in c and "objectives" in c.train:
     assert dataclasses.asdict(ObjectiveSettings(**c.train.objectives)) == c.train.objectives.to_dict()
+  for block in (c.get("mae"), c.get("demo", {}).get("mae", {}).get("mae")):
+    if block is not None:
+      assert dataclasses.asdict(MaeSettings(**block)) == block.to_dict()
   for block in probe_blocks(c):
     assert dataclasses.asdict(ProbeSettings(**block)) == block.to_dict()
   assert "model" in c or probe_blocks(c), f"configs/{name}.py: nothing to build"
@@ -68,7 +72,8 @@ def corpus(tmp_path_factory):
 @pytest.mark.parametrize("name", configs.NAMES)
 def test_config_smoke_run(name, corpus, tmp_path):
   c = configs.load(name)
-  {"train": smoke_train, "demo": smoke_demo, "probe": smoke_probe}[kind(c)](name, c, corpus, tmp_path)
+  {"train": smoke_train, "demo": smoke_demo, "probe": smoke_probe, "mae": smoke_mae}[kind(c)](name, c, corpus,
+                                                                                            tmp_path)
 
 
 def smoke_train(name, config, corpus, tmp_path):
@@ -142,16 +147,43 @@ def check_whole_model_export(cfg, export):
   np.testing.assert_array_equal(heads["itm_head.linear2.weight"], np.asarray(whole["itm_head"]["linear2"]["kernel"]).T)
 
 
+def smoke_mae(name, config, corpus, tmp_path):
+  """Two epochs of MAE pretraining on a tiny encoder: the logged learning rates are the warm-up's, known by hand
+  (peak x step / warm-up steps), and the export is an FM of the config's sizes."""
+  from retfiner_jax import mae
+  tiny_model(config, image_size=32)
+  config.mae.update(decoder_dim=16, decoder_depth=1, decoder_heads=2)
+  config.data.train_manifest = str(corpus / "manifest_train.csv")
+  config.train.update(epochs=2, batch_size=8, warmup_epochs=1, learning_rate=1e-3, log_every=1)
+  summary = mae.run(config, tmp_path, log=lambda *a: None)
+  per_epoch = (len((corpus / "manifest_train.csv").read_text().splitlines()) - 1) // 8
+  rows = read_metrics(tmp_path / "metrics.jsonl")
+  assert summary["steps"] == 2 * per_epoch and len(rows) == 2 * per_epoch
+  for row in rows[:per_epoch]:  # Step s ran with the schedule's value at s - 1.
+    assert row["lr"] == pytest.approx(1e-3 * (row["step"] - 1) / per_epoch, rel=1e-5)
+  cfg, fm, _ = weights.load_converted(summary["exported"]["vision_flax"])
+  assert cfg.vision_dim == config.model.vision_dim and len(jax.tree.leaves(fm["vision_encoder"])) > 10
+
+
 def smoke_demo(name, config, corpus, tmp_path):
-  """The demo in short: its outputs, and a refinement whose training loss falls."""
+  """The demo in short: its outputs (the four encoders' rows), and a refinement whose training loss falls."""
   from retfiner_jax import demo
   config.demo.update(count=60, image_height=64, tasks=("fluid",))
   config.demo.probe.seeds = (0,)
+  config.demo.mae.mae.update(decoder_dim=16, decoder_depth=1, decoder_heads=2)
+  config.demo.mae.train.update(epochs=1, batch_size=8, warmup_epochs=0, log_every=1)
   config.model.image_size = 32
   config.train.update(epochs=4, batch_size=8, log_every=1)
   results = demo.run(config, tmp_path, log=lambda *a: None)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert set(saved["tasks"]) == {"fluid"} and results["tasks"] == saved["tasks"]
+  rows = saved["tasks"]["fluid"]
+  assert all(0 <= rows[k]["bacc"] <= 1 for k in ("random", "before", "after", "control"))
+  # The control saw as many images as the refinement: its MAE steps x batch cover the refinement's steps x batch.
+  refined_images = saved["refinement"]["steps"] * 8
+  assert saved["mae"]["control_images"] == refined_images and saved["mae"]["control_steps"] == -(-refined_images // 8)
+  control = json.loads((tmp_path / "mae_control" / "summary.json").read_text())
+  assert control["steps"] == saved["mae"]["control_steps"]
   zero_shot = saved["tasks"]["fluid"]["zero_shot"]  # The text side's row: balanced accuracy of 2 classes.
   assert zero_shot["classes"] == 2 and 0 <= zero_shot["bacc"] <= 1 and 0 <= zero_shot["auroc"] <= 1
   losses = [r["loss"] for r in read_metrics(tmp_path / "refine" / "metrics.jsonl") if r["kind"] == "train"]

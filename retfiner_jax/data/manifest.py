@@ -88,8 +88,9 @@ def _optional_int(value, path, row, column):
     raise ManifestError(f"{path}: row {row}: column {column!r} must be an integer, got {value!r}") from None
 
 
-def read_manifest(path, columns: Columns = Columns()) -> list[dict]:
-  """-> one dict per row: row, image (absolute path), report, id, patient, eye, split, slice."""
+def read_manifest(path, columns: Columns = Columns(), need_reports: bool = True) -> list[dict]:
+  """-> one dict per row: row, image (absolute path), report, id, patient, eye, split, slice. `need_reports`:
+  False for image-only uses (MAE pretraining), where a manifest may have no report column."""
   path = Path(path)
   if not path.exists():
     raise ManifestError(f"{path}: manifest not found")
@@ -97,7 +98,7 @@ def read_manifest(path, columns: Columns = Columns()) -> list[dict]:
   if not rows:
     raise ManifestError(f"{path}: the manifest has no rows")
   present = set(rows[0])
-  for col in (columns.image, columns.report):
+  for col in (columns.image, columns.report) if need_reports else (columns.image,):
     if col not in present:
       raise ManifestError(f"{path}: required column {col!r} not found; columns are {sorted(present)}")
   records = []

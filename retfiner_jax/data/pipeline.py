@@ -60,6 +60,13 @@ class LoadPair(grain.transforms.RandomMap):
     self.spec, self.source, self.skip_bad = spec, source, skip_bad
 
   def random_map(self, record, rng: np.random.Generator):
+    image = self.load_image(record, rng)
+    if image is None:
+      return None
+    return {"images": image, "input_ids": record["input_ids"], "attention_mask": record["attention_mask"],
+            "pair_ids": np.int32(record["pair_id"])}
+
+  def load_image(self, record, rng: np.random.Generator):
     try:
       pixels = read_image(record["image"], record.get("slice"))
       image = preprocess(pixels, self.spec.image_size, self.spec.backbone, self.spec.intensity,
@@ -75,8 +82,15 @@ class LoadPair(grain.transforms.RandomMap):
         log.warning("skipped bad record: %s", message)
         return None
       raise ImageError(e.kind, message) from e
-    return {"images": image, "input_ids": record["input_ids"], "attention_mask": record["attention_mask"],
-            "pair_ids": np.int32(record["pair_id"])}
+    return image
+
+
+class LoadImage(LoadPair):
+  """record -> {images} (image-only pretraining: no report is read)."""
+
+  def random_map(self, record, rng: np.random.Generator):
+    image = self.load_image(record, rng)
+    return None if image is None else {"images": image}
 
 
 def _ensure_absl_flags_parsed():
@@ -136,15 +150,16 @@ def _check_share(batch_size: int, process_count: int):
 
 
 def train_dataset(records, spec: ImageSpec, batch_size: int, seed: int, source: str = "manifest",
-                  num_workers: int = 0, skip_bad: bool = False, process_index: int = 0, process_count: int = 1):
+                  num_workers: int = 0, skip_bad: bool = False, process_index: int = 0, process_count: int = 1,
+                  images_only: bool = False):
   """Infinite stream of this process's share of the global batches (drops incomplete batches). Shuffling and
   the random augmentation follow the global position, so the global batches do not depend on the number of
-  processes."""
+  processes. `images_only`: batches of images alone (MAE pretraining; the records need no tokens)."""
   _check_share(batch_size, process_count)
   if len(records) < batch_size:
     raise ValueError(f"{source}: {len(records)} records, fewer than one batch of {batch_size}")
   ds = grain.MapDataset.source(list(records)).shuffle(seed=seed).repeat(None)
-  ds = ds.random_map(LoadPair(spec, source, skip_bad), seed=seed)
+  ds = ds.random_map((LoadImage if images_only else LoadPair)(spec, source, skip_bad), seed=seed)
   ds = ProcessShare(ds, batch_size, process_index, process_count)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2 if num_workers == 0 else 1, prefetch_buffer_size=4))
   # Workers load single examples (interleaved back in stream order); batching after them keeps the batches

@@ -91,7 +91,9 @@ class VisionTransformer(nn.Module):
     if cfg.vision_projection:
       self.proj = torch_linear(cfg.text_dim, cfg.vision_dim, dtype)  # RetFiner's new layer: PyTorch's init.
 
-  def features(self, images, train: bool = False):
+  def features(self, images, train: bool = False, visible=None):
+    """`visible` (B, K) patch indices: only those patches (and the class token) go through the blocks, as
+    MAE's encoder takes them."""
     cfg = self.cfg
     if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
       raise ValueError(f"expected NHWC images of shape (B, {cfg.image_size}, {cfg.image_size}, 3), "
@@ -100,9 +102,15 @@ class VisionTransformer(nn.Module):
     x = x.reshape(x.shape[0], -1, cfg.vision_dim)
     cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, cfg.vision_dim)).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)
+    if visible is not None:
+      x = jnp.concatenate([x[:, :1], jnp.take_along_axis(x[:, 1:], visible[..., None], axis=1)], axis=1)
     # timm's rule: rates rising linearly from 0 at the first block to cfg.drop_path at the last.
     rates = jnp.linspace(0.0, cfg.drop_path, cfg.vision_depth, dtype=jnp.float32)
     return apply_stack(self.blocks, x, per_layer=(rates,), train=train)
+
+  def normed_features(self, images, visible=None, train: bool = False):
+    """The final norm of `features`: MAE's encoder output."""
+    return self.norm(self.features(images, train, visible))
 
   def __call__(self, images, train: bool = False):
     x = self.features(images, train)
