@@ -31,7 +31,7 @@ def kind(c) -> str:
 
 def test_every_config_module_is_found():
   assert {"retfound", "visionfm", "urfound", "demo", "probe"} <= set(configs.NAMES)
-  with pytest.raises(ValueError, match="no config 'nope'.*known: demo, probe"):
+  with pytest.raises(ValueError, match="no config 'nope'.*known: demo, mae_demo, probe"):
     configs.load("nope")
 
 
