@@ -15,7 +15,10 @@ def get_config():
   c = demo_model(base_config("retfound"))  # A small RETFound-shaped model (config_defaults.demo_model).
   c.train.batch_size = 32
   c.train.epochs = 12
-  c.train.learning_rate = 1e-3
+  # The original's learning rate for refining a pretrained FM (base_config's 1e-4). Until the demo gained its
+  # MAE stage it refined a random encoder, at 1e-3; refining the MAE FM at 1e-3 forgot much of what MAE had
+  # learnt (README, "Quickstart": both runs are reported).
+  c.train.learning_rate = 1e-4
   c.train.log_every = 20
   c.data.augment = True
   c.demo = ml_collections.ConfigDict()

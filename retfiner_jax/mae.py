@@ -37,6 +37,7 @@ from retfiner_jax.errors import ConfigError, MissingInput
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.mae import MaeSettings, MaskedAutoencoder, reconstruction_loss, sincos_pos_embed
 from retfiner_jax.run_log import RunLog
+from retfiner_jax.train import NonFiniteLoss, check_resume_config
 
 FROZEN = ("pos_embed", "decoder_pos_embed")  # MAE's fixed sin-cos positions: never updated.
 
@@ -186,6 +187,7 @@ def run(config, workdir, log=print) -> dict:
   mesh = sharding.make_mesh()
   model = MaskedAutoencoder(cfg, s)
   tx, schedule = make_optimizer(config, total_steps, steps_per_epoch)
+  check_resume_config(config, workdir, log)  # A resume takes the settings the run started with.
   checkpoints = RunCheckpoints(workdir, keep=config.checkpoint.keep, log=log)
   replicated = sharding.replicated(mesh)
   if checkpoints.latest_step() is not None:
@@ -202,23 +204,30 @@ def run(config, workdir, log=print) -> dict:
   previous = {sig: signal.signal(sig, lambda n, _f: stop.update(signal=signal.Signals(n).name))
               for sig in (signal.SIGTERM, signal.SIGINT)}
   started, status = time.time(), "finished"
+  def finite(metrics) -> dict:
+    host = jax.device_get(metrics)
+    if not (np.isfinite(host["loss"]) and np.isfinite(host["grad_norm"])):
+      raise NonFiniteLoss(f"non-finite MAE loss {host['loss']} (gradient norm {host['grad_norm']}) at step "
+                          f"{step}; stopping. The last good checkpoint is {workdir / 'checkpoints'} step "
+                          f"{checkpoints.latest_step()}")
+    return host
+
+  def save():  # Every checkpoint follows a finite step.
+    finite(metrics)
+    checkpoints.save(step, state, data, {"epoch": step // steps_per_epoch})
   try:
     while step < total_steps:
       images = sharding.global_batch(mesh, next(data))["images"]
       state, metrics = step_fn(state, images)
       step += 1
       if step % config.train.log_every == 0 or step == total_steps:
-        host = jax.device_get(metrics)
-        if not np.isfinite(host["loss"]):
-          raise FloatingPointError(f"non-finite MAE loss at step {step}; the last good checkpoint is "
-                                   f"{workdir / 'checkpoints'} step {checkpoints.latest_step()}")
-        run_log.write("train", step, host, epoch=step // steps_per_epoch + 1)
-        log(f"MAE epoch {(step - 1) // steps_per_epoch + 1:3d}  step {step:6d}/{total_steps}  "
-            f"loss {float(host['loss']):.4f}  lr {float(host['lr']):.2e}")
+        host = finite(metrics)
+        run_log.write("train", step, host, epoch=(step - 1) // steps_per_epoch + 1)
+        run_log.progress((step - 1) // steps_per_epoch + 1, step, host)
       if step % steps_per_epoch == 0 or step == total_steps:
-        checkpoints.save(step, state, data, {"epoch": step // steps_per_epoch})
+        save()
       if stop["signal"]:
-        checkpoints.save(step, state, data, {"epoch": step // steps_per_epoch})
+        save()
         log(f"{stop['signal']}: saved a checkpoint at step {step}; rerun with the same workdir to resume")
         status = "interrupted"
         break
@@ -227,6 +236,7 @@ def run(config, workdir, log=print) -> dict:
       signal.signal(sig, handler)
     run_log.close()
     checkpoints.close()
+    data.close()  # Stops Grain's worker processes, also on a signal or an error.
   summary = {"status": status, "steps": step, "epochs": step / steps_per_epoch, "images_seen": step * batch_size,
              "train_seconds": time.time() - started,
              "images_per_second": (step - start) * batch_size / max(time.time() - started, 1e-9)}

@@ -51,6 +51,8 @@ class RunLog:
     self._last_time, self._last_step = now, step
     losses = "  ".join(f"{k.removeprefix('loss_')} {float(metrics[k]):.4f}" for k in
                        ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_gm") if k in metrics)
+    if "lr" in metrics:
+      losses += f"  lr {float(metrics['lr']):.2e}"
     wait = f"  input wait {100 * metrics['input_wait_fraction']:.0f}%" if "input_wait_fraction" in metrics else ""
     self.print(f"epoch {epoch:3d}  step {step:6d}/{self.total_steps}  {losses}{rate}{wait}")
 
