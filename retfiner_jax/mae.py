@@ -36,7 +36,7 @@ from retfiner_jax.data.manifest import Columns, read_manifest
 from retfiner_jax.errors import ConfigError, MissingInput
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.mae import MaeSettings, MaskedAutoencoder, reconstruction_loss, sincos_pos_embed
-from retfiner_jax.run_log import RunLog
+from retfiner_jax.run_log import RunLog, read_metrics
 from retfiner_jax.train import NonFiniteLoss, check_resume_config
 
 FROZEN = ("pos_embed", "decoder_pos_embed")  # MAE's fixed sin-cos positions: never updated.
@@ -241,7 +241,8 @@ def run(config, workdir, log=print) -> dict:
              "train_seconds": time.time() - started,
              "images_per_second": (step - start) * batch_size / max(time.time() - started, 1e-9)}
   if status == "finished":
-    summary["final_loss"] = float(jax.device_get(metrics["loss"])) if step > start else None
+    logged = read_metrics(workdir / "metrics.jsonl")  # Also when a finished run is only exported again.
+    summary["final_loss"] = logged[-1]["loss"] if logged else None
     summary["exported"] = export(cfg, s, jax.device_get(state["params"]), workdir / "export", log)
   (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
   return summary

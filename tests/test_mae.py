@@ -115,7 +115,9 @@ def test_the_command_trains_resumes_and_exports_an_fm(corpus, tmp_path):
   whole = mae.run(_config(corpus), tmp_path / "whole", log=logs.append)
   assert whole["status"] == "finished" and whole["steps"] == 2 * ((len(corpus.read_text().splitlines()) - 1) // 8)
   losses = [json.loads(line)["loss"] for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-  assert losses[-1] < losses[0]
+  assert losses[-1] < losses[0] and whole["final_loss"] == losses[-1]
+  again = mae.run(_config(corpus), tmp_path / "whole", log=lambda *a: None)  # A finished run: exported again.
+  assert again["steps"] == whole["steps"] and again["final_loss"] == losses[-1]
 
   def terminate_at_step_3(line):  # A SIGTERM arriving during step 3.
     if " step      3/" in line:
