@@ -71,7 +71,13 @@ class RetFinerModel:
       m = model.bind({"params": p})
       fused = m.text_with_image(ids, padding_bias(mask), m.image_tokens(images))
       return jax.nn.softmax(m.itm_logits(fused[:, 0]), axis=-1)[:, 1]
+    def match_groups(p, images, ids, mask):  # images (B, ...), texts (B, G, L) -> (B, G)
+      m = model.bind({"params": p})
+      rows = lambda a: a.swapaxes(0, 1).reshape((-1,) + a.shape[2:])  # Row g*B + i: text g of image i.
+      fused = m.text_with_image(rows(ids), padding_bias(rows(mask)), m.image_tokens(images))
+      return jax.nn.softmax(m.itm_logits(fused[:, 0]), axis=-1)[:, 1].reshape(ids.shape[1], -1).T
     self._embed_images, self._embed_texts, self._match = jax.jit(embed_images), jax.jit(embed_texts), jax.jit(match)
+    self._match_groups = jax.jit(match_groups)
 
   @classmethod
   def load(cls, path, tokenizer=None, variant: str | None = None, log=lambda *a: None, **kw) -> "RetFinerModel":
@@ -132,11 +138,23 @@ class RetFinerModel:
     """`match` on inputs already preprocessed and tokenised (rows are pairs)."""
     return self._batched(self._match, pixels, input_ids, attention_mask)
 
+  def match_groups(self, pixels, input_ids, attention_mask) -> np.ndarray:
+    """(N, G) ITM probabilities of each preprocessed image (N, S, S, 3) with its own G tokenised texts
+    ((N, G, L) ids and mask). Each image's vision tower runs once for its G texts (the cross-attention's
+    grouped rows), not once per pair."""
+    return self._batched(self._match_groups, pixels, input_ids, attention_mask)
+
+  def match_every_text(self, pixels, texts) -> np.ndarray:
+    """(N images, T texts) ITM probabilities of every preprocessed image with every text (`match_groups`)."""
+    ids, mask = self.tokenize(texts)
+    every = lambda a: np.broadcast_to(a, (len(pixels),) + a.shape)
+    return self.match_groups(pixels, every(ids), every(mask))
+
   def attention_maps(self, image, text: str, gradcam_layer: int | None = None) -> dict:
     """Where the report's tokens look in the B-scan, in the matching pass (bidirectional text over the image
     tokens). Returns
       "tokens": the report's tokens (no [CLS]/[SEP]);
-      "per_token": (T, grid, grid) cross-attention, softmax(q k^T / sqrt(d)), averaged over heads and layers;
+      "per_token": (T, grid, grid) cross-attention probabilities averaged over heads and layers;
       "mean": (grid, grid) its mean over the tokens; "global": (T,) each token's share on the global image
         token (a token's patch map plus its global share sums to 1);
       "gradcam_per_token", "gradcam": ALBEF's Grad-CAM of one cross-attention layer: the probabilities times
@@ -144,6 +162,10 @@ class RetFinerModel:
         (per token, and its mean over the tokens); "gradcam_layer": the layer (by default two thirds of the
         way up, layer 8 of 12 as ALBEF takes, and never the last: only [CLS]'s row of the last layer reaches
         the ITM logit, so the tokens' gradients are zero there); "itm": the pair's ITM probability."""
+    return self.attention_maps_prepared(self.preprocess([image]), text, gradcam_layer)
+
+  def attention_maps_prepared(self, pixels, text: str, gradcam_layer: int | None = None) -> dict:
+    """`attention_maps` of one image already preprocessed ((1, S, S, 3), as `preprocess` gives it)."""
     last = self.cfg.text_layers - 1
     layer = max(0, min(self.cfg.text_layers * 2 // 3, last - 1)) if gradcam_layer is None else gradcam_layer
     if not 0 <= layer < self.cfg.text_layers:
@@ -152,7 +174,7 @@ class RetFinerModel:
       self._cross_attention = self._make_cross_attention()
     fn, params = self._cross_attention
     ids, mask = self.tokenize([text])
-    probs, cams, logits = fn(params, jnp.asarray(self.preprocess([image])), ids, mask)
+    probs, cams, logits = fn(params, jnp.asarray(pixels), ids, mask)
     probs, cams, logits = np.asarray(probs)[0], np.asarray(cams)[:, 0], np.asarray(logits)[0]
     keep = [t for t in np.flatnonzero(mask[0])
             if ids[0, t] not in (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id)]
@@ -166,14 +188,13 @@ class RetFinerModel:
   def _make_cross_attention(self):
     """(a jitted (params, pixels, ids, mask) -> ((B, L, 1 + grid^2) cross-attention probabilities, mean over
     layers and heads; (layers, B, L, 1 + grid^2) Grad-CAM per layer, mean over heads; (B, 2) ITM logits), the
-    parameters it takes). The layers run unrolled (a Python loop), so that each one's query and key projections
-    are captured and each one's probabilities carry a perturbation to take the gradient at."""
+    parameters it takes). The probabilities are those of the attention function itself, kept by BertAttention
+    (its 'intermediates'), and their gradients those of the zero perturbations it adds to them. The layers run
+    unrolled, so that each layer's are its own entry."""
     from retfiner_jax.convert import to_layer_layout
     cfg = self.cfg.replace(scan_layers=False)
     unrolled = jax.device_put(to_layer_layout(jax.tree.map(np.asarray, self.params), scan=False))
-    model, heads, depth = RetFiner(cfg), cfg.text_heads, cfg.text_dim // cfg.text_heads
-    wanted = lambda module, method: method == "__call__" and module.name in ("query", "key") and \
-        module.parent is not None and module.parent.name == "crossattention"
+    model = RetFiner(cfg)
     layer_names = [f"layer_{i}" for i in range(cfg.text_layers)]
 
     def cross_attention(params, pixels, ids, mask):
@@ -182,14 +203,10 @@ class RetFinerModel:
 
       def match_logit(perturbations):
         logits, state = model.apply({"params": params, "perturbations": perturbations}, method=itm,
-                                    capture_intermediates=wanted)
+                                    mutable=["intermediates"])
         return logits[:, 1].sum(), (logits, state["intermediates"]["text_encoder"])
       grads, (logits, layers) = jax.grad(match_logit, has_aux=True)(zeros)
-      split = lambda x: x.reshape(x.shape[:2] + (heads, depth)).astype(jnp.float32)
-      probs = jnp.stack([
-          jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", split(layers[n]["crossattention"]["query"]["__call__"][0]),
-                                    split(layers[n]["crossattention"]["key"]["__call__"][0])) / np.sqrt(depth), -1)
-          for n in layer_names])
+      probs = jnp.stack([layers[n]["crossattention"]["probs"][0] for n in layer_names])  # (layers, B, H, L, K)
       grad = jnp.stack([grads["text_encoder"][n]["crossattention"]["probs"] for n in layer_names])
       return probs.mean(axis=(0, 2)), (probs * jnp.maximum(grad, 0)).mean(axis=2), logits
     return jax.jit(cross_attention), unrolled

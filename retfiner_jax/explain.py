@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 def _panel(ax, gray, heat, title):
   from PIL import Image
   size = gray.shape[0]
@@ -39,10 +38,12 @@ def run(model, images, texts, out, tokens: int = 4, gradcam_layer: int | None = 
   results = []
   columns = 3 + tokens
   fig, axes = plt.subplots(len(pairs), columns, figsize=(1.9 * columns, 2.3 * len(pairs)), squeeze=False)
+  prepared = {str(i): model.preprocess([i]) for i in images}  # Each image read and preprocessed once.
   for row, (image, text) in enumerate(pairs):
-    maps = model.attention_maps(image, text, gradcam_layer)
-    pixels = model.preprocess([image])[0, ..., 0]
-    gray = (pixels - pixels.min()) / max(float(np.ptp(pixels)), 1e-6)
+    pixels = prepared[str(image)]
+    maps = model.attention_maps_prepared(pixels, text, gradcam_layer)
+    gray = pixels[0, ..., 0]
+    gray = (gray - gray.min()) / max(float(np.ptp(gray)), 1e-6)
     axes[row, 0].imshow(gray, cmap="gray")
     axes[row, 0].set_title(Path(str(image)).name[:28], fontsize=7)
     axes[row, 0].axis("off")

@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -37,7 +36,9 @@ from retfiner_jax.errors import ConfigError, MissingInput
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.mae import MaeSettings, MaskedAutoencoder, reconstruction_loss, sincos_pos_embed
 from retfiner_jax.run_log import RunLog, read_metrics
-from retfiner_jax.train import NonFiniteLoss, check_resume_config
+from retfiner_jax.train import (NonFiniteLoss, check_resume_config, prepare_workdir,
+                                signals_requesting_stop, tfds_split)
+from retfiner_jax.workdir_lock import WorkdirLock
 
 FROZEN = ("pos_embed", "decoder_pos_embed")  # MAE's fixed sin-cos positions: never updated.
 
@@ -55,12 +56,12 @@ def read_images(config, log=print) -> list[dict]:
   manifest = config.data.train_manifest
   if not manifest:
     raise ConfigError("config.data.train_manifest is empty: give a manifest of image paths (or a TFDS folder)")
-  folder, _, split = manifest.partition(":") if not Path(manifest).exists() else (manifest, "", "")
+  folder, split = tfds_split(manifest, "train")  # A built TFDS folder may name its split: DIR:split.
   if not Path(folder).exists():
     raise MissingInput(f"config.data.train_manifest = {manifest}: not found")
   if Path(folder).is_dir():
     from retfiner_jax.data import tfds_builders
-    records = tfds_builders.pairs_records(folder, split or "train")
+    records = tfds_builders.pairs_records(folder, split)
   else:
     records = read_manifest(folder, Columns(image=config.data.image_column, slice=config.data.slice_column),
                             need_reports=False)
@@ -173,8 +174,12 @@ def starting_params(config, cfg: ModelConfig, s: MaeSettings, log) -> dict:
 
 def run(config, workdir, log=print) -> dict:
   """Pretrains; returns a summary (also WORKDIR/summary.json). Resumes from WORKDIR's latest checkpoint."""
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = prepare_workdir(workdir)
+  with WorkdirLock(workdir, log):  # One run at a time in a workdir.
+    return _run(config, workdir, log)
+
+
+def _run(config, workdir: Path, log) -> dict:
   cfg, s = model_config(config), settings(config)
   records = read_images(config, log)
   batch_size = config.train.batch_size
@@ -200,10 +205,8 @@ def run(config, workdir, log=print) -> dict:
   step_fn = jax.jit(make_train_step(model, s, tx, schedule, config.seed, cfg.patch_size), donate_argnums=0)
   step = start = int(state["step"])
   run_log = RunLog(workdir, total_steps, batch_size, log, start_step=step)
-  stop = {"signal": None}
-  previous = {sig: signal.signal(sig, lambda n, _f: stop.update(signal=signal.Signals(n).name))
-              for sig in (signal.SIGTERM, signal.SIGINT)}
   started, status = time.time(), "finished"
+
   def finite(metrics) -> dict:
     host = jax.device_get(metrics)
     if not (np.isfinite(host["loss"]) and np.isfinite(host["grad_norm"])):
@@ -216,24 +219,23 @@ def run(config, workdir, log=print) -> dict:
     finite(metrics)
     checkpoints.save(step, state, data, {"epoch": step // steps_per_epoch})
   try:
-    while step < total_steps:
-      images = sharding.global_batch(mesh, next(data))["images"]
-      state, metrics = step_fn(state, images)
-      step += 1
-      if step % config.train.log_every == 0 or step == total_steps:
-        host = finite(metrics)
-        run_log.write("train", step, host, epoch=(step - 1) // steps_per_epoch + 1)
-        run_log.progress((step - 1) // steps_per_epoch + 1, step, host)
-      if step % steps_per_epoch == 0 or step == total_steps:
-        save()
-      if stop["signal"]:
-        save()
-        log(f"{stop['signal']}: saved a checkpoint at step {step}; rerun with the same workdir to resume")
-        status = "interrupted"
-        break
+    with signals_requesting_stop() as stop:
+      while step < total_steps:
+        images = sharding.global_batch(mesh, next(data))["images"]
+        state, metrics = step_fn(state, images)
+        step += 1
+        if step % config.train.log_every == 0 or step == total_steps:
+          host = finite(metrics)
+          run_log.write("train", step, host, epoch=(step - 1) // steps_per_epoch + 1)
+          run_log.progress((step - 1) // steps_per_epoch + 1, step, host)
+        if step % steps_per_epoch == 0 or step == total_steps:
+          save()
+        if stop["signal"]:
+          save()
+          log(f"{stop['signal']}: saved a checkpoint at step {step}; rerun with the same workdir to resume")
+          status = "interrupted"
+          break
   finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)
     run_log.close()
     checkpoints.close()
     data.close()  # Stops Grain's worker processes, also on a signal or an error.

@@ -28,12 +28,11 @@ def match_matrix(ids) -> np.ndarray:
 
 
 def rerank_top_k(scores, k: int, itm) -> np.ndarray:
-  """Scores with each row's top k replaced by `itm(rows, columns)` (one call for all N*k pairs) plus an offset
-  that keeps them on top."""
+  """Scores with each row's top k replaced by `itm(top)` ((N, k) columns -> (N, k) probabilities, one call
+  for all N*k pairs) plus an offset that keeps them on top."""
   out = np.array(scores, np.float64)
   top = np.argsort(-out, axis=1, kind="stable")[:, :k]
-  rows = np.repeat(np.arange(out.shape[0]), top.shape[1])
-  out[rows, top.reshape(-1)] = 10.0 + itm(rows, top.reshape(-1))  # Probabilities in [0, 1], above any cosine.
+  np.put_along_axis(out, top, 10.0 + itm(top), axis=1)  # Probabilities in [0, 1], above any cosine.
   return out
 
 
@@ -51,9 +50,11 @@ def run(model, manifest, workdir, itm_top_k: int = 0, log=print) -> dict:
   if itm_top_k > 0:
     pixels = model.preprocess(images)
     ids, mask = model.tokenize(reports)
-    itm = lambda img, txt: model.match_prepared(pixels[img], ids[txt], mask[txt])
-    i2t = rerank_top_k(sims, itm_top_k, itm)
-    t2i = rerank_top_k(sims.T, itm_top_k, lambda rows, cols: itm(cols, rows))
+    # Image queries: each image with its k reports in one pass of the image. Report queries: pair by pair (the
+    # k images differ from report to report).
+    i2t = rerank_top_k(sims, itm_top_k, lambda top: model.match_groups(pixels, ids[top], mask[top]))
+    t2i = rerank_top_k(sims.T, itm_top_k, lambda top: model.match_prepared(
+        pixels[top.reshape(-1)], np.repeat(ids, top.shape[1], 0), np.repeat(mask, top.shape[1], 0)).reshape(top.shape))
   result = {"pairs": len(records), "itm_top_k": itm_top_k,
             "image_to_report": ranking_metrics(i2t, matches), "report_to_image": ranking_metrics(t2i, matches.T)}
   workdir = Path(workdir)

@@ -414,30 +414,45 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
   return "finished", step
 
 
-def run(config, workdir, log=print, explicit_model_keys=()) -> dict:
-  """Trains; returns a summary dict (also written to workdir/summary.json). The model's sizes come from the
-  configured weights except the `config.model` keys named in `explicit_model_keys` (the command line's)."""
-  check_settings(config)
+@contextlib.contextmanager
+def signals_requesting_stop():
+  """Within: SIGTERM and SIGINT set `stop["signal"]` (the signal's name) instead of ending the process, so that a
+  training loop saves a checkpoint and returns; yields `stop`. The earlier handlers come back on leaving."""
+  stop = {"signal": None}
+
+  def on_signal(signum, _frame):
+    stop["signal"] = signal.Signals(signum).name
+  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield stop
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+def prepare_workdir(workdir) -> Path:
   workdir = Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise ConfigError(f"workdir {workdir} is a file; give a folder (it is created if missing)")
   workdir.mkdir(parents=True, exist_ok=True)
+  return workdir
+
+
+def run(config, workdir, log=print, explicit_model_keys=()) -> dict:
+  """Trains; returns a summary dict (also written to workdir/summary.json). The model's sizes come from the
+  configured weights except the `config.model` keys named in `explicit_model_keys` (the command line's)."""
+  check_settings(config)
+  workdir = prepare_workdir(workdir)
   primary = jax.process_index() == 0  # Writes the run's files; every process trains and saves checkpoints.
   with WorkdirLock(workdir, log) if primary else contextlib.nullcontext():
     r = setup(config, workdir, log, explicit_model_keys)
     start_step, start_time = int(jax.device_get(r.state["step"])), time.time()
     run_log = RunLog(r.workdir, r.total_steps, config.train.batch_size, log, start_step=start_step,
                      primary=primary)
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-      stop["signal"] = signal.Signals(signum).name
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-      status, step = train_loop(r, run_log, stop)
+      with signals_requesting_stop() as stop:
+        status, step = train_loop(r, run_log, stop)
     finally:
-      for s, handler in previous.items():
-        signal.signal(s, handler)
       run_log.close()
       r.train_iter.close()  # Stops Grain's worker processes and frees their shared memory, also on a signal.
     return finish(r, status, step, (step - start_step) * config.train.batch_size, time.time() - start_time)

@@ -68,12 +68,10 @@ def dataset_items(root) -> tuple[list, np.ndarray, list[str]]:
 
 def itm_scores(model, images, prompts: dict) -> np.ndarray:
   """(N, classes): mean ITM probability of each image with each class's prompts, normalised over classes."""
-  pixels = model.preprocess(images)
-  scores = np.zeros((len(images), len(prompts)))
-  for j, texts in enumerate(prompts.values()):
-    for text in texts:
-      ids, mask = model.tokenize([text] * len(images))
-      scores[:, j] += model.match_prepared(pixels, ids, mask) / len(texts)
+  texts = [t for class_prompts in prompts.values() for t in class_prompts]
+  each = model.match_every_text(model.preprocess(images), texts)  # (N, prompts), one pass of each image.
+  ends = np.cumsum([len(v) for v in prompts.values()])
+  scores = np.stack([each[:, end - len(v):end].mean(1) for end, v in zip(ends, prompts.values())], axis=1)
   return scores / scores.sum(-1, keepdims=True)
 
 

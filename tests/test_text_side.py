@@ -63,6 +63,15 @@ def test_api_embeddings_matching_and_zero_shot(setting, tmp_path):
                             m.image_tokens(jnp.asarray(model.preprocess(images[1:2]))))
   want = jax.nn.softmax(m.itm_logits(fused[:, 0]))[0, 1]
   np.testing.assert_allclose(p[1], want, rtol=1e-5)
+  # Every image with every text in one pass of each image (grouped rows): the pairwise probabilities.
+  each = model.match_every_text(model.preprocess(images[:3]), texts[:2])
+  assert each.shape == (3, 2)
+  for t in range(2):
+    np.testing.assert_allclose(each[:, t], model.match(images[:3], [texts[t]] * 3), atol=1e-5)
+  own = np.array([[1, 0], [0, 1], [1, 1]])  # Each image with texts of its own (retrieval's re-ranking).
+  ids2, mask2 = model.tokenize(texts[:2])
+  grouped = model.match_groups(model.preprocess(images[:3]), ids2[own], mask2[own])
+  np.testing.assert_allclose(grouped, [[each[i, t] for t in own[i]] for i in range(3)], atol=1e-5)
 
   # A training workdir: its exported whole model and the tokenizer of its config.json.
   work = tmp_path / "run"
@@ -96,8 +105,7 @@ def test_ranking_metrics_on_constructed_cases():
   matches = retrieval.match_matrix(["a", "a", None, ""])
   np.testing.assert_array_equal(matches, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
   # Re-ranking: the top 2 are re-ordered by the ITM score, the rest keep their order below them.
-  reranked = retrieval.rerank_top_k(np.array([[0.9, 0.8, 0.1]]), 2, lambda rows, cols: np.array(
-      [0.2 if c == 0 else 0.7 for c in cols]))
+  reranked = retrieval.rerank_top_k(np.array([[0.9, 0.8, 0.1]]), 2, lambda top: np.where(top == 0, 0.2, 0.7))
   assert list(np.argsort(-reranked[0])) == [1, 0, 2]
 
 

@@ -56,8 +56,13 @@ class BertAttention(nn.Module):
 
     def on_probs(name):
       # A zero perturbation (a no-op unless a 'perturbations' collection is passed: the gradient of an output
-      # with respect to it is the gradient with respect to the probabilities, for Grad-CAM), then dropout.
-      return lambda p: self.dropout(self.perturb(name, p), deterministic=not drop)
+      # with respect to it is the gradient with respect to the probabilities, for Grad-CAM), kept in the
+      # 'intermediates' collection where that is mutable (the attention maps), then dropout.
+      def hook(p):
+        p = self.perturb(name, p)
+        self.sow("intermediates", name, p)
+        return self.dropout(p, deterministic=not drop)
+      return hook
     query = self._heads(self.query(hidden))
     rows, length, heads, depth = query.shape
     images = key.shape[0]
