@@ -39,11 +39,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from retfiner_jax import compile_cache  # noqa: E402
 from retfiner_jax.models.config import ModelConfig, get_variant  # noqa: E402
 from retfiner_jax.models.retfiner import RetFiner, init_params  # noqa: E402
-from retfiner_jax.objectives import ObjectiveSettings  # noqa: E402
-from retfiner_jax.train_step import make_train_step  # noqa: E402
+from retfiner_jax.refine.flops import step_flops  # noqa: E402
+from retfiner_jax.refine.objectives import ObjectiveSettings  # noqa: E402
+from retfiner_jax.refine.step import make_train_step  # noqa: E402
+from retfiner_jax.runs import compile_cache  # noqa: E402
 
 _VISION_FIELDS = ("backbone", "image_size", "vision_dim", "vision_depth", "vision_heads", "vision_mlp_dim",
                   "vision_projection")
@@ -78,45 +79,6 @@ def make_batch(batch, cfg, seed=0):
   return {"images": rng.normal(size=(batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32),
           "input_ids": ids.astype(np.int32), "attention_mask": (ids != 0).astype(np.int32),
           "pair_ids": np.arange(batch, dtype=np.int32)}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Analytic matmul FLOPs (multiply-add = 2).
-
-def vit_flops(cfg, b):
-  n = cfg.grid_size ** 2
-  t, d, m = n + 1, cfg.vision_dim, cfg.vision_mlp_dim
-  layer = 2 * t * d * 3 * d + 4 * t * t * d + 2 * t * d * d + 4 * t * d * m
-  out = b * (2 * n * 3 * cfg.patch_size ** 2 * d + cfg.vision_depth * layer)
-  return out + (b * 2 * t * d * cfg.text_dim if cfg.vision_projection else 0)
-
-
-def bert_flops(cfg, rows, cross_rows_kv=0, cross=False):
-  """`rows` sequences through BERT; cross-attention with the image keys/values of `cross_rows_kv` images."""
-  l, d, i = TEXT_LENGTH, cfg.text_dim, cfg.text_intermediate
-  t = cfg.grid_size ** 2 + 1
-  layer = 2 * l * d * 3 * d + 4 * l * l * d + 2 * l * d * d + 4 * l * d * i
-  if cross:
-    layer += 2 * l * d * d + 4 * l * t * d + 2 * l * d * d
-  kv = 2 * 2 * t * d * d * cross_rows_kv
-  return cfg.text_layers * (rows * layer + kv)
-
-
-def vocab_flops(cfg, positions):
-  return positions * (2 * cfg.text_dim * cfg.text_dim + 2 * cfg.text_dim * cfg.vocab_size)
-
-
-def step_flops(cfg, b, ours: bool):
-  """Training FLOPs: 3x forward for differentiated work, 1x for the original's no-grad text pass."""
-  heads = 2 * b * cfg.text_dim * cfg.contrastive_dim * 2 + 3 * b * (2 * cfg.text_dim ** 2 + 4 * cfg.text_dim)
-  if ours:
-    fwd = (vit_flops(cfg, b) + bert_flops(cfg, b) + bert_flops(cfg, 5 * b, cross_rows_kv=b, cross=True)
-           + vocab_flops(cfg, int(round(OBJECTIVES.mlm_target_fraction * b * TEXT_LENGTH)))
-           + vocab_flops(cfg, int(round(OBJECTIVES.gm_target_fraction * b * TEXT_LENGTH))) + heads)
-    return 3 * fwd
-  fwd = (vit_flops(cfg, b) + bert_flops(cfg, b) + bert_flops(cfg, 3 * b, cross_rows_kv=3 * b, cross=True)
-         + 2 * bert_flops(cfg, b, cross_rows_kv=b, cross=True) + 2 * vocab_flops(cfg, b * TEXT_LENGTH) + heads)
-  return 3 * fwd + bert_flops(cfg, b)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -365,7 +327,7 @@ def main():
       torch_mem = torch.cuda.max_memory_allocated()
     emit({"phase": "memory", "ours_peak_bytes": ours_mem, "original_peak_bytes": torch_mem if torch_step else None})
 
-  ours_flops, orig_flops = step_flops(cfg, a.batch, True), step_flops(cfg, a.batch, False)
+  ours_flops, orig_flops = step_flops(cfg, a.batch, True, settings), step_flops(cfg, a.batch, False, settings)
   ours = summarise(ours_records, a.block)
   med = ours["steady_median_s"] or ours["median_s"]  # Steady steps when blocks give any.
   matmul_rates.append(matmul_rate())

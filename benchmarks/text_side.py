@@ -16,8 +16,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retfiner_jax import retrieval  # noqa: E402
 from retfiner_jax.probe.metrics import classification_metrics  # noqa: E402
+from retfiner_jax.textside import retrieval  # noqa: E402
 
 
 def unit(rng, n, dim):

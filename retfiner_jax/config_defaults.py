@@ -12,13 +12,15 @@ import dataclasses
 import ml_collections
 
 from retfiner_jax.models.config import get_variant
-from retfiner_jax.objectives import ObjectiveSettings
+from retfiner_jax.refine.objectives import ObjectiveSettings
 
 
 def base_config(variant: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.compile_cache = ""  # XLA compilation cache: '' = ~/.cache/retfiner_jax/xla, 'off', or a folder.
+  # A train step compiled ahead of time (python -m retfiner_jax.aot --save=FILE): run it instead of compiling.
+  c.compiled_step = ""
   # Every ModelConfig field (models/config.py): the variant's sizes, mixed precision, BERT's dropout 0.1.
   c.model = ml_collections.ConfigDict(get_variant(variant).to_dict())
   # Pretrained weights: a converted folder (tools/convert_weights.py) or a PyTorch file converted on the fly.
@@ -49,7 +51,7 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.train.b1 = 0.9
   c.train.b2 = 0.999
   c.train.eps = 1e-8
-  # Every ObjectiveSettings field (objectives.py): weights (0 switches an objective off), masking rates, ...
+  # Every ObjectiveSettings field (refine/objectives.py): weights (0 switches an objective off), masking rates, ...
   c.train.objectives = ml_collections.ConfigDict(dataclasses.asdict(ObjectiveSettings()))
   c.train.log_every = 10
   c.train.max_steps = -1  # Stop after this many steps (-1: epochs decide).
@@ -67,7 +69,7 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
 
 
 def mae_config(variant: str) -> ml_collections.ConfigDict:
-  """MAE pretraining (retfiner_jax/mae.py) of `variant`'s vision encoder, with MAE's settings (He et al. 2022,
+  """MAE pretraining (retfiner_jax/mae/) of `variant`'s vision encoder, with MAE's settings (He et al. 2022,
   as RETFound pretrains): 75 % masking, decoder 512 wide and 8 deep, normalised-pixel loss, AdamW betas
   0.9/0.95, weight decay 0.05, base learning rate 1.5e-4 per 256 images, 40 warm-up epochs of 800."""
   from retfiner_jax.models.mae import MaeSettings

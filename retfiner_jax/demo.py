@@ -5,8 +5,8 @@
 1. Generates the synthetic OCT–report corpus (data/synthetic.py) into WORKDIR/data, unless it is there.
 2. Trains a WordPiece vocabulary on the training reports (the `tokenizers` package), laid out like
    bert-base-uncased's ([PAD]=0, [CLS]=101, [SEP]=102, [MASK]=103, learnt pieces from 106).
-3. Stage 1, the FM: MAE pretraining of the small ViT on the training split's B-scans alone (mae.py).
-4. Stage 2: RetFiner refinement of that FM with the reports (train.py).
+3. Stage 1, the FM: MAE pretraining of the small ViT on the training split's B-scans alone (mae/trainer.py).
+4. Stage 2: RetFiner refinement of that FM with the reports (refine/trainer.py).
 5. Control: the FM trained further by MAE alone, on as many images as stage 2 saw (image passes).
 6. Linear-probes the randomly initialised encoder, the MAE FM, MAE + RetFiner and MAE + more MAE on the
    synthetic finding tasks, and the refined model zero-shot from prompts.
@@ -26,13 +26,16 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from retfiner_jax import compile_cache, mae, train, weights
-from retfiner_jax.api import RetFinerModel
 from retfiner_jax.data import synthetic
 from retfiner_jax.errors import run_reporting_user_errors
+from retfiner_jax.mae import trainer as mae_trainer
 from retfiner_jax.models.retfiner import init_params
 from retfiner_jax.probe.run import probe_dataset
 from retfiner_jax.probe.settings import ProbeSettings
+from retfiner_jax.refine import trainer
+from retfiner_jax.runs import compile_cache
+from retfiner_jax.textside.api import RetFinerModel
+from retfiner_jax.weights import files as weight_files
 
 
 SPECIAL = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]",
@@ -72,7 +75,7 @@ def probe_all(cfg, vision_params, data_dir: Path, tasks, settings, log):
 def zero_shot_all(model, data_dir: Path, tasks, log=print) -> dict:
   """Zero-shot balanced accuracy and AUROC on each task's test split, with prompts in the reports' phrasing."""
   from retfiner_jax.probe.metrics import classification_metrics
-  from retfiner_jax.zeroshot import dataset_items
+  from retfiner_jax.textside.zeroshot import dataset_items
   results = {}
   for task in tasks:
     images, labels, classes = dataset_items(data_dir / "tasks" / task)
@@ -129,7 +132,7 @@ def mae_stage(config, workdir: Path, data_dir: Path, init: str = "", max_steps: 
     c.data.train_manifest = str(data_dir / "manifest_train.csv")
     c.init = init
     c.train.max_steps = max_steps
-  return mae.run(c, workdir, log)
+  return mae_trainer.run(c, workdir, log)
 
 
 def run(config, workdir, log=print) -> dict:
@@ -155,7 +158,7 @@ def run(config, workdir, log=print) -> dict:
     config.data.train_manifest = str(data_dir / "manifest_train.csv")
     config.data.val_manifest = str(data_dir / "manifest_val.csv")
     config.weights.vision = fm["exported"]["vision_flax"]
-  cfg = train.model_config(config)
+  cfg = trainer.model_config(config)
   settings = ProbeSettings(**d.probe).for_backbone(cfg.backbone)
   probe = lambda vision: probe_all(cfg, vision, data_dir, d.tasks, settings, log)
 
@@ -163,16 +166,16 @@ def run(config, workdir, log=print) -> dict:
   random_init = lambda: jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(config.seed))["vision_encoder"]
   probes = {"random": cached_probe(workdir / "probe_random.json", "the randomly initialised encoder",
                                    lambda: probe(random_init()), log)}
-  load_vision = lambda folder: weights.load_converted(folder)[1]["vision_encoder"]
+  load_vision = lambda folder: weight_files.load_converted(folder)[1]["vision_encoder"]
   probes["before"] = cached_probe(workdir / "probe_mae_fm.json", "the MAE FM",
                                   lambda: probe(load_vision(fm["exported"]["vision_flax"])), log)
 
   log("stage 2: RetFiner refinement of the MAE FM with the reports")
-  summary = train.run(config, workdir / "refine", log)
+  summary = trainer.run(config, workdir / "refine", log)
   if summary["status"] != "finished":
     log("refinement was interrupted; rerun the same command to resume")
     return summary
-  _, refined, _ = weights.load_converted(summary["exported"]["retfiner_flax"])
+  _, refined, _ = weight_files.load_converted(summary["exported"]["retfiner_flax"])
   probes["after"] = cached_probe(workdir / "probe_refined.json", "the refined encoder",
                                  lambda: probe(refined["vision_encoder"]), log)
   zero_shot = zero_shot_all(RetFinerModel(cfg, refined, str(vocab)), data_dir, d.tasks, log)
@@ -200,7 +203,7 @@ def run(config, workdir, log=print) -> dict:
                      "control_steps": control_steps}}
   (workdir / "results.json").write_text(json.dumps(results, indent=1))
   plot(tasks, workdir / "results.png")
-  log(f"\nlinear-probe balanced accuracy (%) and zero-shot of the refined model")
+  log("\nlinear-probe balanced accuracy (%) and zero-shot of the refined model")
   log(f"{'task':<12}" + "".join(f"{label:>16}" for _, label, _ in ENCODERS) + f"{'zero-shot':>11}{'chance':>8}")
   for t, v in tasks.items():
     log(f"{t:<12}" + "".join(f"{100 * v[key]['bacc']:>16.1f}" for key, *_ in ENCODERS)

@@ -20,6 +20,11 @@ class MissingInput(UserError, FileNotFoundError):
   """A file or folder the settings name does not exist."""
 
 
+class NonFiniteLoss(RuntimeError):
+  """A training step or validation gave a non-finite loss, gradient or parameter: the run stops naming the step
+  and its last good checkpoint (nothing non-finite is ever saved)."""
+
+
 def run_reporting_user_errors(fn, *args, prefix: str = "", **kwargs):
   """Calls fn; a UserError becomes `error: ...` on stderr and exit status 2 (`prefix`: e.g. which process)."""
   try:

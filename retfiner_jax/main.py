@@ -40,6 +40,30 @@ def start_distributed(log):
   return jax.process_index(), jax.process_count()
 
 
+def aot_command(devices) -> str:
+  """The `python -m retfiner_jax.aot ... --fit` command for this command line's config and these devices."""
+  kept = [a for a in sys.argv[1:] if a.startswith("--config")]
+  kind, count = devices[0].device_kind, len(devices)
+  if "H100" in kind or "H200" in kind:
+    where = f"--target={count}x{'h100' if 'H100' in kind else 'h200'}"
+  elif devices[0].platform == "tpu":
+    where = "--topology=<this slice, e.g. v5e:2x4>"
+  else:
+    where = "--target=<the accelerator>"
+  return " ".join(["python -m retfiner_jax.aot", *kept, where, "--fit"])
+
+
+def run_with_fit_hint(config, workdir, log, **kwargs):
+  """trainer.run; a step that does not fit in device memory names the command that finds settings that do."""
+  import jax
+  from retfiner_jax.refine import aot, trainer
+  try:
+    return trainer.run(config, workdir, log, **kwargs)
+  except aot.DeviceMemoryExceeded as e:
+    raise aot.DeviceMemoryExceeded(f"{e}. Settings that fit: {aot_command(jax.devices())}", e.needed,
+                                   e.available) from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -52,13 +76,13 @@ def main(argv):
   # Several processes: process 0 prints; any process's error names it.
   log = say if index == 0 else (lambda *a, **k: None)
   prefix = f"process {index}: " if count > 1 else ""
-  from retfiner_jax import compile_cache, train
   from retfiner_jax.errors import run_reporting_user_errors
+  from retfiner_jax.runs import compile_cache
   compile_cache.enable(config.compile_cache, log)
-  # Model sizes set on the command line win over the weights' own (train.run takes the rest from the weights).
+  # Model sizes set on the command line win over the weights' own (trainer.run takes the rest from the weights).
   explicit = [a.split("=")[0][len("--config.model."):] for a in sys.argv[1:] if a.startswith("--config.model.")]
   try:
-    run_reporting_user_errors(train.run, config, _WORKDIR.value, log, explicit_model_keys=explicit,
+    run_reporting_user_errors(run_with_fit_hint, config, _WORKDIR.value, log, explicit_model_keys=explicit,
                               prefix=prefix)
   except Exception as e:
     if prefix:

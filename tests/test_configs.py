@@ -10,14 +10,15 @@ import pytest
 
 import configs
 from conftest import shared_path
-from retfiner_jax import train, weights
 from retfiner_jax.config_defaults import base_config, tiny_model
 from retfiner_jax.data import synthetic
 from retfiner_jax.models.config import VARIANTS, ModelConfig
 from retfiner_jax.models.mae import MaeSettings
-from retfiner_jax.objectives import ObjectiveSettings
 from retfiner_jax.probe.settings import ProbeSettings
-from retfiner_jax.run_log import read_metrics
+from retfiner_jax.refine import trainer
+from retfiner_jax.refine.objectives import ObjectiveSettings
+from retfiner_jax.runs.run_log import read_metrics
+from retfiner_jax.weights import files as weight_files
 
 
 def probe_blocks(c):
@@ -87,14 +88,14 @@ def smoke_train(name, config, corpus, tmp_path):
   config.data.train_manifest = str(corpus / "manifest.csv")
   config.data.val_manifest = str(corpus / "manifest_val.csv")
   config.train.update(batch_size=8, log_every=1, max_steps=2, micro_batches=2)
-  cfg = train.model_config(config)
+  cfg = trainer.model_config(config)
   vit = TorchViT(dim=cfg.vision_dim, mlp=cfg.vision_mlp_dim).state_dict()
   wrapped = {"retfound": {"model": vit}, "urfound": {"model": {**vit, "bert_mlp.w": torch.zeros(1)}},
              "visionfm": {"teacher": {f"backbone.{k}": v for k, v in vit.items() if not k.startswith("head")}}}
   torch.save(wrapped[cfg.backbone], tmp_path / "fm.pth")
   config.weights.vision = str(tmp_path / "fm.pth")
   lines = []
-  summary = train.run(config, tmp_path / "run", log=lambda line, **_: lines.append(line))
+  summary = trainer.run(config, tmp_path / "run", log=lambda line, **_: lines.append(line))
   assert summary["status"] == "finished" and summary["steps"] == 2
   assert any(line.startswith("loaded vision_encoder") for line in lines)
   # What a first-day user reads: the random tower named, epochs counted from 1, a validation although the run
@@ -110,8 +111,8 @@ def smoke_train(name, config, corpus, tmp_path):
   assert saved["best_step"] == 2 and np.isfinite(saved["best_val_loss"])
   exported = [p for p in (tmp_path / "run" / "export").rglob("*") if p.is_file()]
   assert exported and all(p.stat().st_mode & 0o777 == 0o644 for p in exported)
-  _, fm, _ = weights.convert_checkpoint(tmp_path / "fm.pth", model_config=cfg, log=lambda *a: None)
-  _, refined, _ = weights.load_converted(summary["exported"]["flax"])
+  _, fm, _ = weight_files.convert_checkpoint(tmp_path / "fm.pth", model_config=cfg, log=lambda *a: None)
+  _, refined, _ = weight_files.load_converted(summary["exported"]["flax"])
   lr = config.train.learning_rate
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                        refined["vision_encoder"], fm["vision_encoder"])
@@ -127,9 +128,9 @@ def check_whole_model_export(cfg, export):
   import torch
   from transformers import AutoTokenizer, BertLMHeadModel, BertModel
   from torch_reference import TorchViT
-  _, whole, info = weights.load_converted(export / "retfiner_flax")
-  assert set(whole) == {"vision_encoder", "text_encoder", *weights.HEADS} and info["contents"] == sorted(whole)
-  _, from_lightning, _ = weights.convert_checkpoint(export / "retfiner_lightning.ckpt", model_config=cfg,
+  _, whole, info = weight_files.load_converted(export / "retfiner_flax")
+  assert set(whole) == {"vision_encoder", "text_encoder", *weight_files.HEADS} and info["contents"] == sorted(whole)
+  _, from_lightning, _ = weight_files.convert_checkpoint(export / "retfiner_lightning.ckpt", model_config=cfg,
                                                     log=lambda *a: None)
   jax.tree.map(np.testing.assert_array_equal, from_lightning, whole)
   ckpt = torch.load(export / "retfiner_lightning.ckpt", weights_only=True)
@@ -150,18 +151,18 @@ def check_whole_model_export(cfg, export):
 def smoke_mae(name, config, corpus, tmp_path):
   """Two epochs of MAE pretraining on a tiny encoder: the logged learning rates are the warm-up's, known by hand
   (peak x step / warm-up steps), and the export is an FM of the config's sizes."""
-  from retfiner_jax import mae
+  from retfiner_jax.mae import trainer as mae_trainer
   tiny_model(config, image_size=32)
   config.mae.update(decoder_dim=16, decoder_depth=1, decoder_heads=2)
   config.data.train_manifest = str(corpus / "manifest_train.csv")
   config.train.update(epochs=2, batch_size=8, warmup_epochs=1, learning_rate=1e-3, log_every=1)
-  summary = mae.run(config, tmp_path, log=lambda *a: None)
+  summary = mae_trainer.run(config, tmp_path, log=lambda *a: None)
   per_epoch = (len((corpus / "manifest_train.csv").read_text().splitlines()) - 1) // 8
   rows = read_metrics(tmp_path / "metrics.jsonl")
   assert summary["steps"] == 2 * per_epoch and len(rows) == 2 * per_epoch
   for row in rows[:per_epoch]:  # Step s ran with the schedule's value at s - 1.
     assert row["lr"] == pytest.approx(1e-3 * (row["step"] - 1) / per_epoch, rel=1e-5)
-  cfg, fm, _ = weights.load_converted(summary["exported"]["vision_flax"])
+  cfg, fm, _ = weight_files.load_converted(summary["exported"]["vision_flax"])
   assert cfg.vision_dim == config.model.vision_dim and len(jax.tree.leaves(fm["vision_encoder"])) > 10
 
 

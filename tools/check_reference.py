@@ -16,7 +16,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from retfiner_jax.reference import check_bundle  # noqa: E402
+from retfiner_jax.refine.reference import check_bundle  # noqa: E402
 
 
 def main():

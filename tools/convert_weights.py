@@ -16,9 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retfiner_jax import convert, exports, weights  # noqa: E402
 from retfiner_jax.errors import UserError  # noqa: E402
 from retfiner_jax.models.config import VARIANTS  # noqa: E402
+from retfiner_jax.weights import convert  # noqa: E402
+from retfiner_jax.weights import exports  # noqa: E402
+from retfiner_jax.weights import files as weight_files  # noqa: E402
 
 
 def main(argv=None):
@@ -39,11 +41,11 @@ def main(argv=None):
   if not (args.output or args.export_vision or args.export_bert or args.export_lightning):
     parser.error("give --output, --export-vision, --export-bert or --export-lightning")
   try:
-    cfg, params, meta = weights.load_weights(args.input, fmt=args.format, variant=args.variant,
+    cfg, params, meta = weight_files.load_weights(args.input, fmt=args.format, variant=args.variant,
                                              model_config=args.model_config, extra_ignore=args.ignore_key)
-    pooler = weights.source_pooler(args.input)
+    pooler = weight_files.source_pooler(args.input)
     if args.output:
-      weights.save_converted(args.output, cfg, params, meta, pooler=pooler)
+      weight_files.save_converted(args.output, cfg, params, meta, pooler=pooler)
       print(f"wrote {args.output}/params and {args.output}/model.json")
     if args.export_vision:
       if "vision_encoder" not in params:
@@ -60,7 +62,7 @@ def main(argv=None):
       paths = exports.hf_bert(cfg, params, args.export_bert, tokenizer, pooler)
       print(f"wrote {paths['hf_encoder']} (AutoModel) and {paths['hf_cross_attention']} (BertLMHeadModel)")
     if args.export_lightning:
-      if set(params) != weights.WHOLE_MODEL:
+      if set(params) != weight_files.WHOLE_MODEL:
         raise convert.CheckpointError(f"{args.input}: holds {sorted(params)}, not a whole RetFiner model")
       exports.save_lightning(cfg, params, args.export_lightning)
       print(f"wrote {args.export_lightning} (RetFiner's Lightning layout)")

@@ -142,3 +142,12 @@ def write_manifest(path, records: list[dict], fields=("image", "report", "id", "
     pq.write_table(pa.Table.from_pylist(rows), path)
   else:
     raise ManifestError(f"{path}: unsupported manifest type {suffix!r}")
+
+
+def tfds_split(value: str, which: str) -> tuple[str, str]:
+  """A manifest setting -> (path, split): a built dataset folder is read at split `which` ("train", "val"), or
+  at the split named after a colon (`DIR:validation`)."""
+  head, sep, tail = str(value).rpartition(":")
+  if sep and tail and "/" not in tail and Path(head).is_dir():
+    return head, tail
+  return str(value), which

@@ -18,7 +18,7 @@ import grain
 import numpy as np
 
 from retfiner_jax.data.images import ImageError, preprocess, read_image
-from retfiner_jax.text import load_tokenizer, tokenize
+from retfiner_jax.data.tokenizer import load_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,18 @@ def tokenise_records(records, vocab, max_length):
     tokenised.append(dict(r, input_ids=out["input_ids"][i], attention_mask=out["attention_mask"][i],
                           pair_id=ids.setdefault(pair_key, len(ids))))
   return tokenised, out["truncated"]
+
+
+def train_batch_shapes(batch_size: int, image_size: int, text_length: int, several_processes: bool = False) -> dict:
+  """{key: (shape, dtype)} of a global training batch as `train_dataset` gives it (LoadPair's rows, stacked);
+  with several processes the trainer adds `stop` (which process was signalled)."""
+  shapes = {"images": ((batch_size, image_size, image_size, 3), np.float32),
+            "input_ids": ((batch_size, text_length), np.int32),
+            "attention_mask": ((batch_size, text_length), np.int32),
+            "pair_ids": ((batch_size,), np.int32)}
+  if several_processes:
+    shapes["stop"] = ((batch_size,), np.int32)
+  return shapes
 
 
 class LoadPair(grain.transforms.RandomMap):

@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from retfiner_jax.models.attention import attention, padding_bias
-from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.common import apply_stack, compute_dtype, gelu, layer_norm, stack
+from retfiner_jax.models.config import ModelConfig
 
 BERT_LN_EPS = 1e-12
 init_normal = nn.initializers.normal(0.02)  # BERT's initializer_range.

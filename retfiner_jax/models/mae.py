@@ -107,5 +107,5 @@ class MaskedAutoencoder(nn.Module):
     self.decoder = MaeDecoder(self.cfg, self.settings)
 
   def __call__(self, images, visible, restore, train: bool = False):
-    """Pixel predictions (B, N, patch^2 * 3) of every patch, from the `visible` ones (see sampling.py)."""
+    """Pixel predictions (B, N, patch^2 * 3) of every patch, from the `visible` ones (see mae/masking.py)."""
     return self.decoder(self.vision_encoder.normed_features(images, visible, train), restore)

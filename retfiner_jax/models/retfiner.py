@@ -1,6 +1,6 @@
 """The RetFiner model: the FM's vision encoder, a BERT text encoder with cross-attention, and the heads.
 
-Each method says what it computes; the objectives (objectives.py) combine them.
+Each method says what it computes; the objectives (refine/objectives.py) combine them.
 """
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ from retfiner_jax.models.bert import BERT_LN_EPS, BertTextEncoder
 from retfiner_jax.models.common import compute_dtype, gelu, layer_norm, torch_linear
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.vit import VisionTransformer
+
+# Each tower's subtree and the name of its layer stack: `blocks` / `layer` holds every layer with a leading layer
+# axis when the layers are scanned (ModelConfig.scan_layers), `blocks_0`, `blocks_1`, ... when they are not.
+LAYER_STACKS = (("vision_encoder", "blocks"), ("text_encoder", "layer"))
+SCANNED_STACKS = tuple(name for _, name in LAYER_STACKS)
 
 
 class ItmHead(nn.Module):

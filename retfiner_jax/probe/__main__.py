@@ -18,9 +18,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  from retfiner_jax import compile_cache
   from retfiner_jax.errors import run_reporting_user_errors
   from retfiner_jax.probe.run import run
+  from retfiner_jax.runs import compile_cache
   config = _CONFIG.value
   if _WORKDIR.value:
     config.workdir = _WORKDIR.value

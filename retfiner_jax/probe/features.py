@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retfiner_jax import sharding
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.vit import VisionTransformer
+from retfiner_jax.runs import sharding
 
 REPRESENTATIONS = ("concat", "cls", "mean")
 

@@ -23,12 +23,12 @@ import numpy as np
 import optax
 from sklearn.metrics import balanced_accuracy_score
 
-from retfiner_jax import sharding
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.vit import VisionTransformer
 from retfiner_jax.probe import augment, rules
 from retfiner_jax.probe.features import representation
 from retfiner_jax.probe.settings import ProbeSettings
+from retfiner_jax.runs import sharding
 
 
 def paper_features(module: VisionTransformer, images, train: bool = False):

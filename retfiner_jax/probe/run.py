@@ -8,15 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from retfiner_jax import weights
 from retfiner_jax.errors import ConfigError, MissingInput
-from retfiner_jax.probe.features import cache_key, cached_features, extract_features, file_identity
 from retfiner_jax.probe import paper
+from retfiner_jax.probe.features import cache_key, cached_features, extract_features, file_identity
+from retfiner_jax.weights import files as weight_files
 from retfiner_jax.probe.folders import (ProbeDataError, load_gray_u8, load_images, read_image_folder,
                                         stratified_split, unreadable)
 from retfiner_jax.probe.heads import predict_proba, train_heads
-from retfiner_jax.probe.settings import ProbeSettings
 from retfiner_jax.probe.metrics import METRICS, classification_metrics, paired_comparison, summarise
+from retfiner_jax.probe.settings import ProbeSettings
 
 
 def load_encoder(path, variant: str | None = None, log=print):
@@ -28,7 +28,7 @@ def load_encoder(path, variant: str | None = None, log=print):
       break
   if not path.exists():
     raise MissingInput(f"{path}: no such encoder (a converted folder, a training workdir or a checkpoint)")
-  cfg, params, _ = weights.load_weights(path, variant=variant or None, log=log)
+  cfg, params, _ = weight_files.load_weights(path, variant=variant or None, log=log)
   if "vision_encoder" not in params:
     raise ProbeDataError(f"{path}: holds no vision encoder")
   return cfg, params["vision_encoder"], path

@@ -1,0 +1,1 @@
+"""RetFiner's refinement: the four objectives, their sampling, the train step, validation and the trainer."""

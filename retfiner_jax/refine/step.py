@@ -1,0 +1,137 @@
+"""The jitted training step: all objectives, gradients (accumulated over micro-batches), the AdamW update; and
+the step as a run compiles it, sharded over a mesh (`sharded_train_step`: the trainer and the AOT tool share it).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from retfiner_jax.data.pipeline import train_batch_shapes
+from retfiner_jax.errors import ConfigError
+from retfiner_jax.models.config import ModelConfig
+from retfiner_jax.models.retfiner import SCANNED_STACKS, RetFiner
+from retfiner_jax.refine.objectives import OBJECTIVES, ObjectiveSettings, make_loss_fn, sample_views
+from retfiner_jax.refine.sampling import IGNORE_LABEL
+from retfiner_jax.runs import sharding
+from retfiner_jax.weights import files as weight_files
+
+
+def make_optimizer(config):
+  t = config.train
+  return optax.adamw(t.learning_rate, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
+
+
+def accumulated_gradients(loss_fn, params, batch, rng, micro_batches: int, views):
+  """Gradients and metrics of a batch split into `micro_batches` (rows i, i + m, ...: every micro-batch stays
+  spread over all devices), accumulated so that MLM and GM equal the full batch's: each micro-batch's token
+  losses are weighted by its share of the batch's target tokens (`views`: the batch's masks, sampled once).
+  ITC and ITM (contrastive softmax, hard negatives) see each micro-batch and are averaged over them."""
+  split = lambda tree: jax.tree.map(lambda x: x.reshape((-1, micro_batches) + x.shape[1:]).swapaxes(0, 1), tree)
+  micro_batch, micro_views = split(batch), split(views)
+  targets = {k: (micro_views[f"{k}_labels"] != IGNORE_LABEL).sum(axis=(1, 2)) for k in ("mlm", "gm")}
+  shares = {k: n / jnp.maximum(n.sum(), 1) for k, n in targets.items()}
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def scales(index):
+    return {"itc": 1.0 / micro_batches, "itm": 1.0 / micro_batches, "mlm": shares["mlm"][index],
+            "gm": shares["gm"][index]}
+
+  def one(index, micro, micro_view):
+    scale = scales(index)
+    (_, m), g = grad_fn(params, micro, jax.random.fold_in(rng, index), micro_view, scale)
+    # Every metric as a mean over micro-batches, except the token losses, weighted as in the gradient.
+    weight = {f"loss_{k}": v for k, v in scale.items()}
+    m = {k: v * weight.get(k, 1.0 / micro_batches) for k, v in m.items()}
+    return g, m
+
+  def accumulate(carry, inputs):
+    return jax.tree.map(jnp.add, carry, one(*inputs)), None
+
+  shapes = jax.eval_shape(one, 0, *jax.tree.map(lambda x: x[0], (micro_batch, micro_views)))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(micro_batches), micro_batch, micro_views))
+  return grads, metrics  # metrics["loss"] is left to the caller, who knows the objectives' weights.
+
+
+def make_train_step(model: RetFiner, settings: ObjectiveSettings, tx, seed: int, micro_batches: int):
+  loss_fn = make_loss_fn(model, settings, train=True)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  base_key = jax.random.PRNGKey(seed)
+
+  def train_step(state, batch):
+    batch = dict(batch)
+    stop = batch.pop("stop", None)  # Several processes: which of them were signalled (train.train_loop).
+    rng = jax.random.fold_in(base_key, state["step"])
+    params = state["params"]
+    if micro_batches == 1:
+      (_, metrics), grads = grad_fn(params, batch, rng)
+    else:
+      views = sample_views(jax.random.fold_in(rng, micro_batches), batch["input_ids"], model.cfg.vocab_size,
+                           settings)
+      grads, metrics = accumulated_gradients(loss_fn, params, batch, rng, micro_batches, views)
+      metrics["loss"] = sum(settings.weight(k) * metrics[f"loss_{k}"] for k in OBJECTIVES if settings.enabled(k))
+    updates, opt = tx.update(grads, state["opt"], params)
+    new_params = optax.apply_updates(params, updates)
+    # Checked before any checkpoint is written: a finite loss can still give non-finite parameters.
+    finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(new_params)]))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), params_finite=finite.astype(jnp.float32))
+    if stop is not None:
+      metrics["stop_requested"] = jnp.max(stop).astype(jnp.float32)
+    return {"params": new_params, "opt": opt, "step": state["step"] + 1}, metrics
+
+  return train_step
+
+
+def init_state(tx, params) -> dict:
+  return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+@dataclasses.dataclass
+class ShardedStep:
+  """The train step as a run compiles it: its model and optimizer, the state's shapes and shardings, and the
+  jitted step (state donated; batch sharded over the mesh's batch axes; metrics replicated)."""
+  model: RetFiner
+  tx: Any
+  mesh: Any
+  abstract_params: Any
+  param_shardings: Any
+  abstract_state: Any
+  state_shardings: Any
+  step_fn: Callable  # (state, batch) -> (state, metrics)
+
+  def init_state(self, params):
+    return init_state(self.tx, params)
+
+  def abstract_args(self, batch_size: int, text_length: int, image_size: int, several_processes: bool = False):
+    """ShapeDtypeStructs of (state, global batch), with their shardings: what `step_fn.lower` takes to compile
+    the step without any array."""
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state,
+                         self.state_shardings)
+    batch_sh = sharding.batch_sharding(self.mesh)
+    shapes = train_batch_shapes(batch_size, image_size, text_length, several_processes)
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in shapes.items()}
+    return state, batch
+
+
+def check_batch_divides(config, mesh):
+  if config.train.batch_size % (mesh.size * config.train.micro_batches):
+    raise ConfigError(f"config.train.batch_size {config.train.batch_size} must be divisible by the {mesh.size} "
+                      f"devices times config.train.micro_batches {config.train.micro_batches}")
+
+
+def sharded_train_step(config, cfg: ModelConfig, settings: ObjectiveSettings, mesh) -> ShardedStep:
+  """config (its train block: optimizer, seed, micro-batches) + model config + mesh -> the ShardedStep. Nothing
+  is computed: the parameters are shapes."""
+  model, tx = RetFiner(cfg), make_optimizer(config)
+  abstract_params = weight_files.abstract_params(cfg)
+  param_sh = sharding.tree_shardings(mesh, abstract_params, SCANNED_STACKS)
+  abstract_state = jax.eval_shape(lambda p: init_state(tx, p), abstract_params)
+  state_sh = sharding.tree_shardings(mesh, abstract_state, SCANNED_STACKS)
+  step_fn = jax.jit(make_train_step(model, settings, tx, config.seed, config.train.micro_batches),
+                    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  return ShardedStep(model, tx, mesh, abstract_params, param_sh, abstract_state, state_sh, step_fn)

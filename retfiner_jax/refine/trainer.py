@@ -1,0 +1,361 @@
+"""The training run, in three parts: `setup` (mesh, data, model and weights, optimizer, sharded step,
+checkpoints), `train_loop` (steps, progress, signals), `end_of_epoch` (validation, best checkpoint, early
+stopping); `run` calls them and `finish` exports and writes the summary.
+
+A run restarted with the same workdir resumes from its last checkpoint by itself (parameters, optimizer
+state, step, data iterator, early-stopping state), and then produces the same losses step for step as an
+uninterrupted run: the step RNG is fold_in(seed, step) and the Grain iterator continues on the next batch.
+SIGTERM/SIGINT save a checkpoint and return normally; checkpoints are also written every
+`checkpoint.every_steps` steps, so a SIGKILL loses at most that many. A non-finite loss, gradient, parameter or
+validation loss stops the run naming the step; nothing non-finite is ever saved. One run at a time per workdir
+(runs/workdir_lock.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from retfiner_jax.data import pipeline
+from retfiner_jax.errors import ConfigError, NonFiniteLoss
+from retfiner_jax.models.config import ModelConfig
+from retfiner_jax.models.retfiner import RetFiner, init_params
+from retfiner_jax.refine import aot, inputs
+from retfiner_jax.refine.objectives import ObjectiveSettings, make_loss_fn
+from retfiner_jax.refine.step import check_batch_divides, sharded_train_step
+from retfiner_jax.refine.validation import evaluate, make_embed_fn
+from retfiner_jax.runs import sharding, targets
+from retfiner_jax.runs.checkpoints import RunCheckpoints
+from retfiner_jax.runs.run_log import RunLog, plot_run
+from retfiner_jax.runs.signals import signals_requesting_stop
+from retfiner_jax.runs.workdir import check_resume_config, prepare_workdir
+from retfiner_jax.runs.workdir_lock import WorkdirLock
+from retfiner_jax.weights import exports
+from retfiner_jax.weights import files as weight_files
+from retfiner_jax.weights import sizes as weight_sizes
+
+
+def objective_settings(config) -> ObjectiveSettings:
+  return ObjectiveSettings(**config.train.objectives)
+
+
+def model_config(config) -> ModelConfig:
+  return ModelConfig.from_dict(config.model.to_dict(), source="config.model")
+
+
+def check_settings(config):
+  """Settings that cannot work, each named with its fix, before anything is built."""
+  at_least = [("train.batch_size", 1), ("train.micro_batches", 1), ("train.epochs", 1), ("train.log_every", 1),
+              ("train.patience", 1), ("checkpoint.keep", 1), ("checkpoint.every_steps", 0),
+              ("data.num_workers", 0)]
+  for key, low in at_least:
+    value = config[key.split(".")[0]][key.split(".")[1]]
+    if value < low:
+      raise ConfigError(f"config.{key} must be at least {low}, got {value}: set --config.{key}=N with N >= {low}")
+  if not config.train.learning_rate > 0:
+    raise ConfigError(f"config.train.learning_rate must be above 0, got {config.train.learning_rate}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Set-up.
+
+def with_shardings(abstract_tree, shardings):
+  """Shapes/dtypes plus target shardings: what Orbax restores onto."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
+@dataclasses.dataclass
+class Progress:
+  epoch: int = 0
+  best_val_loss: float = float("inf")
+  best_step: int = -1
+  bad_epochs: int = 0
+  stopped_early: bool = False
+
+
+@dataclasses.dataclass
+class Run:
+  """What `setup` builds and the loop uses."""
+  config: Any
+  workdir: Path
+  cfg: ModelConfig
+  settings: ObjectiveSettings
+  mesh: Any
+  model: RetFiner
+  train_iter: Any
+  train_source: str
+  val_batches: Callable  # () -> a fresh iterator over the validation batches.
+  val_source: str
+  steps_per_epoch: int
+  total_steps: int
+  state: dict
+  progress: Progress
+  checkpoints: RunCheckpoints
+  step_fn: Callable  # (state, batch) -> (state, metrics), jitted and sharded.
+  eval_loss_fn: Callable
+  embed_fn: Callable
+  param_shardings: Any
+  abstract_params: Any
+  log: Callable = print
+
+  def global_batch(self, batch):
+    return sharding.global_batch(self.mesh, batch)
+
+  def save(self, step):
+    progress = dataclasses.asdict(self.progress) | {"seed": self.config.seed}
+    self.checkpoints.save(step, self.state, self.train_iter, progress)
+
+
+# Settings a resumed run may change: how long it runs, how it reports and saves, how it reads and shards.
+RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.log_every", "train.patience", "checkpoint.",
+                     "data.num_workers", "compile_cache", "compiled_step", "mesh.", "eval.recall_at")
+
+
+def setup(config, workdir, log=print, explicit_model_keys=()) -> Run:
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  weight_sizes.resolve_model_sizes(config, explicit_model_keys, log)  # Before the config is saved or compared.
+  check_resume_config(config, workdir, RESUMABLE_CHANGES, log)
+  cfg, settings = model_config(config), objective_settings(config)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  check_batch_divides(config, mesh)
+  log(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
+      f"{jax.process_count()} process(es)")
+  data = inputs.setup_data(config, cfg, mesh, log, workdir)  # Data first: the pipeline's checks are fast and fail early.
+
+  built = sharded_train_step(config, cfg, settings, mesh)
+  model, abstract_params, param_sh = built.model, built.abstract_params, built.param_shardings
+  abstract_state, state_sh = built.abstract_state, built.state_shardings
+  checkpoints = RunCheckpoints(workdir, config.checkpoint.keep, log)
+  if checkpoints.latest_step() is None:
+    for tower in randomly_initialised(config):
+      key = "vision" if tower == "vision_encoder" else "text"
+      log(f"warning: the {tower.replace('_', ' ')} starts from random weights (config.weights.{key} is empty)")
+    params = jax.tree.map(np.asarray, jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(config.seed)))
+    params = jax.device_put(weight_files.load_pretrained(config, cfg, params, log), param_sh)
+    state, progress = jax.jit(built.init_state, out_shardings=state_sh)(params), Progress()
+  else:
+    state, saved, resume_step = checkpoints.restore(with_shardings(abstract_state, state_sh), data[0])
+    saved_seed = saved.pop("seed")
+    if saved_seed != config.seed:
+      raise ConfigError(f"{workdir} was trained with seed {saved_seed}, config.seed is {config.seed}: resume with "
+                       f"the same seed, or use a new workdir")
+    progress = Progress(**saved)
+    log(f"resumed from {workdir / 'checkpoints'} at step {resume_step} (epoch {progress.epoch})")
+
+  return Run(config, workdir, cfg, settings, mesh, model, *data, state=state, progress=progress,
+             checkpoints=checkpoints, step_fn=built.step_fn, eval_loss_fn=jax.jit(make_loss_fn(model, settings)),
+             embed_fn=make_embed_fn(model), param_shardings=param_sh, abstract_params=abstract_params, log=log)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop.
+
+class InputWait:
+  """Time the loop spends waiting for batches, reported per step and as a share of wall time since the last
+  report."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self):
+    self.seconds, self.since, self.steps = 0.0, time.time(), 0
+
+  def next(self, iterator, to_global):
+    started = time.time()
+    batch = to_global(next(iterator))
+    self.seconds += time.time() - started
+    return batch
+
+  def report(self) -> dict:
+    wall = max(time.time() - self.since, 1e-9)
+    out = {"input_wait_s": self.seconds / max(self.steps, 1), "input_wait_fraction": self.seconds / wall}
+    self.reset()
+    return out
+
+
+def compiled_step(r: Run, batch):
+  """The step compiled for this run's first batch, or loaded from `config.compiled_step` (saved by
+  `python -m retfiner_jax.aot --save`, refused unless it is this very program for these devices). Running out
+  of device memory while compiling is one error with XLA's figures (aot.DeviceMemoryExceeded)."""
+  started = time.time()
+  lowered = r.step_fn.lower(r.state, batch)
+  devices = list(r.mesh.devices.flat)
+  if r.config.compiled_step:
+    step_fn = aot.load_compiled(r.config.compiled_step, lowered, devices)
+    r.log(f"loaded the compiled train step from {r.config.compiled_step} in {time.time() - started:.1f} s")
+    return step_fn
+  r.log("compiling the train step ...")
+  try:
+    step_fn = lowered.compile()
+  except Exception as e:  # noqa: BLE001 (XLA's errors have no narrower public type)
+    if targets.is_out_of_memory(e):
+      raise aot.out_of_memory(e, devices) from None
+    raise
+  r.log(f"compiled the train step in {time.time() - started:.1f} s")
+  return step_fn
+
+
+def check_finite(r: Run, step, metrics) -> bool:
+  """Stops the run if step `step` gave a non-finite loss, gradient or parameters. Every checkpoint is written
+  after this check, so the latest one is always finite. Returns whether any process asked to stop (a signal,
+  carried through the step so that every process sees it at the same step)."""
+  # One transfer for the scalars (this runs every step).
+  loss, grad_norm, params_finite, stop_requested = map(float, jax.device_get(
+      (metrics["loss"], metrics["grad_norm"], metrics["params_finite"], metrics.get("stop_requested", 0.0))))
+  if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+    problem = f"non-finite loss {loss} (gradient norm {grad_norm}) at step {step}"
+  elif not params_finite:
+    problem = f"non-finite parameters after step {step} (loss {loss}, gradient norm {grad_norm})"
+  else:
+    return bool(stop_requested)
+  raise NonFiniteLoss(f"{problem}; stopping. The last good checkpoint is {r.workdir / 'checkpoints'} step "
+                      f"{r.checkpoints.latest_step()}")
+
+
+def validate(r: Run, step: int, run_log: RunLog, when: str) -> bool:
+  """Validation losses and recalls, logged; the best checkpoint if they improved. Returns whether they did."""
+  progress, config = r.progress, r.config
+  val = evaluate(r.model, r.state["params"], r.val_batches(), r.settings, config.eval.seed, r.global_batch,
+                 tuple(config.eval.recall_at), r.eval_loss_fn, r.embed_fn,
+                 epoch=None if config.eval.fixed_sampling else progress.epoch)
+  run_log.write("val", step, val, epoch=progress.epoch)
+  r.log(f"validation {when}: loss {val.get('loss', float('nan')):.4f}  " +
+        "  ".join(f"{k} {v:.3f}" for k, v in val.items() if k.startswith("recall") and k.endswith(("_at_1", "_at_5"))))
+  val_loss = val.get("loss", float("nan"))
+  if not np.isfinite(val_loss):
+    raise NonFiniteLoss(f"non-finite validation loss {val_loss} {when} (step {step}); stopping. The last good "
+                        f"checkpoint is {r.workdir / 'checkpoints'} step {r.checkpoints.latest_step()}")
+  if val_loss < progress.best_val_loss:
+    progress.best_val_loss, progress.best_step = val_loss, step
+    r.checkpoints.save_best(step, r.state["params"], {"val_loss": val_loss, "epoch": progress.epoch})
+    return True
+  return False
+
+
+def end_of_epoch(r: Run, step: int, run_log: RunLog):
+  """Validation, the best checkpoint, early stopping, and the epoch's checkpoint."""
+  progress, config = r.progress, r.config
+  progress.epoch += 1
+  if validate(r, step, run_log, f"after epoch {progress.epoch}"):
+    progress.bad_epochs = 0
+  else:
+    progress.bad_epochs += 1
+    if progress.bad_epochs >= config.train.patience:
+      progress.stopped_early = True
+      r.log(f"early stopping: no validation improvement for {progress.bad_epochs} epochs")
+  r.save(step)
+
+
+def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
+  """Steps until the end, early stopping or a signal (`stop["signal"]`); returns (status, step). The loss is
+  checked one step late so that the host never waits for the device between steps."""
+  step, wait = int(jax.device_get(r.state["step"])), InputWait()
+  pending, batch = None, None
+  several = jax.process_count() > 1
+
+  def to_global(local):
+    if several:  # Each row says whether this process was signalled; the step reports the maximum.
+      local = dict(local, stop=np.full(len(local["pair_ids"]), stop["signal"] is not None, np.int32))
+    return r.global_batch(local)
+  if step < r.total_steps:  # Compiled on the first batch, timed apart from the first step.
+    batch = wait.next(r.train_iter, to_global)
+    r.step_fn = compiled_step(r, batch)
+    wait.reset()
+  while step < r.total_steps and not r.progress.stopped_early:
+    batch = wait.next(r.train_iter, to_global) if batch is None else batch
+    r.state, metrics = r.step_fn(r.state, batch)
+    batch, step, wait.steps = None, step + 1, wait.steps + 1
+    requested = check_finite(r, *pending) if pending is not None else False
+    pending = (step, metrics)
+    if step % r.config.train.log_every == 0 or step == r.total_steps:
+      check_finite(r, step, metrics)
+      host = dict(jax.device_get(metrics), **wait.report())
+      host.pop("stop_requested", None)
+      run_log.write("train", step, host, epoch=r.progress.epoch + 1)  # The epoch in progress, counted from 1.
+      run_log.progress(r.progress.epoch + 1, step, host)
+    if step % r.steps_per_epoch == 0:
+      check_finite(r, step, metrics)
+      end_of_epoch(r, step, run_log)
+    elif r.config.checkpoint.every_steps > 0 and step % r.config.checkpoint.every_steps == 0:
+      check_finite(r, step, metrics)
+      r.save(step)
+    # One process: at once. Several: when the step before this one says a process was signalled, so that all
+    # of them save the same step.
+    if (requested if several else stop["signal"]):
+      check_finite(r, step, metrics)
+      r.save(step)
+      r.log(f"{stop['signal'] or 'another process was signalled'}: saved a checkpoint at step {step}; rerun "
+            f"with the same workdir to resume")
+      return "interrupted", step
+  if pending is not None:
+    check_finite(r, *pending)
+    if r.progress.best_step < 0 and step % r.steps_per_epoch:  # Ended within the first epoch: validate once.
+      validate(r, step, run_log, f"at the end (step {step}, within epoch {r.progress.epoch + 1})")
+    if r.checkpoints.latest_step() != step:
+      r.save(step)
+  return "finished", step
+
+
+def run(config, workdir, log=print, explicit_model_keys=()) -> dict:
+  """Trains; returns a summary dict (also written to workdir/summary.json). The model's sizes come from the
+  configured weights except the `config.model` keys named in `explicit_model_keys` (the command line's)."""
+  check_settings(config)
+  workdir = prepare_workdir(workdir)
+  primary = jax.process_index() == 0  # Writes the run's files; every process trains and saves checkpoints.
+  with WorkdirLock(workdir, log) if primary else contextlib.nullcontext():
+    r = setup(config, workdir, log, explicit_model_keys)
+    start_step, start_time = int(jax.device_get(r.state["step"])), time.time()
+    run_log = RunLog(r.workdir, r.total_steps, config.train.batch_size, log, start_step=start_step,
+                     primary=primary)
+    try:
+      with signals_requesting_stop() as stop:
+        status, step = train_loop(r, run_log, stop)
+    finally:
+      run_log.close()
+      r.train_iter.close()  # Stops Grain's worker processes and frees their shared memory, also on a signal.
+    return finish(r, status, step, (step - start_step) * config.train.batch_size, time.time() - start_time)
+
+
+def finish(r: Run, status: str, step: int, samples: int, seconds: float) -> dict:
+  """Exports the best (or last) parameters of a finished run, waits for the checkpoint writes, writes
+  summary.json."""
+  p = r.progress
+  skipped = pipeline.skipped_records(r.train_source) + pipeline.skipped_records(r.val_source)
+  summary = {"status": status, "steps": step, "epochs": p.epoch,
+             "best_val_loss": p.best_val_loss if np.isfinite(p.best_val_loss) else None,  # Strict JSON.
+             "best_step": p.best_step, "stopped_early": p.stopped_early, "train_seconds": seconds,
+             "samples_per_second": samples / max(seconds, 1e-9), "records_skipped_while_loading": skipped,
+             "initialised_randomly": randomly_initialised(r.config)}
+  if skipped:
+    r.log(f"skipped {skipped} records that failed to load (config.data.skip_bad_records)")
+  primary = jax.process_index() == 0
+  if status == "finished":
+    best, _ = r.checkpoints.restore_best(with_shardings(r.abstract_params, r.param_shardings))
+    final = sharding.to_host(best if best is not None else r.state["params"])  # Every process takes part.
+    if primary:
+      text_source = r.config.weights.text or r.config.weights.retfiner
+      summary["exported"] = exports.export_model(
+          r.cfg, final, r.workdir / "export", inputs.tokenizer_path(r.config),
+          weight_files.source_pooler(text_source) if text_source else None, p.epoch, step, r.log)
+      plot_run(r.workdir)
+  started = time.time()
+  r.checkpoints.close()  # Waits for the asynchronous checkpoint writes.
+  r.log(f"checkpoint writes finished in {time.time() - started:.1f} s")
+  if primary:
+    (r.workdir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
+  return summary
+
+
+def randomly_initialised(config) -> list[str]:
+  """The towers no pretrained weights are configured for."""
+  w = config.weights
+  if w.retfiner:
+    return []
+  return [name for name, path in (("vision_encoder", w.vision), ("text_encoder", w.text)) if not path]

@@ -1,0 +1,155 @@
+"""MAE pretraining (models/mae.py, mae.py): the masking, the positions and the loss against MAE's own
+definitions (typed out in PyTorch here, or computed by hand), the masked encoder, and the command: it trains,
+resumes, continues from its export, and exports an FM the RetFiner configs and the converter take."""
+import dataclasses
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from retfiner_jax.config_defaults import mae_config
+from retfiner_jax.data import synthetic
+from retfiner_jax.errors import ConfigError
+from retfiner_jax.mae import masking
+from retfiner_jax.mae import trainer as mae_trainer
+from retfiner_jax.models.config import get_variant
+from retfiner_jax.models.mae import MaeSettings, MaskedAutoencoder, patchify, reconstruction_loss, sincos_pos_embed
+from retfiner_jax.weights import files as weight_files
+
+CFG = get_variant("tiny-retfound").replace(dtype="float32", image_size=32, patch_size=8)  # 4 x 4 patches.
+SETTINGS = MaeSettings(decoder_dim=16, decoder_depth=1, decoder_heads=2)
+
+
+def test_patch_masks_keep_a_quarter_and_restore_the_order():
+  visible, restore, mask = map(np.asarray, masking.sample_patch_masks(jax.random.PRNGKey(3), 50, 16, 0.75))
+  assert visible.shape == (50, 4) and restore.shape == (50, 16)
+  for b in range(50):
+    assert len(set(visible[b])) == 4 and mask[b].sum() == 12 and np.all(mask[b, visible[b]] == 0)
+    # restore is the inverse of the shuffle that puts the visible patches first.
+    shuffle = np.argsort(restore[b])
+    assert np.array_equal(shuffle[:4], visible[b]) and np.array_equal(np.sort(shuffle), np.arange(16))
+  counts = np.bincount(visible.ravel(), minlength=16)  # Uniform choice: every patch kept sometimes.
+  assert counts.min() > 0
+  with pytest.raises(ValueError, match="no visible patch"):
+    masking.sample_patch_masks(jax.random.PRNGKey(0), 1, 4, 0.9)
+
+
+def test_sincos_positions_by_hand():
+  dim, grid = 8, 3
+  table = sincos_pos_embed(dim, grid)[0]
+  assert table.shape == (1 + grid * grid, dim) and np.all(table[0] == 0)
+  omega = 1.0 / 10000 ** (np.arange(2) / 2)  # dim / 4 = 2 frequencies.
+  row, col = 2, 1
+  expected = np.concatenate([np.sin(col * omega), np.cos(col * omega), np.sin(row * omega), np.cos(row * omega)])
+  np.testing.assert_allclose(table[1 + row * grid + col], expected, atol=1e-7)
+
+
+def test_loss_equals_maes_definition_in_pytorch():
+  """MAE's patchify (NCHW, einsum nchpwq->nhwpqc) and forward_loss, typed out in PyTorch from the paper's code."""
+  import torch
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)
+  pred = rng.normal(size=(3, 16, 8 * 8 * 3)).astype(np.float32)
+  mask = (rng.random((3, 16)) < 0.75).astype(np.float32)
+
+  def torch_loss(imgs, pred, mask, norm_pix):
+    p, h = 8, 4
+    x = imgs.reshape(imgs.shape[0], 3, h, p, h, p)
+    target = torch.einsum("nchpwq->nhwpqc", x).reshape(imgs.shape[0], h * h, p * p * 3)
+    if norm_pix:
+      mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+      target = (target - mean) / (var + 1.e-6) ** .5
+    loss = ((pred - target) ** 2).mean(dim=-1)
+    return ((loss * mask).sum() / mask.sum()).item()
+  nchw = torch.tensor(images.transpose(0, 3, 1, 2))
+  for norm_pix in (True, False):
+    got = float(reconstruction_loss(jnp.asarray(pred), jnp.asarray(images), jnp.asarray(mask), 8, norm_pix))
+    assert got == pytest.approx(torch_loss(nchw, torch.tensor(pred), torch.tensor(mask), norm_pix), rel=1e-5)
+  # patchify: patch (1, 2)'s first pixel row is image row 8, columns 16..23, channels last.
+  np.testing.assert_array_equal(np.asarray(patchify(jnp.asarray(images), 8))[0, 1 * 4 + 2, :24],
+                                images[0, 8, 16:24].ravel())
+
+
+def test_encoder_sees_only_the_visible_patches():
+  model = MaskedAutoencoder(CFG, SETTINGS)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  visible, restore, mask = masking.sample_patch_masks(jax.random.PRNGKey(1), 2, 16, 0.75)
+  params = model.init(jax.random.PRNGKey(2), images, visible, restore)["params"]
+  pred = model.apply({"params": params}, images, visible, restore)
+  assert pred.shape == (2, 16, 8 * 8 * 3) and "proj" not in params["vision_encoder"]
+  # Changing every masked patch's pixels changes no prediction.
+  pixel_mask = np.repeat(np.repeat(np.asarray(mask).reshape(2, 4, 4), 8, 1), 8, 2)[..., None]
+  noisy = images + 5.0 * pixel_mask * jax.random.normal(jax.random.PRNGKey(4), images.shape)
+  np.testing.assert_allclose(model.apply({"params": params}, noisy, visible, restore), pred, atol=1e-5)
+  # With every patch visible in order, the encoder is the ViT's features plus its final norm.
+  everything = jnp.tile(jnp.arange(16), (2, 1))
+  enc = model.bind({"params": params}).vision_encoder
+  np.testing.assert_allclose(enc.normed_features(images, everything), enc.norm(enc.features(images)), atol=1e-6)
+
+
+def _config(manifest, epochs=2, **train):
+  c = mae_config("retfound")
+  for key, value in CFG.to_dict().items():
+    c.model[key] = value
+  c.mae.update(dataclasses.asdict(SETTINGS))
+  c.data.train_manifest = str(manifest)
+  c.compile_cache = "off"
+  c.train.update(dict(batch_size=8, epochs=epochs, warmup_epochs=1, learning_rate=1e-3, log_every=1), **train)
+  return c
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp("mae_corpus")
+  synthetic.generate(root, count=40, seed=2, height=48, width=48, workers=1, log=lambda *a: None)
+  return root / "manifest_train.csv"
+
+
+def test_the_command_trains_resumes_and_exports_an_fm(corpus, tmp_path):
+  """A run stopped by SIGTERM at step 3 and resumed ends with the uninterrupted run's parameters; the loss falls;
+  the positions stay MAE's fixed table; the export is an FM: the probe's folder, the FM's PyTorch layout
+  (converted back: the same tensors), and the starting point of a continued run."""
+  logs = []
+  whole = mae_trainer.run(_config(corpus), tmp_path / "whole", log=logs.append)
+  assert whole["status"] == "finished" and whole["steps"] == 2 * ((len(corpus.read_text().splitlines()) - 1) // 8)
+  losses = [json.loads(line)["loss"] for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+  assert losses[-1] < losses[0] and whole["final_loss"] == losses[-1]
+  again = mae_trainer.run(_config(corpus), tmp_path / "whole", log=lambda *a: None)  # A finished run: exported again.
+  assert again["steps"] == whole["steps"] and again["final_loss"] == losses[-1]
+
+  def terminate_at_step_3(line):  # A SIGTERM arriving during step 3.
+    if " step      3/" in line:
+      os.kill(os.getpid(), signal.SIGTERM)
+  stopped = mae_trainer.run(_config(corpus), tmp_path / "parts", log=terminate_at_step_3)
+  assert stopped["status"] == "interrupted" and stopped["steps"] == 3 and "exported" not in stopped
+  resumed_log = []
+  parts = mae_trainer.run(_config(corpus), tmp_path / "parts", log=resumed_log.append)
+  assert any("resumed from" in line and "step 3" in line for line in resumed_log)
+  _, a, _ = weight_files.load_converted(whole["exported"]["mae_flax"])
+  _, b, _ = weight_files.load_converted(parts["exported"]["mae_flax"])
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
+
+  _, fm, meta = weight_files.load_converted(whole["exported"]["vision_flax"])
+  assert sorted(fm) == ["vision_encoder"] and meta["contents"] == ["vision_encoder"]
+  np.testing.assert_array_equal(fm["vision_encoder"]["pos_embed"], sincos_pos_embed(CFG.vision_dim, 4))
+  assert not np.allclose(a["decoder"]["decoder_pred"]["kernel"],
+                         mae_trainer.init_params(CFG, SETTINGS, 0)["decoder"]["decoder_pred"]["kernel"])
+  _, from_torch, _ = weight_files.convert_checkpoint(whole["exported"]["pytorch"], variant="tiny-retfound",
+                                                model_config=CFG)
+  # (The converter adds RETFound's new projection, initialised: MAE has none.)
+  converted = {k: v for k, v in from_torch["vision_encoder"].items() if k != "proj"}
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), converted, fm["vision_encoder"])
+
+  further = _config(corpus, max_steps=2)
+  further.init = str(tmp_path / "whole")
+  more = mae_trainer.run(further, tmp_path / "more", log=logs.append)
+  assert more["steps"] == 2 and any("continuing MAE pretraining" in line for line in logs)
+  wrong = _config(corpus)
+  wrong.mae.decoder_dim = 32
+  wrong.init = str(tmp_path / "whole")
+  with pytest.raises(ConfigError, match="does not fit"):
+    mae_trainer.run(wrong, tmp_path / "wrong", log=lambda *a: None)

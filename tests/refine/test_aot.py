@@ -1,0 +1,235 @@
+"""The AOT tool (python -m retfiner_jax.aot): the tiny model's real train step compiled for TPU and GPU targets
+this machine does not have, its memory report, --fit, and a saved step that `main` runs without compiling.
+
+The compiled-memory figures are XLA's own for each target; the checks here are that the report is XLA's
+(arguments equal the state and batch each device holds, counted by hand from the shardings), that a step made
+too large for a device is reported as not fitting while --fit finds a setting that fits, and that a saved step
+gives the same losses as compiling."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import configs
+from conftest import require_compilers, shared_path, tiny_config
+from retfiner_jax.config_defaults import tiny_model
+from retfiner_jax.data import synthetic
+from retfiner_jax.errors import ConfigError
+from retfiner_jax.refine import aot, inputs, trainer
+from retfiner_jax.runs import sharding, targets
+from retfiner_jax.runs.run_log import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = {"target", "devices", "fits", "gib_per_device", "compile_s", "tflop_per_step", "settings"}
+TINY_CONFIG = '''
+import configs
+from retfiner_jax.config_defaults import tiny_model
+
+
+def get_config():
+  c = tiny_model(configs.load("retfound"))
+  c.model.dtype = "float32"
+  c.train.batch_size = 8
+  {extra}
+  return c
+'''
+
+
+def write_config(folder: Path, extra: str = "") -> Path:
+  path = folder / "tiny_config.py"
+  path.write_text(TINY_CONFIG.replace("{extra}", extra))
+  return path
+
+
+def run_aot(*args, env=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest", **(env or {}))
+  out = subprocess.run([sys.executable, "-m", "retfiner_jax.aot", *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+  reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  return out, reports
+
+
+def test_targets_parse_and_name_their_mistakes():
+  assert targets.parse_target("v5e:2x4", None).devices == 8
+  assert targets.parse_target("v4:2x2x1", None).devices == 4
+  t = targets.parse_target(None, "2x8xh100")
+  assert (t.devices, t.topology, t.gpu_key) == (16, "2x8", "h100")
+  assert targets.parse_target(None, "h200").devices == 1
+  # JAX's GPU client takes 75 % of the memory unless told otherwise: what a run can use.
+  assert targets.parse_target(None, "h100").capacity_bytes == int(84942979072 * 0.75)
+  assert targets.parse_target(None, "h100", memory_gib=2.0).capacity_bytes == 2 * 1024 ** 3
+  for topology, target in (("v9z:2x2", None), ("v5e", None), (None, "a100"), ("v5e:2x2", "h100"), (None, None)):
+    with pytest.raises(ConfigError):
+      targets.parse_target(topology, target)
+  # XLA's out-of-memory messages -> (needed, available).
+  tpu = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 18.38G of 15.75G hbm. Exceeded hbm capacity by 2.63G."
+  assert targets.out_of_memory_figures(tpu) == (int(18.38 * 2 ** 30), int(15.75 * 2 ** 30))
+  gpu = "Can't reduce memory use below 60.30GiB (64749427735 bytes) by rematerialization; only reduced to 82.62GiB"
+  assert targets.out_of_memory_figures(gpu) == (int(82.62 * 2 ** 30), int(60.30 * 2 ** 30))
+
+
+def test_tpu_v5e_data_by_fsdp_mesh_compiles_and_reports_its_memory(tmp_path):
+  """The command on a v5e:2x2 slice, mesh data 2 x fsdp 2: fits, exit 0, the JSON line's keys; the arguments XLA
+  counts are the parameters, optimizer state and batch that one device holds under the FSDP layout."""
+  require_compilers("tpu")
+  out, reports = run_aot(f"--config={write_config(tmp_path)}", "--topology=v5e:2x2", "--config.mesh.data=2",
+                         "--config.mesh.fsdp=2")
+  assert out.returncode == 0, out.stderr[-3000:]
+  (r,) = reports
+  assert KEYS <= set(r) and r["fits"] is True and r["devices"] == 4 and r["device_kind"].startswith("TPU v5")
+  assert r["settings"] == {"batch_size": 8, "remat": "none", "mesh": {"data": 2, "fsdp": 2}, "micro_batches": 1,
+                           "dtype": "float32"}
+  g, split = r["gib_per_device"], r["memory_split_gib"]
+  assert g["capacity"] == 15.75 and 0 < g["temporaries"] and g["arguments"] <= g["total"] <= g["capacity"]
+  by_hand = split["parameters"] + split["optimizer_state"] + split["batch"]
+  assert g["arguments"] == pytest.approx(by_hand, abs=2e-3)
+  assert "FITS" in out.stderr and "where the memory goes" in out.stderr
+
+
+def test_megacore_tpu_compiles_with_one_device_per_chip():
+  """v4 (megacore: one device per chip, as the hardware shows itself): the tiny step compiles and fits, and FSDP
+  over the 4 chips leaves each device about a quarter of the parameters."""
+  require_compilers("tpu")
+  config = tiny_model(configs.load("retfound"))
+  config.train.batch_size = 8
+  t = targets.parse_target("v4:2x2x1", None)
+  devices = targets.compile_only_devices(t)
+  assert len(devices) == 4 and devices[0].device_kind == "TPU v4"
+  replicated = aot.compile_report(config, t, devices, log=lambda *a: None)
+  split = aot.compile_report(aot.with_overrides(config, {"mesh.data": 1, "mesh.fsdp": -1}, 4), t, devices,
+                             log=lambda *a: None)
+  assert replicated["fits"] and split["fits"] and split["settings"]["mesh"] == {"data": 1, "fsdp": 4}
+  ratio = split["memory_split_gib"]["parameters"] / replicated["memory_split_gib"]["parameters"]
+  assert 0.25 <= ratio < 0.4  # Small leaves (< 1024 elements, or indivisible) stay whole.
+
+
+def test_two_h100s_with_our_description_compile_as_with_xlas_own():
+  """Two H100s on one host: the tiny step fits, and our H100 description, written from the chip's figures, gives
+  the same compiled memory as the target file XLA ships for it (../shared/accelerators, from openxla/xla)."""
+  require_compilers("cuda")
+  xla_file = shared_path("accelerators", "gpu-target-configs", "h100_sxm.txtpb")
+  config = tiny_model(configs.load("retfound"))
+  config.train.batch_size = 8
+  t = targets.parse_target(None, "2xh100")
+  gpus = targets.compile_only_devices(t)
+  assert [d.device_kind for d in gpus] == ["NVIDIA H100 80GB HBM3"] * 2
+  ours = aot.compile_report(config, t, gpus, log=lambda *a: None)
+  theirs = aot.compile_report(config, t, targets.compile_only_devices(t, str(xla_file)), log=lambda *a: None)
+  assert ours["fits"] and ours["gib_per_device"]["capacity"] == pytest.approx(84942979072 * 0.75 / 2 ** 30,
+                                                                              abs=1e-3)
+  assert ours["gib_per_device"] == theirs["gib_per_device"]
+
+
+def test_too_large_is_reported_and_fit_finds_a_setting(tmp_path):
+  """Batch 64 on two H100s given 0.08 GiB each: the step as configured needs about 0.1 GiB and does not fit;
+  --fit tries remat dots first, which needs about 0.06 GiB: it fits, exit 0, and the JSON names what was tried."""
+  require_compilers("cuda")
+  cfg = write_config(tmp_path, "c.train.batch_size = 64\n  c.model.vocab_size = 512\n  c.model.image_size = 64")
+  out, reports = run_aot(f"--config={cfg}", "--target=2xh100", "--memory_gib=0.08", "--fit")
+  assert out.returncode == 0, out.stderr[-3000:]
+  (r,) = reports
+  assert [t["rung"] for t in r["tried"]] == ["as configured", "remat dots"]
+  assert [t["fits"] for t in r["tried"]] == [False, True]
+  assert r["tried"][0]["total_gib"] > 0.08 >= r["gib_per_device"]["total"]
+  assert r["fits"] and r["settings"]["remat"] == "dots" and r["gib_per_device"]["capacity"] == 0.08
+  assert "DOES NOT FIT" in out.stderr and "first setting that fits: remat dots" in out.stderr
+
+
+def test_usage_errors_exit_2(tmp_path):
+  out, _ = run_aot(f"--config={write_config(tmp_path)}", "--topology=v5e:2x2", "--target=h100")
+  assert out.returncode == 2 and "exactly one of --topology" in out.stderr
+  out, _ = run_aot(f"--config={write_config(tmp_path)}", "--topology=v9:2")
+  assert out.returncode == 2 and "--topology=v9:2" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile once, run many (CPU).
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  out = tmp_path_factory.mktemp("corpus")
+  synthetic.generate(out, count=48, seed=0, height=64, width=64, workers=1, log=lambda *a: None)
+  return out
+
+
+def run_config(corpus, **train):
+  return tiny_config(corpus, max_steps=2, **train)
+
+
+def test_the_batch_the_step_is_compiled_for_is_the_pipelines(corpus):
+  config = run_config(corpus)
+  cfg = trainer.model_config(config)
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  train_iter, *_ = inputs.setup_data(config, cfg, mesh, log=lambda *a: None)
+  batch = next(train_iter)
+  train_iter.close()
+  from retfiner_jax.data.pipeline import train_batch_shapes
+  shapes = train_batch_shapes(8, cfg.image_size, cfg.max_text_length)
+  assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()} == \
+      {k: (shape, np.dtype(dtype)) for k, (shape, dtype) in shapes.items()}
+
+
+def test_a_saved_cpu_step_runs_in_main_with_the_same_losses_and_another_is_refused(corpus, tmp_path):
+  saved = tmp_path / "step.bin"
+  out, (report,) = run_aot(f"--config={write_config(tmp_path)}", "--target=cpu", f"--save={saved}")
+  assert out.returncode == 0 and report["saved"] == str(saved) and saved.stat().st_size > 0, out.stderr[-3000:]
+  lines = []
+  compiled = trainer.run(run_config(corpus), tmp_path / "compiled", log=lambda *a: None)
+  loaded_config = run_config(corpus)
+  loaded_config.compiled_step = str(saved)
+  loaded = trainer.run(loaded_config, tmp_path / "loaded", log=lambda line, **_: lines.append(str(line)))
+  assert compiled["status"] == loaded["status"] == "finished"
+  assert any(f"loaded the compiled train step from {saved}" in line for line in lines)
+  assert not any("compiling the train step" in line for line in lines)
+
+  def losses(workdir):
+    return [r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if r["kind"] == "train"]
+  assert losses(tmp_path / "loaded") == losses(tmp_path / "compiled") and len(losses(tmp_path / "loaded")) == 2
+  other = run_config(corpus, batch_size=16)
+  other.compiled_step = str(saved)
+  with pytest.raises(ConfigError, match="compiled for another step .*the program"):
+    trainer.run(other, tmp_path / "other", log=lambda *a: None)
+  not_a_step = tmp_path / "junk.bin"
+  not_a_step.write_bytes(b"\x00junk")
+  other = run_config(corpus)
+  other.compiled_step = str(not_a_step)
+  with pytest.raises(ConfigError, match="not a compiled step"):
+    trainer.run(other, tmp_path / "junk", log=lambda *a: None)
+
+
+def test_a_step_that_does_not_fit_exits_1_and_is_not_saved(tmp_path):
+  saved = tmp_path / "step.bin"
+  out, (report,) = run_aot(f"--config={write_config(tmp_path)}", "--target=cpu", "--memory_gib=0.0001",
+                           f"--save={saved}")
+  assert out.returncode == 1 and report["fits"] is False and not saved.exists()
+  assert "DOES NOT FIT" in out.stderr and "not saved" in out.stderr
+
+
+def test_main_names_the_memory_and_the_fit_command_when_the_step_does_not_fit(monkeypatch, corpus, tmp_path):
+  """An out-of-memory error while compiling (as XLA:TPU raises it) becomes one message with its figures and the
+  aot --fit command, not a traceback."""
+  from retfiner_jax import main as main_command
+
+  class FakeLowered:
+    def compile(self):
+      raise RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+                         "hbm. Used 18.38G of 15.75G hbm. Exceeded hbm capacity by 2.63G.")
+
+  real = trainer.compiled_step
+
+  def fake(r, batch):
+    r.step_fn = type("F", (), {"lower": lambda self, *a: FakeLowered()})()
+    return real(r, batch)
+  monkeypatch.setattr(trainer, "compiled_step", fake)
+  monkeypatch.setattr(sys, "argv", ["main", "--config=retfound", "--config.train.batch_size=8"])
+  with pytest.raises(aot.DeviceMemoryExceeded) as e:
+    main_command.run_with_fit_hint(run_config(corpus), tmp_path / "oom", lambda *a, **k: None)
+  message = str(e.value)
+  assert "needs 18.38 GiB per device, 15.75 GiB available" in message
+  assert "python -m retfiner_jax.aot --config=retfound --config.train.batch_size=8 --target=<the accelerator> " \
+         "--fit" in message

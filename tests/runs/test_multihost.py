@@ -1,0 +1,112 @@
+"""Several processes on JAX's distributed runtime: two processes on this machine (localhost coordinator, gloo
+collectives, one CPU device each) train as one process with two devices does, step for step; a SIGTERM to one
+of them stops both at the same step; the restarted pair resumes to the losses of the uninterrupted run (a resume
+with another number of processes is refused: test_reliability.py)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from conftest import shared_path
+from retfiner_jax.data import synthetic
+from retfiner_jax.runs.run_log import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CONFIG = """
+import configs
+from retfiner_jax.config_defaults import tiny_model
+
+
+def get_config():
+  c = tiny_model(configs.load("retfound"))
+  c.model.dtype = "float32"
+  c.tokenizer = {vocab!r}
+  c.data.train_manifest = {train!r}
+  c.data.val_manifest = {val!r}
+  c.train.update(batch_size=8, log_every=1, epochs=2)  # 48 pairs: 6 steps an epoch, 12 in all.
+  return c
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _command(config, workdir, *extra):
+  return [sys.executable, "-m", "retfiner_jax.main", f"--config={config}", f"--workdir={workdir}", *extra]
+
+
+def _env(devices: int):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = str(ROOT)
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def _pair(config, workdir, logs, sigterm_after_step=None):
+  """Starts processes 0 and 1 together; optionally SIGTERMs process 1 once process 0 printed that step."""
+  port = _free_port()
+  procs = []
+  for i in (0, 1):
+    out = open(logs / f"p{i}.log", "w")
+    procs.append(subprocess.Popen(
+        _command(config, workdir, "--distributed", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={i}"), cwd=ROOT, env=_env(1), stdout=out, stderr=subprocess.STDOUT, text=True))
+  deadline = time.time() + 400
+  signalled = False
+  while any(p.poll() is None for p in procs) and time.time() < deadline:
+    time.sleep(0.5)
+    if sigterm_after_step and not signalled and f"step {sigterm_after_step:6d}/" in (logs / "p0.log").read_text():
+      procs[1].send_signal(signal.SIGTERM)
+      signalled = True
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+  return [p.wait() for p in procs], [(logs / f"p{i}.log").read_text() for i in (0, 1)]
+
+
+def test_two_processes_train_as_one_process_with_two_devices_and_resume_after_a_sigterm(tmp_path):
+  synthetic.generate(tmp_path / "corpus", count=48, seed=0, height=64, width=64, workers=1, log=lambda *a: None)
+  config = tmp_path / "tiny.py"
+  config.write_text(CONFIG.format(vocab=str(shared_path("reference", "vocab.txt")),
+                                  train=str(tmp_path / "corpus" / "manifest.csv"),
+                                  val=str(tmp_path / "corpus" / "manifest_val.csv")))
+  one = subprocess.run(_command(config, tmp_path / "one"), cwd=ROOT, env=_env(2), capture_output=True, text=True,
+                       timeout=400)
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert "mesh {'data': 2, 'fsdp': 1} on 2 cpu device(s), 1 process(es)" in one.stdout
+
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  codes, (out0, out1) = _pair(config, tmp_path / "two", logs, sigterm_after_step=3)
+  assert codes == [0, 0], (out0[-3000:], out1[-3000:])
+  assert "mesh {'data': 2, 'fsdp': 1} on 2 cpu device(s), 2 process(es)" in out0
+  saved0 = [line for line in out0.splitlines() if "saved a checkpoint at step" in line]
+  saved1 = [line for line in out1.splitlines() if "saved a checkpoint at step" in line]
+  assert saved0 and saved0[0].startswith("another process was signalled")  # Process 0 was not signalled ...
+  assert not saved1  # ... and process 1 prints nothing: one progress stream, from process 0.
+  stopped = int(saved0[0].split("step ")[1].split(";")[0])
+  assert 4 <= stopped < 12
+
+  codes, (out0, out1) = _pair(config, tmp_path / "two", logs)
+  assert codes == [0, 0], (out0[-3000:], out1[-3000:])
+  assert f"resumed from {tmp_path / 'two' / 'checkpoints'} at step {stopped}" in out0
+
+  single, pair = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+  assert [(r["kind"], r["step"]) for r in pair] == [(r["kind"], r["step"]) for r in single]
+  assert [r["step"] for r in pair if r["kind"] == "train"] == list(range(1, 13))
+  for a, b in zip(single, pair):
+    for key in ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_gm"):
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-4, err_msg=f"{a['kind']} step {a['step']} {key}")
+    if a["kind"] == "val":
+      assert b["recall_i2t_at_1"] == a["recall_i2t_at_1"] and b["examples"] == a["examples"]
+  assert (tmp_path / "two" / "export" / "retfiner_flax" / "model.json").exists()
