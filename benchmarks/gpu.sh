@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one run, at most 6 minutes on one H100/H200 (each phase under its own timeout).
 # Each phase writes its JSON lines to $OUT as they happen (a phase that is cut off keeps what it printed);
-# a phase that fails or times out is reported and the script goes on. Needs only the checkout plus the GPU
+# a phase that fails or times out is reported and the script goes on, and the script then exits 1 naming it.
+# Phase 0 asks the AOT tool (python -m retfiner_jax.aot) whether the shipped retfound config fits an H200 and
+# which setting of its --fit ladder does; the measured phases run at batch 128 as shipped, which it reports
+# fitting (README, "Where it fits"). Needs only the checkout plus the GPU
 # image's JAX, PyTorch and transformers (and grain, ml_collections, tensorboardX wheels); no network.
 #
 #   bash benchmarks/gpu.sh            # on the GPU machine; JSON lines to stdout and to $OUT (default: .)
@@ -23,7 +26,8 @@ if [ "${1:-}" = "--tiny" ]; then
              --config.model.vision_heads=4 --config.model.vision_mlp_dim=128 --config.model.text_dim=48
              --config.model.text_layers=2 --config.model.text_heads=4 --config.model.text_intermediate=96
              --config.model.contrastive_dim=32 --config.model.dtype=float32 --config.train.batch_size=8)
-  IMAGES=120; HEIGHT=64; MAIN_STEPS=6; LIMIT=(180 180 180 60 300 180)  # Generous: three phases share 2 cores.
+  IMAGES=120; HEIGHT=64; MAIN_STEPS=6; LIMIT=(180 180 180 60 300 180 240)  # Generous: phases share 2 cores.
+  FIT=(--target=cpu "${MAIN_SIZE[@]}")
   # A check of the script, not a measurement: the compile phase fills a cache that the next phase (same
   # program) reads, which saves the test suite one cold compile.
   COMPILE_CACHE=(--compile-cache "$OUT/xla_cache")
@@ -33,7 +37,8 @@ else
   PROBE=(--vision vit_b16 --images 600 --timed-epochs 1)
   MAIN_SIZE=()
   # 5,600 pairs: the 30 steps of batch 128 stay within the first epoch (no validation, one final checkpoint).
-  IMAGES=5600; HEIGHT=224; MAIN_STEPS=30; LIMIT=(45 110 40 30 100 35)  # 360 s in all.
+  IMAGES=5600; HEIGHT=224; MAIN_STEPS=30; LIMIT=(45 110 40 30 100 35 90)  # 450 s in all.
+  FIT=(--target=h200)
   COMPILE_CACHE=()  # The compile phase measures a cold compile (step.py: no cache with --compile-only).
 fi
 
@@ -44,8 +49,9 @@ phase() {  # phase NAME SECONDS COMMAND...: runs COMMAND under a timeout, its ou
   timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>"$OUT/$name.err" | tee "$OUT/$name.jsonl"
   local rc=${PIPESTATUS[0]}
   echo "{\"phase\": \"end\", \"name\": \"$name\", \"rc\": $rc, \"at\": \"$(date -u +%T)\"}"
-  if [ "$rc" != 0 ]; then tail -5 "$OUT/$name.err" >&2; fi
+  if [ "$rc" != 0 ]; then tail -5 "$OUT/$name.err" >&2; echo "$name" >> "$OUT/failed_phases"; fi
 }
+rm -f "$OUT/failed_phases"
 
 steps() {  # 1-2. The full-size step: its cold compile, then ViT-L/16 + BERT-base, batch 128, bfloat16, against
   # the original's way in float16 autocast.
@@ -62,8 +68,14 @@ main_command() {  # 4. The main command on the synthetic corpus: time to the fir
 }
 
 "$PY" -c "import jax, json; print(json.dumps({'phase': 'devices', 'devices': [str(d) for d in jax.devices()], 'jax': jax.__version__}))" | tee "$OUT/gpu_devices.jsonl"
+# 0. Where the shipped config fits (compile-only; the GPU's own JAX needs no TPU or CUDA plugin beyond its own).
+(cd .. && export JAX_PLATFORMS=cpu && phase gpu_fit "${LIMIT[6]}" "$PY" -m retfiner_jax.aot --config=retfound "${FIT[@]}" --fit)
 if [ -n "$TINY" ]; then  # A check of the script: the three independent groups at once (wall time, not figures).
   steps & small_and_probe & main_command & wait
 else  # Measurements: one phase at a time on the GPU.
   steps; small_and_probe; main_command
+fi
+if [ -s "$OUT/failed_phases" ]; then
+  echo "{\"phase\": \"summary\", \"failed\": \"$(tr '\n' ' ' < "$OUT/failed_phases" | sed 's/ $//')\"}"
+  exit 1
 fi

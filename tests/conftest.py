@@ -3,21 +3,18 @@ import os
 import tempfile
 from pathlib import Path
 
-# The tests run on the CPU; the TPU and GPU compilers in requirements-test.txt are used by the AOT tests alone
-# (compile-only devices), so neither libtpu nor the CUDA plugin may try to start on this machine.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+import pytest
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
-
-from retfiner_jax.runs import compile_cache  # noqa: E402
+from retfiner_jax.runs import compile_cache
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # One persistent compilation cache for the session, fresh every time: the many runs of the same tiny models in
 # different tests compile once (JAX's in-memory cache does not outlive a jitted function object).
 compile_cache.enable(tempfile.mkdtemp(prefix="retfiner-tests-xla-"))
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+ROOT = Path(__file__).resolve().parents[1]  # The checkout.
+SHARED = ROOT.parent / "shared"
 BUNDLES = ("tiny-retfound", "tiny-visionfm")
 
 
@@ -45,24 +42,26 @@ def minilm_folder() -> Path:
 
 
 
-def _installed(module: str) -> bool:
-  import importlib.util
-  try:
-    return importlib.util.find_spec(module) is not None
-  except ModuleNotFoundError:  # A missing parent package.
-    return False
+AOT_COMPILERS = ROOT / ".aot-compilers"  # requirements-aot.txt, installed beside the environment (README).
 
 
 def require_compilers(platform: str):
-  """Skips a test that compiles for TPU (libtpu) or GPU (the CUDA plugin and the nvcc wheel's ptxas) where they
-  are not installed (requirements-test.txt has them); fails under CI=true."""
-  needed = {"tpu": ["libtpu"], "cuda": ["jax_plugins.xla_cuda12", "nvidia.cuda_nvcc"]}[platform]
-  missing = [m for m in needed if not _installed(m)]
+  """Skips a test that compiles for TPU (libtpu) or GPU (the CUDA plugin and the nvcc wheel's ptxas) where
+  requirements-aot.txt is not installed in .aot-compilers/; fails under CI=true."""
+  needed = {"tpu": ["libtpu"], "cuda": ["jax_plugins/xla_cuda12", "nvidia/cuda_nvcc"]}[platform]
+  missing = [m for m in needed if not (AOT_COMPILERS / m).is_dir()]
   if missing:
-    message = f"{', '.join(missing)} not installed: pip install -r requirements-test.txt"
+    message = (f"{', '.join(missing)} not in {AOT_COMPILERS}: pip install --no-deps --target=.aot-compilers "
+               f"-r requirements-aot.txt")
     if os.environ.get("CI", "").lower() == "true":
       pytest.fail(message)
     pytest.skip(message)
+
+
+def aot_environment(**extra) -> dict:
+  """The environment of an aot command: the compilers' folder on PYTHONPATH, the CPU as JAX's only platform."""
+  path = os.pathsep.join(p for p in (str(AOT_COMPILERS), os.environ.get("PYTHONPATH", "")) if p)
+  return dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu", **extra)
 
 
 def tiny_config(corpus, name="retfound", **train_kw):
@@ -79,3 +78,18 @@ def tiny_config(corpus, name="retfound", **train_kw):
   for k, v in train_kw.items():
     c.train[k] = v
   return c
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A synthetic corpus of 48 B-scan-report pairs at 64 x 64 (its manifest.csv and manifest_val.csv)."""
+  from retfiner_jax.data import synthetic
+  out = tmp_path_factory.mktemp("corpus")
+  synthetic.generate(out, count=48, seed=0, height=64, width=64, workers=1, log=lambda *a: None)
+  return out
+
+
+def train_losses(workdir):
+  """{step: loss} of a run's training steps, from its metrics.jsonl."""
+  from retfiner_jax.runs.run_log import read_metrics
+  return {r["step"]: r["loss"] for r in read_metrics(Path(workdir) / "metrics.jsonl") if r["kind"] == "train"}

@@ -117,7 +117,8 @@ def compile_report(config, target: targets.Target, devices, log=print, save: str
   settings = ObjectiveSettings(**config.train.objectives)
   built, lowered, (state, batch), lower_s = lower_step(config, devices)
   report = {"target": target.name, "devices": target.devices, "device_kind": devices[0].device_kind,
-            "settings": settings_of(config), "lower_s": round(lower_s, 2)}
+            "settings": dict(settings_of(config), mesh={k: int(v) for k, v in built.mesh.shape.items()}),
+            "lower_s": round(lower_s, 2)}
   flop = step_flops(cfg, config.train.batch_size, settings=settings)
   report["tflop_per_step"] = round(flop / 1e12, 3)
   if target.chip.peak_bf16_tflops:

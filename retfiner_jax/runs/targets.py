@@ -146,10 +146,24 @@ device_description_str: "{spec['name']}"
 """
 
 
-def missing_compiler(platform: str) -> str:
-  return {"tpu": 'compiling for a TPU needs libtpu: pip install "jax[tpu]==0.10.2"',
-          "cuda": "compiling for a GPU needs the CUDA plugin and ptxas: pip install jax-cuda12-plugin==0.10.2 "
-                  "nvidia-cuda-nvcc-cu12"}[platform]
+INSTALL = {"tpu": "libtpu", "cuda": "the CUDA plugin and ptxas"}
+
+
+def missing_compiler(platform: str) -> str | None:
+  """Why this platform cannot be compiled for here (a missing package, with the command that installs it), or
+  None."""
+  import importlib.util
+
+  def found(module):
+    try:
+      return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+      return False
+  needed = {"tpu": ["libtpu"], "cuda": ["jax_plugins.xla_cuda12", "nvidia.cuda_nvcc"]}[platform]
+  if all(found(m) for m in needed):
+    return None
+  return (f"compiling for {platform.upper()} needs {INSTALL[platform]} (requirements-aot.txt): pip install "
+          f"--no-deps --target=.aot-compilers -r requirements-aot.txt, then PYTHONPATH=.aot-compilers")
 
 
 def compile_only_devices(target: Target, gpu_target_config: str = ""):
@@ -159,6 +173,11 @@ def compile_only_devices(target: Target, gpu_target_config: str = ""):
   if target.platform == "cpu":
     return jax.devices("cpu")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Else the CUDA plugin's driver check (or libtpu) fails first.
+  # Compiling takes no TPU: several processes may use libtpu at once (its lock file is for a host's real chips).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  missing = missing_compiler(target.platform)
+  if missing:
+    raise ConfigError(f"{target.name}: {missing}")
   from jax.experimental import topologies
   try:
     if target.platform == "tpu":
@@ -174,7 +193,7 @@ def compile_only_devices(target: Target, gpu_target_config: str = ""):
                                              target_config=text).devices
   except (RuntimeError, ValueError, ImportError) as e:
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f"{target.name}: no compile-only devices ({message}). {missing_compiler(target.platform)}")
+    raise ConfigError(f"{target.name}: no compile-only devices: {message}")
   if len(devices) != target.devices:
     raise ConfigError(f"{target.name}: libtpu/XLA describes {len(devices)} devices, expected {target.devices}")
   return devices

@@ -1,11 +1,18 @@
-"""One writer per workdir: a lock file naming its holder (host, PID, start time), created atomically.
+"""One writer per workdir: an OS lock (`flock`) on a lock file that also names its holder (host, PID, start time).
 
-A second run on the same workdir stops with `WorkdirLocked` naming the holder. A lock left by a process that no
-longer runs on this host (killed with SIGKILL, a crashed machine's lock is the user's call) is taken over with a
-message. The lock is released when the run ends, however it ends (`with WorkdirLock(...)`).
+The kernel holds the lock for the process and releases it when the process ends, however it ends (SIGKILL, a
+crash, a zombie waiting to be reaped), so a lock is never stale and no PID is ever compared: a rerun right after a
+kill takes the lock at once, and a new process that happens to get the old holder's PID (a restarted container)
+is not mistaken for it. A second run while the first one lives stops with `WorkdirLocked` naming the holder from
+the file. The lock is released when the run ends (`with WorkdirLock(...)`).
+
+On NFS, `flock` is carried by the server's byte-range locks (Linux clients, NFSv4 or lockd); some network file
+systems (GCS FUSE, some SMB mounts) ignore locks, and there nothing stops two runs on one workdir: give each run
+its own workdir.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -21,21 +28,15 @@ class WorkdirLocked(UserError, RuntimeError):
   pass
 
 
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)  # Signal 0: only checks. PermissionError: it exists, owned by someone else.
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    pass
-  return True
-
-
 class WorkdirLock:
   def __init__(self, workdir, log=print):
     self.path = Path(workdir) / LOCK_NAME
     self.log = log
-    self.held = False
+    self.fd: int | None = None
+
+  @property
+  def held(self) -> bool:
+    return self.fd is not None
 
   def holder(self) -> dict | None:
     try:
@@ -45,21 +46,30 @@ class WorkdirLock:
 
   def acquire(self):
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
+    for _ in range(10):
+      fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        other = self.holder()
-        if other is None or (other.get("host") == me["host"] and not _alive(int(other.get("pid", -1)))):
-          self.log(f"{self.path}: taking over a stale lock ({self._describe(other)}, no longer running)")
-          self.path.unlink(missing_ok=True)
-          continue
-        raise WorkdirLocked(
-            f"{self.path.parent} is in use by another run ({self._describe(other)}); wait for it to end or use "
-            f"another workdir. If that process is gone (e.g. its machine crashed), delete {self.path}") from None
-      with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
-      self.held = True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        raise WorkdirLocked(f"{self.path.parent} is in use by another run ({self._describe(self.holder())}); "
+                            f"wait for it to end or use another workdir") from None
+      # The file may have been unlinked by a holder releasing it between our open and our lock: then this lock is
+      # on a file nobody else will open; take the one at the path instead.
+      try:
+        same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+      except FileNotFoundError:
+        same = False
+      if not same:
+        os.close(fd)
+        continue
+      previous = self.holder()
+      if previous and previous.get("pid") is not None:
+        self.log(f"{self.path}: taking over the lock left by {self._describe(previous)} (no longer running)")
+      os.ftruncate(fd, 0)
+      os.write(fd, json.dumps(me).encode())
+      os.fsync(fd)
+      self.fd = fd
       return self
     raise WorkdirLocked(f"{self.path}: could not take the lock")
 
@@ -70,11 +80,10 @@ class WorkdirLock:
     return f"PID {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
 
   def release(self):
-    if self.held:
-      holder = self.holder()
-      if holder is not None and holder.get("pid") == os.getpid():
-        self.path.unlink(missing_ok=True)
-      self.held = False
+    if self.fd is not None:
+      self.path.unlink(missing_ok=True)  # While still locked: a waiting run then opens a new file.
+      os.close(self.fd)  # Closing the descriptor releases the lock.
+      self.fd = None
 
   def __enter__(self):
     return self.acquire()

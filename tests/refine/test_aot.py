@@ -6,7 +6,6 @@ The compiled-memory figures are XLA's own for each target; the checks here are t
 too large for a device is reported as not fitting while --fit finds a setting that fits, and that a saved step
 gives the same losses as compiling."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-import configs
-from conftest import require_compilers, shared_path, tiny_config
-from retfiner_jax.config_defaults import tiny_model
-from retfiner_jax.data import synthetic
+from conftest import aot_environment, require_compilers, shared_path, tiny_config
 from retfiner_jax.errors import ConfigError
 from retfiner_jax.refine import aot, inputs, trainer
 from retfiner_jax.runs import sharding, targets
@@ -46,8 +42,9 @@ def write_config(folder: Path, extra: str = "") -> Path:
   return path
 
 
-def run_aot(*args, env=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest", **(env or {}))
+def run_aot(*args):
+  """The command, with the compilers of requirements-aot.txt on its path; its JSON lines."""
+  env = aot_environment(JAX_DEFAULT_MATMUL_PRECISION="highest")  # This process's matmul precision (conftest).
   out = subprocess.run([sys.executable, "-m", "retfiner_jax.aot", *args], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
   reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -91,35 +88,30 @@ def test_tpu_v5e_data_by_fsdp_mesh_compiles_and_reports_its_memory(tmp_path):
   assert "FITS" in out.stderr and "where the memory goes" in out.stderr
 
 
-def test_megacore_tpu_compiles_with_one_device_per_chip():
+def test_megacore_tpu_compiles_with_one_device_per_chip(tmp_path):
   """v4 (megacore: one device per chip, as the hardware shows itself): the tiny step compiles and fits, and FSDP
   over the 4 chips leaves each device about a quarter of the parameters."""
   require_compilers("tpu")
-  config = tiny_model(configs.load("retfound"))
-  config.train.batch_size = 8
-  t = targets.parse_target("v4:2x2x1", None)
-  devices = targets.compile_only_devices(t)
-  assert len(devices) == 4 and devices[0].device_kind == "TPU v4"
-  replicated = aot.compile_report(config, t, devices, log=lambda *a: None)
-  split = aot.compile_report(aot.with_overrides(config, {"mesh.data": 1, "mesh.fsdp": -1}, 4), t, devices,
-                             log=lambda *a: None)
-  assert replicated["fits"] and split["fits"] and split["settings"]["mesh"] == {"data": 1, "fsdp": 4}
+  config = write_config(tmp_path)
+  out, (replicated,) = run_aot(f"--config={config}", "--topology=v4:2x2x1")
+  assert out.returncode == 0 and replicated["devices"] == 4 and replicated["device_kind"] == "TPU v4", out.stderr
+  out, (split,) = run_aot(f"--config={config}", "--topology=v4:2x2x1", "--config.mesh.data=1",
+                          "--config.mesh.fsdp=4")
+  assert out.returncode == 0 and split["fits"] and split["settings"]["mesh"] == {"data": 1, "fsdp": 4}
   ratio = split["memory_split_gib"]["parameters"] / replicated["memory_split_gib"]["parameters"]
   assert 0.25 <= ratio < 0.4  # Small leaves (< 1024 elements, or indivisible) stay whole.
 
 
-def test_two_h100s_with_our_description_compile_as_with_xlas_own():
+def test_two_h100s_with_our_description_compile_as_with_xlas_own(tmp_path):
   """Two H100s on one host: the tiny step fits, and our H100 description, written from the chip's figures, gives
   the same compiled memory as the target file XLA ships for it (../shared/accelerators, from openxla/xla)."""
   require_compilers("cuda")
   xla_file = shared_path("accelerators", "gpu-target-configs", "h100_sxm.txtpb")
-  config = tiny_model(configs.load("retfound"))
-  config.train.batch_size = 8
-  t = targets.parse_target(None, "2xh100")
-  gpus = targets.compile_only_devices(t)
-  assert [d.device_kind for d in gpus] == ["NVIDIA H100 80GB HBM3"] * 2
-  ours = aot.compile_report(config, t, gpus, log=lambda *a: None)
-  theirs = aot.compile_report(config, t, targets.compile_only_devices(t, str(xla_file)), log=lambda *a: None)
+  config = write_config(tmp_path)
+  out, (ours,) = run_aot(f"--config={config}", "--target=2xh100")
+  assert out.returncode == 0 and ours["device_kind"] == "NVIDIA H100 80GB HBM3" and ours["devices"] == 2, out.stderr
+  out, (theirs,) = run_aot(f"--config={config}", "--target=2xh100", f"--gpu_target_config={xla_file}")
+  assert out.returncode == 0, out.stderr[-3000:]
   assert ours["fits"] and ours["gib_per_device"]["capacity"] == pytest.approx(84942979072 * 0.75 / 2 ** 30,
                                                                               abs=1e-3)
   assert ours["gib_per_device"] == theirs["gib_per_device"]
@@ -149,13 +141,6 @@ def test_usage_errors_exit_2(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------
 # Compile once, run many (CPU).
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  out = tmp_path_factory.mktemp("corpus")
-  synthetic.generate(out, count=48, seed=0, height=64, width=64, workers=1, log=lambda *a: None)
-  return out
-
 
 def run_config(corpus, **train):
   return tiny_config(corpus, max_steps=2, **train)

@@ -11,24 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_path, tiny_config
-from retfiner_jax.data import synthetic
+from conftest import ROOT, shared_path, tiny_config
 from retfiner_jax.refine import inputs, trainer
 from retfiner_jax.runs import sharding
-from retfiner_jax.runs.run_log import read_metrics
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  out = tmp_path_factory.mktemp("corpus")
-  synthetic.generate(out, count=48, seed=0, height=64, width=64, workers=1, log=lambda *a: None)
-  return out
-
-
-def train_losses(workdir):
-  return {r["step"]: r["loss"] for r in read_metrics(Path(workdir) / "metrics.jsonl") if r["kind"] == "train"}
 
 
 def test_non_finite_loss_stops_and_names_the_step(corpus, tmp_path):
@@ -187,10 +173,22 @@ def test_data_parallel_and_fsdp_steps_equal_the_single_device_step():
   assert "fsdp ok" in out.stdout
 
 
+def test_gpu_benchmark_script_fails_when_a_phase_fails(tmp_path):
+  """A phase that fails is reported, the others still run, and the script exits 1 naming every failed phase."""
+  out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny"], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, OUT=str(tmp_path), PYTHON="false"))
+  assert out.returncode == 1
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert summary["phase"] == "summary" and set(summary["failed"].split()) == {
+      "gpu_fit", "gpu_compile", "gpu_step_large", "gpu_step_small", "gpu_probe", "gpu_main_data", "gpu_main"}
+
+
 def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
   out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny"], capture_output=True, text=True,
                        timeout=900, env=dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable))
   assert out.returncode == 0, out.stderr[-3000:]
+  fit = json.loads((tmp_path / "gpu_fit.jsonl").read_text().splitlines()[-1])  # Phase 0: the AOT tool's answer.
+  assert fit["fits"] and fit["target"] == "cpu" and fit["tried"][0]["rung"] == "as configured"
   step = json.loads((tmp_path / "gpu_step_large.jsonl").read_text().splitlines()[-1])
   assert step["ours"]["samples_per_s"] > 0 and step["original_style"]["samples_per_s"] > 0
   assert 0 < step["flops_saved"] < 1

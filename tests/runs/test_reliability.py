@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -20,10 +21,10 @@ from retfiner_jax.refine import inputs, trainer
 from retfiner_jax.runs.checkpoints import NoRestorableCheckpoint, ResumeMismatch, RunCheckpoints
 from retfiner_jax.runs.run_log import read_metrics
 from retfiner_jax.runs.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLocked
-from test_train import ROOT, corpus, tiny_config, train_losses  # noqa: F401 - `corpus` is a fixture.
+from conftest import ROOT, tiny_config, train_losses
 
 
-def test_kill_after_the_best_checkpoint_and_a_signal_at_an_epoch_end_resume(corpus, tmp_path):  # noqa: F811
+def test_kill_after_the_best_checkpoint_and_a_signal_at_an_epoch_end_resume(corpus, tmp_path):
   """Run 1 (6 steps, a checkpoint every 4) ends at an epoch with checkpoints 4 and 6 and best/6. Deleting
   checkpoints/6 leaves the workdir as a kill between the two saves of step 6 does: the next run resumes from 4,
   reaches 6 again, where best/6 exists (it used to die with StepAlreadyExistsError), and is SIGTERMed at the
@@ -169,10 +170,16 @@ def test_checkpoints_of_another_process_count_are_refused_untouched(tmp_path):
 
 
 def test_one_run_per_workdir(tmp_path):
-  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  """A live holder (another process holding the OS lock) stops a second run with one message naming it; a SIGKILL
+  frees the workdir at once, the killed process still a zombie (not reaped); a lock file that names this very
+  process (a PID reused after a restart) but is not locked does not fool it."""
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                             "from retfiner_jax.runs.workdir_lock import WorkdirLock\n"
+                             f"WorkdirLock({str(tmp_path)!r}).acquire()\n"
+                             "print('held', flush=True)\n"
+                             "time.sleep(120)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
   try:
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid,
-                                                   "started": "today"}))
+    assert holder.stdout.readline().strip() == "held"
     with pytest.raises(WorkdirLocked, match=rf"in use by another run \(PID {holder.pid} on "):
       WorkdirLock(tmp_path).acquire()
     out = subprocess.run([sys.executable, "-m", "retfiner_jax.main", "--config=configs/retfound.py",
@@ -180,14 +187,22 @@ def test_one_run_per_workdir(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith("error: ") and f"PID {holder.pid}" in out.stderr
     assert "Traceback" not in out.stderr
+    holder.send_signal(signal.SIGKILL)
+    for _ in range(100):  # Until the kernel has ended it; it stays a zombie, since nobody waits for it yet.
+      if Path(f"/proc/{holder.pid}/status").read_text().find("State:\tZ") >= 0:
+        break
+      time.sleep(0.05)
+    lines = []
+    with WorkdirLock(tmp_path, log=lines.append):  # At once: the kernel released the dead holder's lock.
+      assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert any(f"taking over the lock left by PID {holder.pid}" in line for line in lines)
   finally:
     holder.kill()
     holder.wait()
-  lines = []  # The holder is gone: its lock is stale and taken over, then released.
-  with WorkdirLock(tmp_path, log=lines.append):
-    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
-  assert any("taking over a stale lock" in line for line in lines)
   assert not (tmp_path / LOCK_NAME).exists()
+  (tmp_path / LOCK_NAME).write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid(), "started": "x"}))
+  with WorkdirLock(tmp_path, log=lambda *a: None):  # Names this process, but nobody holds it: not fooled.
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["started"] != "x"
   with pytest.raises(ValueError):  # Released however the run ends.
     with WorkdirLock(tmp_path):
       raise ValueError("a failing run")
@@ -238,7 +253,7 @@ def _write_pngs(folder, names, size=(40, 30)):
     Image.fromarray(np.full(size, 40 * i % 255, np.uint8)).save(folder / name)
 
 
-def test_bad_records_are_caught_by_the_checker_before_tokenising(corpus, tmp_path):  # noqa: F811
+def test_bad_records_are_caught_by_the_checker_before_tokenising(corpus, tmp_path):
   from retfiner_jax.data import check, images
   np.save(tmp_path / "huge.npy", np.full((8, 8), 1e300))  # float64 beyond float32: NaN in training.
   np.save(tmp_path / "text.npy", np.array([["a", "b"], ["c", "d"]]))
@@ -324,7 +339,7 @@ def test_probe_folders_hidden_folders_single_images_and_bad_files(tmp_path):
   assert len(splits["test"]) == 2 and any("leaving out" in line and "dme/2.png" in line for line in lines)
 
 
-def test_user_mistakes_are_one_line_with_the_fix(corpus, tmp_path, capsys):  # noqa: F811
+def test_user_mistakes_are_one_line_with_the_fix(corpus, tmp_path, capsys):
   from retfiner_jax.data import check
   from retfiner_jax.errors import ConfigError
   for key, value in (("log_every", 0), ("batch_size", 0), ("micro_batches", 0)):
