@@ -210,3 +210,19 @@ def smoke_probe(name, config, corpus, tmp_path):
   log = [json.loads(x) for x in (tmp_path / "out/audit/fluid/fm/seed0/log.jsonl").read_text().splitlines()]
   assert [r["lr_first"] for r in log] == pytest.approx([0.0, 1e-4, 2e-4], abs=1e-12)
   assert json.loads((tmp_path / "out" / "results.json").read_text())["fluid"]["fm"]["protocol"] == "paper"
+
+
+@pytest.mark.parametrize("name, lr, epochs, patience", [("retfound", 1e-4, 20, 3), ("urfound", 1e-4, 20, 3),
+                                                         ("visionfm", 4e-5, 100, 10)])
+def test_the_refinement_configs_carry_the_originals_settings(name, lr, epochs, patience):
+  """SPEC.md's training settings of the original RetFiner, each pinned: AdamW at lr 1e-4 with betas 0.9/0.999,
+  eps 1e-8 and weight decay 0.01, batch 128, at most 20 epochs, patience 3 (the refined VisionFM that the
+  original probes: lr 4e-5, 100 epochs, patience 10), all four loss weights 1, MLM 15 % and GM 60 % masking,
+  reports cut at 30 tokens, temperature 0.07, label smoothing 0.1."""
+  c = configs.load(name)
+  t, o, m = c.train, c.train.objectives, c.model
+  assert (t.learning_rate, t.b1, t.b2, t.eps, t.weight_decay) == (lr, 0.9, 0.999, 1e-8, 0.01)
+  assert (t.batch_size, t.epochs, t.patience, t.micro_batches) == (128, epochs, patience, 1)
+  assert (o.itc_weight, o.itm_weight, o.mlm_weight, o.gm_weight) == (1.0, 1.0, 1.0, 1.0)
+  assert (o.mlm_probability, o.gm_probability) == (0.15, 0.6)
+  assert (m.max_text_length, m.temperature, m.label_smoothing) == (30, 0.07, 0.1)

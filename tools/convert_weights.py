@@ -45,8 +45,10 @@ def main(argv=None):
                                              model_config=args.model_config, extra_ignore=args.ignore_key)
     pooler = weight_files.source_pooler(args.input)
     if args.output:
-      weight_files.save_converted(args.output, cfg, params, meta, pooler=pooler)
-      print(f"wrote {args.output}/params and {args.output}/model.json")
+      weight_files.save_converted(args.output, cfg, params, meta, pooler=pooler, vocabulary_from=args.input)
+      kept = [n for n in weight_files.TOKENIZER_FILES if (Path(args.output) / n).exists()]
+      print(f"wrote {args.output}/params and {args.output}/model.json"
+            + (f" (and the source's {', '.join(kept)})" if kept else ""))
     if args.export_vision:
       if "vision_encoder" not in params:
         raise convert.CheckpointError(f"{args.input}: holds no vision encoder to export")

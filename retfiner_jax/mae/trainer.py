@@ -9,7 +9,8 @@ matrices; learning-rate warm-up then half-cosine, per step, as MAE does), saves 
 on SIGTERM/SIGINT: rerun the same command to resume), and exports to WORKDIR/export/:
   vision_flax/              the encoder as a converted folder, an FM like any other (`config.weights.vision`
                             of the RetFiner configs, the probe's `--encoder`)
-  vision_<backbone>.pth / .safetensors   the encoder in the FM's PyTorch key layout
+  vision_<backbone>.pth / .safetensors   the encoder in the FM's PyTorch key layout (.pth: {"model": state_dict},
+                            as RETFound's and MAE's checkpoints)
   mae_flax/                 encoder and decoder: `config.init` of a run that continues pretraining
 """
 from __future__ import annotations
@@ -142,7 +143,7 @@ def export(cfg: ModelConfig, s: MaeSettings, params: dict, out: Path, log=print)
   exports.save_safetensors(vision, out / f"vision_{cfg.backbone}.safetensors")
   paths["safetensors"] = str(out / f"vision_{cfg.backbone}.safetensors")
   try:
-    exports.save_torch(vision, out / f"vision_{cfg.backbone}.pth")
+    exports.save_fm_checkpoint(vision, out / f"vision_{cfg.backbone}.pth")  # {"model": ...}, as MAE saves it.
     paths["pytorch"] = str(out / f"vision_{cfg.backbone}.pth")
   except ImportError:
     log("torch not installed: no .pth file (the .safetensors file holds the same tensors)")

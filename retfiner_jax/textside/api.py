@@ -46,6 +46,14 @@ def _resolve(path, tokenizer):
   return path, tokenizer
 
 
+def match_probability(logits) -> np.ndarray:
+  """ITM logits (..., 2) -> the match probability (softmax's second class), in float32 as the model computes it:
+  it reaches 1.0 once the logits differ by about 17, so rankings use the logits themselves."""
+  logits = np.asarray(logits, np.float32)
+  shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return (shifted[..., 1] / shifted.sum(axis=-1)).astype(np.float32)
+
+
 class RetFinerModel:
   def __init__(self, cfg: ModelConfig, params: dict, tokenizer, intensity: str = "bit_depth", batch_size: int = 32,
                dtype: str | None = None):
@@ -71,12 +79,13 @@ class RetFinerModel:
     def match(p, images, ids, mask):
       m = model.bind({"params": p})
       fused = m.text_with_image(ids, padding_bias(mask), m.image_tokens(images))
-      return jax.nn.softmax(m.itm_logits(fused[:, 0]), axis=-1)[:, 1]
+      return m.itm_logits(fused[:, 0])
     def match_groups(p, images, ids, mask):  # images (B, ...), texts (B, G, L) -> (B, G)
       m = model.bind({"params": p})
       rows = lambda a: a.swapaxes(0, 1).reshape((-1,) + a.shape[2:])  # Row g*B + i: text g of image i.
       fused = m.text_with_image(rows(ids), padding_bias(rows(mask)), m.image_tokens(images))
-      return jax.nn.softmax(m.itm_logits(fused[:, 0]), axis=-1)[:, 1].reshape(ids.shape[1], -1).T
+      logits = m.itm_logits(fused[:, 0])
+      return logits.reshape((ids.shape[1], -1, 2)).swapaxes(0, 1)
     self._embed_images, self._embed_texts, self._match = jax.jit(embed_images), jax.jit(embed_texts), jax.jit(match)
     self._match_groups = jax.jit(match_groups)
 
@@ -137,12 +146,20 @@ class RetFinerModel:
 
   def match_prepared(self, pixels, input_ids, attention_mask) -> np.ndarray:
     """`match` on inputs already preprocessed and tokenised (rows are pairs)."""
+    return match_probability(self.match_logits_prepared(pixels, input_ids, attention_mask))
+
+  def match_logits_prepared(self, pixels, input_ids, attention_mask) -> np.ndarray:
+    """(N, 2) ITM logits (no match, match) of preprocessed, tokenised pairs: scores that do not saturate."""
     return self._batched(self._match, pixels, input_ids, attention_mask)
 
   def match_groups(self, pixels, input_ids, attention_mask) -> np.ndarray:
     """(N, G) ITM probabilities of each preprocessed image (N, S, S, 3) with its own G tokenised texts
     ((N, G, L) ids and mask). Each image's vision tower runs once for its G texts (the cross-attention's
     grouped rows), not once per pair."""
+    return match_probability(self.match_logits_groups(pixels, input_ids, attention_mask))
+
+  def match_logits_groups(self, pixels, input_ids, attention_mask) -> np.ndarray:
+    """(N, G, 2) ITM logits of `match_groups`."""
     return self._batched(self._match_groups, pixels, input_ids, attention_mask)
 
   def match_every_text(self, pixels, texts) -> np.ndarray:

@@ -3,7 +3,9 @@
   python -m retfiner_jax.retrieval --model=runs/retfound --manifest=test.csv --workdir=runs/retrieval [--itm-top-k=16]
 
 Every image is ranked against every report of the manifest by the ITC similarity; with --itm-top-k K the top K
-of each ranking are re-ordered by the ITM head's matching probability (BLIP's procedure). A report counts as a
+of each ranking are re-ordered by BLIP's score (its train_retrieval.py evaluation): the ITM head's "match" logit
+plus the ITC similarity. Logits, not probabilities: a float32 probability is 1.0 for every pair whose logits
+differ by more than about 17, and such ties would fall to column order. (ALBEF re-ranks by the logit alone.) A report counts as a
 match of an image when both rows share an `id` (a B-scan's own row otherwise). Writes retrieval.json and
 retrieval.md.
 """
@@ -27,12 +29,15 @@ def match_matrix(ids) -> np.ndarray:
   return validation.match_matrix([i if i else f"\0row{n}" for n, i in enumerate(ids)])
 
 
-def rerank_top_k(scores, k: int, itm) -> np.ndarray:
-  """Scores with each row's top k replaced by `itm(top)` ((N, k) columns -> (N, k) probabilities, one call
-  for all N*k pairs) plus an offset that keeps them on top."""
+def rerank_top_k(scores, k: int, itm_logit) -> np.ndarray:
+  """Scores with each row's top k replaced by BLIP's re-ranking score: `itm_logit(top)` ((N, k) columns -> (N, k)
+  ITM "match" logits, one call for all N*k pairs) plus the ITC score, shifted to stay above every other column."""
   out = np.array(scores, np.float64)
   top = np.argsort(-out, axis=1, kind="stable")[:, :k]
-  np.put_along_axis(out, top, 10.0 + itm(top), axis=1)  # Probabilities in [0, 1], above any cosine.
+  reranked = np.asarray(itm_logit(top), np.float64) + np.take_along_axis(out, top, axis=1)
+  rest = np.delete(out, top, axis=1) if out.shape[1] > top.shape[1] else np.zeros((len(out), 1))
+  offset = rest.max(axis=1, keepdims=True) - reranked.min(axis=1, keepdims=True) + 1.0  # Top k stay on top.
+  np.put_along_axis(out, top, reranked + np.maximum(offset, 0.0), axis=1)
   return out
 
 
@@ -52,9 +57,10 @@ def run(model, manifest, workdir, itm_top_k: int = 0, log=print) -> dict:
     ids, mask = model.tokenize(reports)
     # Image queries: each image with its k reports in one pass of the image. Report queries: pair by pair (the
     # k images differ from report to report).
-    i2t = rerank_top_k(sims, itm_top_k, lambda top: model.match_groups(pixels, ids[top], mask[top]))
-    t2i = rerank_top_k(sims.T, itm_top_k, lambda top: model.match_prepared(
-        pixels[top.reshape(-1)], np.repeat(ids, top.shape[1], 0), np.repeat(mask, top.shape[1], 0)).reshape(top.shape))
+    i2t = rerank_top_k(sims, itm_top_k, lambda top: model.match_logits_groups(pixels, ids[top], mask[top])[..., 1])
+    t2i = rerank_top_k(sims.T, itm_top_k, lambda top: model.match_logits_prepared(
+        pixels[top.reshape(-1)], np.repeat(ids, top.shape[1], 0), np.repeat(mask, top.shape[1], 0))[:, 1]
+        .reshape(top.shape))
   result = {"pairs": len(records), "itm_top_k": itm_top_k,
             "image_to_report": ranking_metrics(i2t, matches), "report_to_image": ranking_metrics(t2i, matches.T)}
   workdir = Path(workdir)

@@ -44,6 +44,13 @@ def save_torch(state: dict, path, **extra):
   torch.save({**extra, "state_dict": tensors} if extra else tensors, path)
 
 
+def save_fm_checkpoint(state: dict, path):
+  """A vision encoder as RETFound's and MAE's checkpoints hold it, `{"model": state_dict}`: the layout their
+  loaders (and RetFiner's, `checkpoint["model"]`) read."""
+  import torch
+  torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, path)
+
+
 def save_lightning(cfg: ModelConfig, params: dict, path, epoch: int = 0, global_step: int = 0):
   """The whole model as a checkpoint the original's scripts read: {"state_dict": {"model.…": tensor}, ...}."""
   save_torch(lightning_state_dict(cfg, params), path, epoch=epoch, global_step=global_step)

@@ -8,6 +8,7 @@ accepts such a folder, or a PyTorch checkpoint that it converts on the fly with 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -156,9 +157,16 @@ def this_process_checkpointer():
       primary_host=me, active_processes={me}))
 
 
-def save_converted(out_dir, cfg: ModelConfig, params: dict, meta: dict, pooler: dict | None = None):
+# A Hugging Face BERT folder's tokenizer files, kept in a folder converted from it.
+TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+
+
+def save_converted(out_dir, cfg: ModelConfig, params: dict, meta: dict, pooler: dict | None = None,
+                   vocabulary_from=None):
   """`pooler`: a source BERT's pooler tensors (PyTorch layout), kept beside the parameters for the Hugging
-  Face export (RetFiner's model has no pooler and never changes it)."""
+  Face export (RetFiner's model has no pooler and never changes it). `vocabulary_from`: a BERT folder whose
+  tokenizer files (TOKENIZER_FILES) are copied in, so that the converted folder serves as the tokenizer too
+  (`config.tokenizer`, the converter's --export-bert)."""
   from safetensors.numpy import save_file
   out_dir = Path(out_dir).absolute()
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,6 +179,10 @@ def save_converted(out_dir, cfg: ModelConfig, params: dict, meta: dict, pooler: 
   if pooler:
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in pooler.items()}, str(out_dir / POOLER_FILE))
   (out_dir / "model.json").write_text(json.dumps({"model_config": cfg.to_dict(), **meta}, indent=1))
+  if vocabulary_from is not None and Path(vocabulary_from).is_dir():
+    for name in TOKENIZER_FILES:
+      if (Path(vocabulary_from) / name).is_file():
+        shutil.copyfile(Path(vocabulary_from) / name, out_dir / name)
   readable_by_all(out_dir)
 
 

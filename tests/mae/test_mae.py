@@ -138,6 +138,9 @@ def test_the_command_trains_resumes_and_exports_an_fm(corpus, tmp_path):
   np.testing.assert_array_equal(fm["vision_encoder"]["pos_embed"], sincos_pos_embed(CFG.vision_dim, 4))
   assert not np.allclose(a["decoder"]["decoder_pred"]["kernel"],
                          mae_trainer.init_params(CFG, SETTINGS, 0)["decoder"]["decoder_pred"]["kernel"])
+  import torch  # RETFound's and MAE's layout, which their loaders read as checkpoint["model"].
+  saved = torch.load(whole["exported"]["pytorch"], map_location="cpu", weights_only=True)
+  assert list(saved) == ["model"] and "patch_embed.proj.weight" in saved["model"]
   _, from_torch, _ = weight_files.convert_checkpoint(whole["exported"]["pytorch"], variant="tiny-retfound",
                                                 model_config=CFG)
   # (The converter adds RETFound's new projection, initialised: MAE has none.)

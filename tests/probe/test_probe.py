@@ -199,3 +199,18 @@ def test_a_built_tfds_folder_probes_as_the_image_folder_it_came_from(tmp_path):
   with pytest.raises(tfds_builders.TfdsDataError,
                      match=r"holds built \['oct_image_folder'\] data, not 'oct_report_pairs'"):
     tfds_builders.pairs_records(tmp_path / "tfds", "train")
+
+
+def test_paired_comparison_by_hand():
+  """Two datasets x seeds: the per-dataset difference of means, the mean of the paired differences, and the
+  Wilcoxon signed-rank p-value, computed here by hand (five positive differences of distinct sizes: the exact
+  two-sided p is 2 / 2^5)."""
+  results = {"a": {"fm": {"bacc": {"per_seed": [0.50, 0.60, 0.70]}}, "refined": {"bacc": {"per_seed": [0.51, 0.63, 0.74]}}},
+             "b": {"fm": {"bacc": {"per_seed": [0.40, 0.45]}}, "refined": {"bacc": {"per_seed": [0.45, 0.51]}}}}
+  got = metrics.paired_comparison(results, "fm", "refined")
+  assert got["difference_per_dataset"]["a"] == pytest.approx((0.01 + 0.03 + 0.04) / 3)
+  assert got["difference_per_dataset"]["b"] == pytest.approx((0.05 + 0.06) / 2)
+  assert got["mean_difference"] == pytest.approx((0.01 + 0.03 + 0.04 + 0.05 + 0.06) / 5)
+  assert got["pairs"] == 5 and got["wilcoxon_p"] == pytest.approx(2 / 2 ** 5)
+  same = metrics.paired_comparison(results, "fm", "fm")
+  assert same["mean_difference"] == 0 and same["wilcoxon_p"] == 1.0

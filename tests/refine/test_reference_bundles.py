@@ -9,9 +9,10 @@ import pytest
 
 from conftest import BUNDLES, shared_path
 from retfiner_jax.data.tokenizer import load_tokenizer, tokenize
-from retfiner_jax.models.attention import padding_bias
+from retfiner_jax.models.attention import causal_padding_bias, padding_bias
 from retfiner_jax.refine import reference
 from retfiner_jax.refine.objectives import OBJECTIVES, ObjectiveSettings, compute_objectives
+from retfiner_jax.weights import exports
 
 
 @pytest.fixture(scope="module", params=[(b, scan) for b in BUNDLES for scan in (True, False)],
@@ -56,6 +57,11 @@ def test_intermediates_match_the_original(bundle):
                              tokens)
   targets = np.asarray(views["mlm_labels"]) != -100
   np.testing.assert_allclose(m.mlm_logits(hidden[targets]), inter["mlm_logits_at_labels"], rtol=1e-4, atol=1e-4)
+  # GM: the same head after a pass whose self-attention is causal and padding-masked.
+  causal = causal_padding_bias(batch["attention_mask"])
+  hidden = m.text_with_image(views["gm_input_ids"], causal, tokens)
+  targets = np.asarray(views["gm_labels"]) != -100
+  np.testing.assert_allclose(m.mlm_logits(hidden[targets]), inter["gm_logits_at_labels"], rtol=1e-4, atol=1e-4)
   neg_image, neg_text = negatives
   ids, mask = batch["input_ids"], batch["attention_mask"]
   tokens3 = jnp.concatenate([tokens, tokens[neg_image], tokens])
@@ -107,6 +113,20 @@ def test_mixed_precision_is_close_to_float32(default_bundle):
   for name in OBJECTIVES:
     want = expected["losses"][name]
     assert abs(float(metrics[f"loss_{name}"]) - want) / abs(want) < 2e-2, name
+  # Gradients: bfloat16 keeps 8 bits of mantissa, so each tensor's gradient is compared as a whole (its relative
+  # L2 error against the original's float32 gradient), not element by element. Seen on both bundles: median
+  # 0.03, worst 0.20 (a block-0 LayerNorm scale); the bounds (0.06 median, 0.35 worst, 0.06 over all tensors)
+  # were set from those with room for other BLAS builds. A lost cast or a wrong dtype path gives errors near 1.
+  want = dict(np.load(folder / "grads.npz"))
+  ours = exports.lightning_state_dict(model.cfg, jax.tree.map(np.asarray, grads))
+  scale = max(float(np.linalg.norm(g)) for g in want.values())
+  errors = {k: float(np.linalg.norm(ours[k] - g) / np.linalg.norm(g)) for k, g in want.items()
+            if np.linalg.norm(g) > 1e-3 * scale}  # Tensors whose gradient is not vanishingly small.
+  worst = max(errors, key=errors.get)
+  everything = (np.sqrt(sum(np.sum((ours[k] - want[k]) ** 2) for k in errors))
+                / np.sqrt(sum(np.sum(want[k] ** 2) for k in errors)))
+  assert len(errors) >= 50 and np.median(list(errors.values())) < 0.06 and everything < 0.06
+  assert errors[worst] < 0.35, (worst, errors[worst])
 
 
 def test_tokenisation_matches_the_bundle(default_bundle):

@@ -106,8 +106,18 @@ def test_ranking_metrics_on_constructed_cases():
   # Rows sharing an id are each other's matches; rows without one match only themselves.
   matches = retrieval.match_matrix(["a", "a", None, ""])
   np.testing.assert_array_equal(matches, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
-  # Re-ranking: the top 2 are re-ordered by the ITM score, the rest keep their order below them.
+  # Re-ranking: the top 2 are re-ordered by BLIP's score (ITM match logit + ITC similarity), the rest keep their
+  # order below them: 0.2 + 0.9 < 0.7 + 0.8.
   reranked = retrieval.rerank_top_k(np.array([[0.9, 0.8, 0.1]]), 2, lambda top: np.where(top == 0, 0.2, 0.7))
+  assert list(np.argsort(-reranked[0])) == [1, 0, 2]
+  assert reranked[0, 1] - reranked[0, 0] == pytest.approx((0.7 + 0.8) - (0.2 + 0.9))
+  # Saturated: logits (0, 25) and (0, 40) are both probability 1.0 in float32, so a ranking by probability ties
+  # and falls to column order; by logits the second wins.
+  from retfiner_jax.textside.api import match_probability
+  assert list(match_probability(np.array([[0.0, 25.0], [0.0, 40.0]]))) == [1.0, 1.0]
+  np.testing.assert_allclose(match_probability(np.array([[0.3, -1.2]])), [np.exp(-1.2) / (np.exp(0.3) + np.exp(-1.2))],
+                             rtol=1e-6)
+  reranked = retrieval.rerank_top_k(np.array([[0.9, 0.8, 0.1]]), 2, lambda top: np.where(top == 0, 25.0, 40.0))
   assert list(np.argsort(-reranked[0])) == [1, 0, 2]
 
 

@@ -1,4 +1,6 @@
 """The weight converter: every checkpoint format, strict errors, and exports back to PyTorch."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -208,10 +210,13 @@ def test_real_bert_exports_as_the_encoder_it_is(tmp_path, capsys):
   from tools import convert_weights as cli
   folder = minilm_folder()
   assert cli.main(["--input", str(folder), "--output", str(tmp_path / "conv")]) == 0
-  assert cli.main(["--input", str(tmp_path / "conv"), "--export-bert", str(tmp_path / "hf")]) == 1
-  assert "--tokenizer" in capsys.readouterr().err  # A converted folder has no vocabulary: say how to give it.
-  assert cli.main(["--input", str(tmp_path / "conv"), "--export-bert", str(tmp_path / "hf"),
-                   "--tokenizer", str(folder)]) == 0
+  # The converted folder keeps the source's vocabulary, so the export needs no --tokenizer.
+  assert (tmp_path / "conv" / "vocab.txt").read_bytes() == (folder / "vocab.txt").read_bytes()
+  assert cli.main(["--input", str(tmp_path / "conv"), "--export-bert", str(tmp_path / "hf")]) == 0
+  shutil.copytree(tmp_path / "conv", tmp_path / "bare")
+  (tmp_path / "bare" / "vocab.txt").unlink()
+  assert cli.main(["--input", str(tmp_path / "bare"), "--export-bert", str(tmp_path / "hf2")]) == 1
+  assert "--tokenizer" in capsys.readouterr().err  # No vocabulary in the folder: say how to give it.
   texts = ["subretinal fluid and intraretinal cysts", "normal foveal contour"]
   source_tok, tok = AutoTokenizer.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(tmp_path / "hf" /
                                                                                              "bert_encoder")
