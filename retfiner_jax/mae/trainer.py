@@ -4,9 +4,10 @@
 
 Reads the images of `config.data.train_manifest` (a CSV/TSV/JSONL/Parquet manifest, a report column not
 needed, or a built TFDS folder), trains a masked autoencoder (models/mae.py: 75 % of the patches masked at
-random, a small decoder, normalised-pixel loss) with AdamW (betas 0.9/0.95, weight decay 0.05 on the weight
-matrices; learning-rate warm-up then half-cosine, per step, as MAE does), saves a checkpoint every epoch (and
-on SIGTERM/SIGINT: rerun the same command to resume), and exports to WORKDIR/export/:
+random, a small decoder, normalised-pixel loss) with AdamW (betas 0.9/0.95, weight decay 0.05 on the weights
+and the class/mask tokens, never biases or norms: DECAYED; learning-rate warm-up then half-cosine, per step, as
+MAE does), saves a checkpoint every epoch (and on SIGTERM/SIGINT: rerun the same command to resume), and exports
+to WORKDIR/export/:
   vision_flax/              the encoder as a converted folder, an FM like any other (`config.weights.vision`
                             of the RetFiner configs, the probe's `--encoder`)
   vision_<backbone>.pth / .safetensors   the encoder in the FM's PyTorch key layout (.pth: {"model": state_dict},
@@ -96,16 +97,25 @@ def init_params(cfg: ModelConfig, s: MaeSettings, seed: int) -> dict:
   return params
 
 
+# MAE decays what timm's add_weight_decay does in its main_pretrain.py: every parameter but biases and 1-D ones
+# (LayerNorm scales): the Linear and Conv weights, and the class and mask tokens. By name, so that the rule is
+# the same whether the layers are scanned (a leading layer axis makes biases 2-D) or not.
+DECAYED = ("kernel", "cls_token", "mask_token")
+
+
+def weight_decay_mask(params):
+  return jax.tree.map_with_path(lambda path, _: getattr(path[-1], "key", None) in DECAYED, params)
+
+
 def make_optimizer(config, total_steps: int, steps_per_epoch: int):
   t = config.train
   warmup = min(int(t.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, warmup, max(total_steps, warmup + 1),
                                                 end_value=t.min_learning_rate)
-  decayed = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # Weight matrices; not biases, norms.
   labels = lambda params: jax.tree.map_with_path(
       lambda path, _: "frozen" if getattr(path[-1], "key", None) in FROZEN else "trained", params)
   tx = optax.multi_transform({
-      "trained": optax.adamw(schedule, t.b1, t.b2, weight_decay=t.weight_decay, mask=decayed),
+      "trained": optax.adamw(schedule, t.b1, t.b2, weight_decay=t.weight_decay, mask=weight_decay_mask),
       "frozen": optax.set_to_zero()}, labels)
   return tx, schedule
 

@@ -156,3 +156,24 @@ def test_the_command_trains_resumes_and_exports_an_fm(corpus, tmp_path):
   wrong.init = str(tmp_path / "whole")
   with pytest.raises(ConfigError, match="does not fit"):
     mae_trainer.run(wrong, tmp_path / "wrong", log=lambda *a: None)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_weight_decay_reaches_what_maes_does_in_both_layer_layouts(scan):
+  """MAE (timm's add_weight_decay) decays a parameter unless it is 1-D or a bias, judged on PyTorch's shapes:
+  here a scanned stack's leading layer axis is not one of them. The mask must be that rule, whatever the layout
+  (it used to be `ndim >= 2`, which decays every bias and LayerNorm of a scanned stack)."""
+  cfg = CFG.replace(scan_layers=scan)
+  params = mae_trainer.abstract_params(cfg, SETTINGS)
+  mask = mae_trainer.weight_decay_mask(params)
+
+  def maes_rule(path, leaf):
+    keys = [getattr(k, "key", "") for k in path]
+    torch_ndim = leaf.ndim - (1 if scan and "blocks" in keys else 0)  # The stacked layer axis.
+    frozen = keys[-1] in mae_trainer.FROZEN  # The sin-cos positions: not in MAE's optimizer at all.
+    return torch_ndim >= 2 and keys[-1] != "bias" and not frozen
+  expected = jax.tree.map_with_path(maes_rule, params)
+  assert jax.tree.leaves(mask) == jax.tree.leaves(expected)
+  flat = {"/".join(getattr(k, "key", "") for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+  assert any(v for k, v in flat.items() if k.endswith("qkv/kernel")) and not any(
+      v for k, v in flat.items() if k.endswith(("norm1/scale", "qkv/bias")))
