@@ -93,3 +93,17 @@ def train_losses(workdir):
   """{step: loss} of a run's training steps, from its metrics.jsonl."""
   from retfiner_jax.runs.run_log import read_metrics
   return {r["step"]: r["loss"] for r in read_metrics(Path(workdir) / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def random_batch(cfg, n=8, seed=0):
+  """A training batch of random images and token ids (101 first, padding 0 after a random length)."""
+  import jax.numpy as jnp
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(5, cfg.max_text_length, n)
+  ids = rng.integers(200, 2000, (n, cfg.max_text_length))
+  ids[:, 0] = 101
+  ids[np.arange(cfg.max_text_length)[None] >= lengths[:, None]] = 0
+  return {"images": jnp.asarray(rng.normal(size=(n, cfg.image_size, cfg.image_size, 3)), jnp.float32),
+          "input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.asarray(ids != 0, jnp.int32),
+          "pair_ids": jnp.arange(n, dtype=jnp.int32)}

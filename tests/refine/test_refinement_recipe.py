@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import random_batch
+
 from retfiner_jax.models.config import get_variant
 from retfiner_jax.models.retfiner import RetFiner, init_params
 from retfiner_jax.models.vit import drop_path
@@ -20,14 +22,7 @@ CFG = get_variant("tiny-retfound").replace(dtype="float32", text_dropout=0.0)
 
 
 def _batch(n=8, seed=0, cfg=CFG):
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(5, cfg.max_text_length, n)
-  ids = rng.integers(200, 2000, (n, cfg.max_text_length))
-  ids[:, 0] = 101
-  ids[np.arange(cfg.max_text_length)[None] >= lengths[:, None]] = 0
-  return {"images": jnp.asarray(rng.normal(size=(n, cfg.image_size, cfg.image_size, 3)), jnp.float32),
-          "input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.asarray(ids != 0, jnp.int32),
-          "pair_ids": jnp.arange(n, dtype=jnp.int32)}
+  return random_batch(cfg, n, seed)
 
 
 def timm_drop_path(x, drop_prob, generator):

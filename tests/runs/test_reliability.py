@@ -21,7 +21,7 @@ from retfiner_jax.refine import inputs, trainer
 from retfiner_jax.runs.checkpoints import NoRestorableCheckpoint, ResumeMismatch, RunCheckpoints
 from retfiner_jax.runs.run_log import read_metrics
 from retfiner_jax.runs.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLocked
-from conftest import ROOT, tiny_config, train_losses
+from conftest import ROOT, random_batch, tiny_config, train_losses
 
 
 def test_kill_after_the_best_checkpoint_and_a_signal_at_an_epoch_end_resume(corpus, tmp_path):
@@ -216,12 +216,11 @@ def test_non_finite_parameters_are_caught_before_any_checkpoint():
   from retfiner_jax.models.retfiner import RetFiner, init_params
   from retfiner_jax.refine.objectives import ObjectiveSettings
   from retfiner_jax.refine.step import make_train_step
-  from test_refinement_recipe import _batch
   cfg = get_variant("tiny-retfound").replace(dtype="float32", text_dropout=0.0)
   params = init_params(cfg, jax.random.PRNGKey(0))
   tx = optax.sgd(float("nan"))
   step = jax.jit(make_train_step(RetFiner(cfg), ObjectiveSettings(), tx, 0, 1))
-  _, metrics = step({"params": params, "opt": tx.init(params), "step": jnp.int32(0)}, _batch())
+  _, metrics = step({"params": params, "opt": tx.init(params), "step": jnp.int32(0)}, random_batch(cfg))
   assert np.isfinite(float(metrics["loss"])) and float(metrics["params_finite"]) == 0.0
   run = types.SimpleNamespace(workdir=Path("w"), checkpoints=types.SimpleNamespace(latest_step=lambda: 3))
   with pytest.raises(trainer.NonFiniteLoss, match=r"non-finite parameters after step 7 .*last good checkpoint .* 3"):
