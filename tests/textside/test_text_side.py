@@ -234,6 +234,13 @@ def test_explain_command_draws_every_pair(setting, tmp_path, capsys):
   assert np.asarray(saved[0]["per_token"]).shape == (4, CFG.grid_size, CFG.grid_size)
   assert np.asarray(saved[0]["gradcam_per_token"]).shape == (4, CFG.grid_size, CFG.grid_size)
   assert saved[0]["gradcam_layer"] == 1 and 0 < saved[0]["itm"] < 1
+  # Per-token panels: both kinds by default, each labelled.
+  assert saved[0]["panels"][2:] == ["attention: sub (global %.2f)" % saved[0]["global"][0],
+                                    "attention: ##ret (global %.2f)" % saved[0]["global"][1],
+                                    "Grad-CAM: sub", "Grad-CAM: ##ret"]
+  explain.main([f"--model={root / 'model'}", f"--tokenizer={vocab}", f"--image={images[0]}", "--text=fluid",
+                f"--out={tmp_path / 'g.png'}", "--tokens=1", "--per-token=gradcam"])
+  assert json.loads((tmp_path / "g.json").read_text())[0]["panels"][2:] == ["Grad-CAM: fluid"]
   from PIL import Image
   assert Image.open(tmp_path / "maps.png").size[0] > 300
   with pytest.raises(SystemExit) as stop:
