@@ -82,8 +82,9 @@ def mae_config(variant: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(train_manifest="", image_column="image", slice_column="slice",
                                           intensity="bit_depth", augment=True, num_workers=0,
                                           skip_bad_records=False))
-  c.train = ml_collections.ConfigDict(dict(batch_size=4096, epochs=800, warmup_epochs=40, learning_rate=2.4e-3,
-                                           min_learning_rate=0.0, weight_decay=0.05, b1=0.9, b2=0.95,
+  # learning_rate 0: MAE's rule, blr x batch_size / 256 (2.4e-3 at 4096); set it to override.
+  c.train = ml_collections.ConfigDict(dict(batch_size=4096, epochs=800, warmup_epochs=40, learning_rate=0.0,
+                                           blr=1.5e-4, min_learning_rate=0.0, weight_decay=0.05, b1=0.9, b2=0.95,
                                            log_every=10, max_steps=-1))
   c.checkpoint = ml_collections.ConfigDict(dict(keep=2))
   return c

@@ -107,10 +107,24 @@ def weight_decay_mask(params):
   return jax.tree.map_with_path(lambda path, _: getattr(path[-1], "key", None) in DECAYED, params)
 
 
+def peak_learning_rate(config) -> tuple[float, str]:
+  """MAE's rule: `blr x batch / 256` (main_pretrain.py's `lr = blr * eff_batch_size / 256`) unless
+  `train.learning_rate` is set (above 0). Returns (the rate, how it was found) for the log."""
+  t = config.train
+  if t.learning_rate > 0:
+    return float(t.learning_rate), f"{t.learning_rate:g} (config.train.learning_rate)"
+  if not t.blr > 0:
+    raise ConfigError("config.train.learning_rate and config.train.blr are both 0: set blr (MAE's base rate per "
+                      "256 images, 1.5e-4) or learning_rate")
+  lr = t.blr * t.batch_size / 256
+  return lr, f"{lr:.4g} = blr {t.blr:g} x batch {t.batch_size} / 256 (MAE's rule)"
+
+
 def make_optimizer(config, total_steps: int, steps_per_epoch: int):
   t = config.train
+  peak, _ = peak_learning_rate(config)
   warmup = min(int(t.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, warmup, max(total_steps, warmup + 1),
+  schedule = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1),
                                                 end_value=t.min_learning_rate)
   labels = lambda params: jax.tree.map_with_path(
       lambda path, _: "frozen" if getattr(path[-1], "key", None) in FROZEN else "trained", params)
@@ -206,6 +220,7 @@ def _run(config, workdir: Path, log) -> dict:
   mesh = sharding.make_mesh()
   model = MaskedAutoencoder(cfg, s)
   tx, schedule = make_optimizer(config, total_steps, steps_per_epoch)
+  log(f"peak learning rate {peak_learning_rate(config)[1]}, after {config.train.warmup_epochs} warm-up epochs")
   check_resume_config(config, workdir, RESUMABLE_CHANGES, log)  # A resume takes the settings the run started with.
   checkpoints = RunCheckpoints(workdir, keep=config.checkpoint.keep, log=log)
   replicated = sharding.replicated(mesh)

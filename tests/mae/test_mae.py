@@ -177,3 +177,18 @@ def test_weight_decay_reaches_what_maes_does_in_both_layer_layouts(scan):
   flat = {"/".join(getattr(k, "key", "") for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(mask)}
   assert any(v for k, v in flat.items() if k.endswith("qkv/kernel")) and not any(
       v for k, v in flat.items() if k.endswith(("norm1/scale", "qkv/bias")))
+
+
+def test_the_learning_rate_follows_maes_rule_unless_set():
+  """MAE's main_pretrain.py: lr = blr x effective batch / 256, so a smaller batch trains at a smaller rate; a
+  learning rate given in the config is used as it is."""
+  c = mae_config("retfound")
+  assert mae_trainer.peak_learning_rate(c)[0] == pytest.approx(1.5e-4 * 4096 / 256)  # 2.4e-3, MAE's ViT-L run.
+  c.train.batch_size = 64
+  rate, how = mae_trainer.peak_learning_rate(c)
+  assert rate == pytest.approx(1.5e-4 * 64 / 256) and "blr" in how and "x batch 64 / 256" in how
+  c.train.learning_rate = 1e-3
+  assert mae_trainer.peak_learning_rate(c)[0] == 1e-3
+  c.train.learning_rate, c.train.blr = 0.0, 0.0
+  with pytest.raises(ConfigError, match="both 0"):
+    mae_trainer.peak_learning_rate(c)
