@@ -41,22 +41,22 @@ def run(fms, names, out: Path):
 
 
 def table(path: Path) -> str:
-  rows = ["| FM | target | settings that fit (first of the --fit ladder) | GiB per device (of) | est. s/step at 40-50 % MFU | compile s |",
-          "| --- | --- | --- | --- | --- | --- |"]
+  rows = ["| FM | target | settings that fit (first of the --fit ladder) | GiB per device (of) | est. s/step at 50 / 40 % MFU "
+          "| compile s (of that setting) | tried |", "| --- | --- | --- | --- | --- | --- | --- |"]
   for line in path.read_text().splitlines():
     r = json.loads(line)
     if "gib_per_device" not in r:
-      rows.append(f"| {r['fm']} | {r['target_name']} | error: {r.get('error', '')[:80]} | | | |")
+      rows.append(f"| {r['fm']} | {r['target_name']} | error: {r.get('error', '')[:80]} | | | | |")
       continue
     g, est = r["gib_per_device"], r.get("step_s_estimate") or {}
     fits = "as shipped" if r.get("rung") == "as configured" else r.get("rung", "?")
     if not r["fits"]:
       fits = "none of the ladder"
     total = f"{g['total']:.1f}" if g["total"] is not None else "?"
-    compile_s = "; ".join(f"{t['rung']}: {'fits' if t['fits'] else 'no'}" for t in r.get("tried", []))
+    tried = "; ".join(f"{t['rung']}: {'fits' if t['fits'] else 'no'}" for t in r.get("tried", []))
     rows.append(f"| {r['fm']} | {r['target_name']} | {fits} | {total} ({g['capacity']:.1f}) | "
-                f"{est.get('at_50_mfu', float('nan')):.2f}-{est.get('at_40_mfu', float('nan')):.2f} | "
-                f"{r['compile_s']:.0f} ({compile_s}) |")
+                f"{est.get('at_50_mfu', float('nan')):.3f} / {est.get('at_40_mfu', float('nan')):.3f} | "
+                f"{r['compile_s']:.0f} | {tried} |")
   return "\n".join(rows)
 
 

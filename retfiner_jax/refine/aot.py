@@ -137,8 +137,11 @@ def compile_report(config, target: targets.Target, devices, log=print, save: str
       raise
     figures = targets.out_of_memory_figures(str(e))
     needed, available = figures if figures else (None, capacity)
+    arguments, temporaries = state_bytes + batch_bytes, None
+    if needed is not None and targets.out_of_memory_counts_temporaries_only(str(e)):
+      temporaries, needed = needed, needed + arguments
     report.update(fits=False, compile_s=round(time.perf_counter() - started, 2),
-                  gib_per_device={"arguments": _gib(state_bytes + batch_bytes), "temporaries": None,
+                  gib_per_device={"arguments": _gib(arguments), "temporaries": _gib(temporaries),
                                   "total": _gib(needed), "capacity": _gib(available)},
                   error=str(e).strip().splitlines()[0][:400])
     return report
@@ -272,7 +275,8 @@ def out_of_memory(error: BaseException, devices) -> DeviceMemoryExceeded:
   where = f"{len(devices)} x {devices[0].device_kind}"
   if figures:
     needed, available = figures
-    text = f"needs {needed / GIB:.2f} GiB per device, {available / GIB:.2f} GiB available on {where}"
+    part = " for its temporaries" if targets.out_of_memory_counts_temporaries_only(str(error)) else ""
+    text = f"needs {needed / GIB:.2f} GiB per device{part}, {available / GIB:.2f} GiB available on {where}"
   else:
     needed = available = None
     text = f"XLA: {str(error).strip().splitlines()[0][:300]} ({where})"

@@ -202,7 +202,10 @@ def compile_only_devices(target: Target, gpu_target_config: str = ""):
 # What XLA says when a program does not fit (TPU: at compile time; GPU: the rematerialisation pass's warning or a
 # failed allocation).
 _OOM_PATTERNS = (
-    re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm"),  # XLA:TPU
+    # XLA:TPU (libtpu 0.0.42): "... the total memory required for HLO temporaries (37.29G) exceeds available HBM
+    # (15.75G)" -- the temporaries alone; the arguments come on top.
+    re.compile(r"memory required for [\w ]+? \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)"),
+    re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm"),  # XLA:TPU, older wording
     re.compile(r"can't reduce memory use below ([\d.]+)([KMGT])iB .*?only reduced to ([\d.]+)([KMGT])iB",
                re.IGNORECASE),  # XLA:GPU's rematerialisation pass
     re.compile(r"(?:allocat\w+|Out of memory).*?([\d.]+)([KMGT])i?B.*?(?:of|free:?) ([\d.]+)([KMGT])i?B"),
@@ -216,8 +219,13 @@ def out_of_memory_figures(message: str) -> tuple[int, int] | None:
     m = pattern.search(message)
     if m:
       a, b = float(m.group(1)) * _UNIT[m.group(2)], float(m.group(3)) * _UNIT[m.group(4)]
-      return (int(b), int(a)) if i == 1 else (int(a), int(b))  # The GPU pass names the limit first.
+      return (int(b), int(a)) if i == 2 else (int(a), int(b))  # The GPU pass names the limit first.
   return None
+
+
+def out_of_memory_counts_temporaries_only(message: str) -> bool:
+  """Whether the message's "needed" figure is the temporaries alone (XLA:TPU's current wording)."""
+  return _OOM_PATTERNS[0].search(message) is not None
 
 
 def is_out_of_memory(error: BaseException) -> bool:

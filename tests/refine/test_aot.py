@@ -66,6 +66,9 @@ def test_targets_parse_and_name_their_mistakes():
   # XLA's out-of-memory messages -> (needed, available).
   tpu = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 18.38G of 15.75G hbm. Exceeded hbm capacity by 2.63G."
   assert targets.out_of_memory_figures(tpu) == (int(18.38 * 2 ** 30), int(15.75 * 2 ** 30))
+  tpu = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (37.29G) "
+         "exceeds available HBM (15.75G).")  # libtpu 0.0.42's wording, seen compiling for v5e.
+  assert targets.out_of_memory_figures(tpu) == (int(37.29 * 2 ** 30), int(15.75 * 2 ** 30))
   gpu = "Can't reduce memory use below 60.30GiB (64749427735 bytes) by rematerialization; only reduced to 82.62GiB"
   assert targets.out_of_memory_figures(gpu) == (int(82.62 * 2 ** 30), int(60.30 * 2 ** 30))
 
