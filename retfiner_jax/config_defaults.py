@@ -79,9 +79,11 @@ def mae_config(variant: str) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(get_variant(variant).to_dict())
   c.mae = ml_collections.ConfigDict(dataclasses.asdict(MaeSettings()))
   c.init = ""  # An earlier MAE run (its workdir or export/mae_flax) to continue from, decoder included.
+  # MAE's augmentation: RandomResizedCrop (area 0.2-1, aspect 3/4-4/3, bicubic) and a horizontal flip.
   c.data = ml_collections.ConfigDict(dict(train_manifest="", image_column="image", slice_column="slice",
-                                          intensity="bit_depth", augment=True, num_workers=0,
-                                          skip_bad_records=False))
+                                          intensity="bit_depth", augment=True, crop_scale=(0.2, 1.0),
+                                          crop_ratio=(3 / 4, 4 / 3), flip=True, intensity_jitter=0.0,
+                                          num_workers=0, skip_bad_records=False))
   # learning_rate 0: MAE's rule, blr x batch_size / 256 (2.4e-3 at 4096); set it to override.
   c.train = ml_collections.ConfigDict(dict(batch_size=4096, epochs=800, warmup_epochs=40, learning_rate=0.0,
                                            blr=1.5e-4, min_learning_rate=0.0, weight_decay=0.05, b1=0.9, b2=0.95,
@@ -103,6 +105,9 @@ def demo_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def demo_mae(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """MAE pretraining settings for the demo's small ViT (configs/mae_demo.py; the demo's stage 1 and control)."""
+  # The demo's augmentation, not MAE's: a crop of 0.8-1.0 of the area keeping the aspect ratio, a flip, a +-10 %
+  # brightness/contrast jitter (what its figures were made with; MAE's crops down to 0.2 of the area).
+  c.data.crop_scale, c.data.crop_ratio, c.data.intensity_jitter = (0.8, 1.0), None, 0.1
   c.mae.decoder_dim = 64  # A decoder to match the 96-wide encoder (MAE's is 512 wide for ViT-L's 1024).
   c.mae.decoder_depth = 2
   c.mae.decoder_heads = 4

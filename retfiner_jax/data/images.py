@@ -148,11 +148,39 @@ def normalise(gray01: np.ndarray, backbone: str) -> np.ndarray:
   return (np.repeat(gray01[..., None], 3, axis=-1) - mean) / std
 
 
+def random_resized_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.08, 1.0),
+                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """(top, left, height, width) of a crop as RandomResizedCrop draws it: an area share uniform in `scale` and an
+  aspect ratio (width / height) log-uniform in `ratio`, ten tries, then the largest centred crop whose ratio is
+  within `ratio`."""
+  area = h * w
+  log_ratio = np.log(ratio)
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = float(np.exp(rng.uniform(*log_ratio)))
+    cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+  if w / h < min(ratio):
+    cw, ch = w, int(round(w / min(ratio)))
+  elif w / h > max(ratio):
+    ch, cw = h, int(round(h * max(ratio)))
+  else:
+    ch, cw = h, w
+  return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
 def augment(gray01: np.ndarray, rng: np.random.Generator, flip=True, intensity_jitter=0.1,
-            crop_scale=(0.8, 1.0)) -> np.ndarray:
-  """Training augmentation on a [0, 1] image: horizontal flip, random resized crop, brightness/contrast jitter."""
+            crop_scale=(0.8, 1.0), crop_ratio=None) -> np.ndarray:
+  """Training augmentation on a [0, 1] image: a random crop (resized to the model's size by `preprocess`,
+  bicubic), a horizontal flip, a brightness/contrast jitter. `crop_ratio` None: the crop keeps the image's aspect
+  ratio (area share uniform in `crop_scale`); a (low, high) pair: RandomResizedCrop's draw
+  (`random_resized_crop_box`), as MAE pretrains with scale (0.2, 1) and ratio (3/4, 4/3)."""
   h, w = gray01.shape
-  if crop_scale is not None and crop_scale[0] < 1.0:
+  if crop_ratio is not None:
+    top, left, ch, cw = random_resized_crop_box(h, w, rng, crop_scale, crop_ratio)
+    gray01 = gray01[top:top + ch, left:left + cw]
+  elif crop_scale is not None and crop_scale[0] < 1.0:
     scale = rng.uniform(*crop_scale)
     ch, cw = max(2, int(round(h * np.sqrt(scale)))), max(2, int(round(w * np.sqrt(scale))))
     top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)

@@ -213,7 +213,11 @@ def _run(config, workdir: Path, log) -> dict:
   batch_size = config.train.batch_size
   steps_per_epoch = len(records) // batch_size
   total_steps = config.train.max_steps if config.train.max_steps > 0 else steps_per_epoch * config.train.epochs
-  spec = pipeline.ImageSpec(cfg.image_size, cfg.backbone, config.data.intensity, config.data.augment)
+  d = config.data
+  augment_kw = (("flip", d.flip), ("intensity_jitter", d.intensity_jitter),
+                ("crop_scale", tuple(d.crop_scale) if d.crop_scale else None),
+                ("crop_ratio", tuple(d.crop_ratio) if d.crop_ratio else None))
+  spec = pipeline.ImageSpec(cfg.image_size, cfg.backbone, d.intensity, d.augment, augment_kw)
   data = iter(pipeline.train_dataset(records, spec, batch_size, config.seed, source=config.data.train_manifest,
                                      num_workers=config.data.num_workers, skip_bad=config.data.skip_bad_records,
                                      images_only=True))

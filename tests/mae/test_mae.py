@@ -192,3 +192,27 @@ def test_the_learning_rate_follows_maes_rule_unless_set():
   c.train.learning_rate, c.train.blr = 0.0, 0.0
   with pytest.raises(ConfigError, match="both 0"):
     mae_trainer.peak_learning_rate(c)
+
+
+def test_maes_augmentation_is_the_default_and_the_demo_keeps_its_own():
+  """MAE pretrains with RandomResizedCrop (area share uniform in 0.2-1, aspect log-uniform in 3/4-4/3, ten tries
+  then a centred crop) and a flip: the crops drawn here stay within those bounds and cover them."""
+  from retfiner_jax.config_defaults import demo_mae
+  from retfiner_jax.data.images import augment, random_resized_crop_box
+  c = mae_config("retfound")
+  assert (c.data.crop_scale, c.data.crop_ratio, c.data.flip, c.data.intensity_jitter) == (
+      (0.2, 1.0), (3 / 4, 4 / 3), True, 0.0)
+  demo = demo_mae(mae_config("retfound"))
+  assert (demo.data.crop_scale, demo.data.crop_ratio, demo.data.intensity_jitter) == ((0.8, 1.0), None, 0.1)
+  rng = np.random.default_rng(0)
+  boxes = np.array([random_resized_crop_box(100, 120, rng, (0.2, 1.0), (3 / 4, 4 / 3)) for _ in range(3000)])
+  top, left, h, w = boxes.T
+  assert np.all(top >= 0) and np.all(left >= 0) and np.all(top + h <= 100) and np.all(left + w <= 120)
+  area, aspect = h * w / (100 * 120), w / h
+  assert area.min() > 0.18 and area.max() <= 1.0 and area.min() < 0.25 and area.max() > 0.9
+  assert aspect.min() > 0.7 and aspect.max() < 1.4 and aspect.min() < 0.8 and aspect.max() > 1.25
+  # A strip far wider than 4/3 falls back, after ten impossible tries, to the largest centred crop of ratio 4/3.
+  assert random_resized_crop_box(10, 200, rng, (0.99, 1.0), (3 / 4, 4 / 3)) == (0, 93, 10, 13)
+  crop = augment(np.linspace(0, 1, 100 * 120).reshape(100, 120), np.random.default_rng(1), flip=False,
+                 intensity_jitter=0.0, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3))
+  assert crop.ndim == 2 and crop.size < 100 * 120 and 0 <= crop.min() <= crop.max() <= 1
