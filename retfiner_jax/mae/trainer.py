@@ -88,11 +88,31 @@ def abstract_params(cfg: ModelConfig, s: MaeSettings):
   return jax.eval_shape(lambda: _initialised(cfg, s, jax.random.PRNGKey(0)))
 
 
+def maes_initialisation(params: dict, rng) -> dict:
+  """MAE's `initialize_weights` on a parameter tree: every Linear weight xavier-uniform over PyTorch's
+  (fan_in, fan_out), the patch embedding too (over its flattened p x p x 3 inputs), the class and mask tokens
+  normal(0.02); biases 0 and LayerNorms 1/0 as the model already makes them. A scanned stack's leading layer axis
+  is a stack of separately initialised layers, not a fan."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(rng, len(leaves))
+  out = []
+  for (path, x), key in zip(leaves, keys):
+    names = [getattr(k, "key", "") for k in path]
+    if names[-1] in ("cls_token", "mask_token"):
+      x = 0.02 * jax.random.normal(key, x.shape, jnp.float32)
+    elif names[-1] == "kernel":  # (in, out); (layers, in, out) when scanned; the patch conv (p, p, 3, D).
+      fan_in = int(np.prod(x.shape[:3])) if x.ndim == 4 else x.shape[-2]
+      limit = float(np.sqrt(6.0 / (fan_in + x.shape[-1])))
+      x = jax.random.uniform(key, x.shape, jnp.float32, -limit, limit)
+    out.append(x)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def init_params(cfg: ModelConfig, s: MaeSettings, seed: int) -> dict:
-  """MAE's initialisation: fixed sin-cos positions in the encoder and decoder, everything else as the model's
-  initialisers give it."""
-  params = jax.jit(lambda r: _initialised(cfg, s, r))(jax.random.PRNGKey(seed))
-  params = jax.tree.map(np.asarray, params)
+  """MAE's initialisation: `maes_initialisation`, and fixed sin-cos positions in the encoder and decoder."""
+  rng, mae_rng = jax.random.split(jax.random.PRNGKey(seed))
+  params = jax.jit(lambda r: _initialised(cfg, s, r))(rng)
+  params = jax.tree.map(np.asarray, maes_initialisation(params, mae_rng))
   params["vision_encoder"]["pos_embed"] = sincos_pos_embed(cfg.vision_dim, cfg.grid_size)
   return params
 

@@ -216,3 +216,26 @@ def test_maes_augmentation_is_the_default_and_the_demo_keeps_its_own():
   crop = augment(np.linspace(0, 1, 100 * 120).reshape(100, 120), np.random.default_rng(1), flip=False,
                  intensity_jitter=0.0, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3))
   assert crop.ndim == 2 and crop.size < 100 * 120 and 0 <= crop.min() <= crop.max() <= 1
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_initialisation_is_maes(scan):
+  """MAE's initialize_weights: Linear weights xavier-uniform (bound sqrt(6 / (fan_in + fan_out)) over PyTorch's
+  fans; a scanned stack's layer axis is not a fan), the patch embedding xavier over its flattened p x p x 3
+  inputs, the class and mask tokens normal(0.02), biases 0, LayerNorm 1/0, positions sin-cos."""
+  cfg = CFG.replace(scan_layers=scan, vision_dim=96, vision_mlp_dim=384)
+  p = mae_trainer.init_params(cfg, SETTINGS, 0)
+  enc = p["vision_encoder"]
+  qkv = enc["blocks"]["attn"]["qkv"]["kernel"] if scan else enc["blocks_0"]["attn"]["qkv"]["kernel"]
+  bound = np.sqrt(6 / (96 + 3 * 96))
+  assert np.abs(qkv).max() <= bound and np.std(qkv) == pytest.approx(bound / np.sqrt(3), rel=0.05)
+  patch = enc["patch_embed"]["kernel"]
+  bound = np.sqrt(6 / (8 * 8 * 3 + 96))
+  assert np.abs(patch).max() <= bound and np.std(patch) == pytest.approx(bound / np.sqrt(3), rel=0.05)
+  assert np.std(enc["cls_token"]) == pytest.approx(0.02, rel=0.35)  # 96 values.
+  assert np.std(p["decoder"]["mask_token"]) == pytest.approx(0.02, rel=0.6)  # 16 values.
+  fc1_bias = enc["blocks"]["mlp"]["fc1"]["bias"] if scan else enc["blocks_0"]["mlp"]["fc1"]["bias"]
+  assert not np.any(fc1_bias)
+  np.testing.assert_array_equal(enc["pos_embed"], sincos_pos_embed(96, 4))
+  if scan:  # The layers of a stack are drawn apart.
+    assert not np.allclose(enc["blocks"]["attn"]["qkv"]["kernel"][0], enc["blocks"]["attn"]["qkv"]["kernel"][1])
