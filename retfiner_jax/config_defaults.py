@@ -85,9 +85,10 @@ def mae_config(variant: str) -> ml_collections.ConfigDict:
                                           crop_ratio=(3 / 4, 4 / 3), flip=True, intensity_jitter=0.0,
                                           num_workers=0, skip_bad_records=False))
   # learning_rate 0: MAE's rule, blr x batch_size / 256 (2.4e-3 at 4096); set it to override.
-  c.train = ml_collections.ConfigDict(dict(batch_size=4096, epochs=800, warmup_epochs=40, learning_rate=0.0,
-                                           blr=1.5e-4, min_learning_rate=0.0, weight_decay=0.05, b1=0.9, b2=0.95,
-                                           log_every=10, max_steps=-1))
+  # accum_iter k: MAE's gradient accumulation, an update every k steps of batch_size (effective batch x k).
+  c.train = ml_collections.ConfigDict(dict(batch_size=4096, accum_iter=1, epochs=800, warmup_epochs=40,
+                                           learning_rate=0.0, blr=1.5e-4, min_learning_rate=0.0, weight_decay=0.05,
+                                           b1=0.9, b2=0.95, log_every=10, max_steps=-1))
   c.checkpoint = ml_collections.ConfigDict(dict(keep=2))
   return c
 

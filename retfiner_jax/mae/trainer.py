@@ -128,7 +128,7 @@ def weight_decay_mask(params):
 
 
 def peak_learning_rate(config) -> tuple[float, str]:
-  """MAE's rule: `blr x batch / 256` (main_pretrain.py's `lr = blr * eff_batch_size / 256`) unless
+  """MAE's rule: `blr x batch x accum_iter / 256` (main_pretrain.py's `lr = blr * eff_batch_size / 256`) unless
   `train.learning_rate` is set (above 0). Returns (the rate, how it was found) for the log."""
   t = config.train
   if t.learning_rate > 0:
@@ -136,22 +136,33 @@ def peak_learning_rate(config) -> tuple[float, str]:
   if not t.blr > 0:
     raise ConfigError("config.train.learning_rate and config.train.blr are both 0: set blr (MAE's base rate per "
                       "256 images, 1.5e-4) or learning_rate")
-  lr = t.blr * t.batch_size / 256
-  return lr, f"{lr:.4g} = blr {t.blr:g} x batch {t.batch_size} / 256 (MAE's rule)"
+  effective = t.batch_size * t.accum_iter  # MAE's eff_batch_size: batch x accum_iter (x processes).
+  lr = t.blr * effective / 256
+  accumulated = f" x accum_iter {t.accum_iter}" if t.accum_iter > 1 else ""
+  return lr, f"{lr:.4g} = blr {t.blr:g} x batch {t.batch_size}{accumulated} / 256 (MAE's rule)"
 
 
 def make_optimizer(config, total_steps: int, steps_per_epoch: int):
+  """AdamW with MAE's schedule over the run's updates; with `train.accum_iter` k > 1, MAE's gradient
+  accumulation: the gradients of k steps are averaged and applied once (optax.MultiSteps), so the effective batch
+  is batch_size x k. Returns (the optimizer, the learning rate as a function of the step)."""
   t = config.train
+  accum = int(t.accum_iter)
+  if accum < 1:
+    raise ConfigError(f"config.train.accum_iter must be at least 1, got {accum}")
   peak, _ = peak_learning_rate(config)
-  warmup = min(int(t.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1),
+  updates = max(total_steps // accum, 1)
+  warmup = min(int(t.warmup_epochs * steps_per_epoch) // accum, max(updates - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(updates, warmup + 1),
                                                 end_value=t.min_learning_rate)
   labels = lambda params: jax.tree.map_with_path(
       lambda path, _: "frozen" if getattr(path[-1], "key", None) in FROZEN else "trained", params)
   tx = optax.multi_transform({
       "trained": optax.adamw(schedule, t.b1, t.b2, weight_decay=t.weight_decay, mask=weight_decay_mask),
       "frozen": optax.set_to_zero()}, labels)
-  return tx, schedule
+  if accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum)
+  return tx, lambda step: schedule(step // accum)
 
 
 def make_train_step(model: MaskedAutoencoder, s: MaeSettings, tx, schedule, seed: int, patch: int):

@@ -9,6 +9,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from retfiner_jax.config_defaults import mae_config
@@ -239,3 +240,44 @@ def test_initialisation_is_maes(scan):
   np.testing.assert_array_equal(enc["pos_embed"], sincos_pos_embed(96, 4))
   if scan:  # The layers of a stack are drawn apart.
     assert not np.allclose(enc["blocks"]["attn"]["qkv"]["kernel"][0], enc["blocks"]["attn"]["qkv"]["kernel"][1])
+
+
+def test_gradient_accumulation_updates_every_k_steps_with_the_mean_gradient():
+  """MAE's accum_iter: with k = 2 the first step leaves the parameters as they are and the second applies one
+  AdamW update of the two steps' mean gradient, at a learning rate counted in updates; the rule's effective
+  batch is batch x k."""
+  c = mae_config("tiny-retfound")
+  c.train.update(batch_size=4, accum_iter=2, warmup_epochs=0, learning_rate=1e-3)
+  model = MaskedAutoencoder(CFG, SETTINGS)
+  params = mae_trainer.init_params(CFG, SETTINGS, 0)
+  images = jax.random.normal(jax.random.PRNGKey(5), (2, 4, 32, 32, 3))
+  tx, lr = mae_trainer.make_optimizer(c, total_steps=20, steps_per_epoch=10)
+  step = jax.jit(mae_trainer.make_train_step(model, SETTINGS, tx, lr, 0, CFG.patch_size))
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  one, m1 = step(state, images[0])
+  jax.tree.map(np.testing.assert_array_equal, one["params"], params)  # Accumulating: no update yet.
+  two, m2 = step(one, images[1])
+  # By hand: plain AdamW (no accumulation) on the mean of the two steps' gradients, at the schedule's first rate.
+  c1 = mae_config("tiny-retfound")
+  c1.train.update(batch_size=4, accum_iter=1, warmup_epochs=0, learning_rate=1e-3)
+  plain, _ = mae_trainer.make_optimizer(c1, total_steps=10, steps_per_epoch=10)
+
+  def grads(p, x, at):
+    return jax.grad(lambda q: mae_trainer.make_train_step(model, SETTINGS, optax.set_to_zero(), lr, 0,
+                                                          CFG.patch_size)(
+        {"params": q, "opt_state": (), "step": jnp.int32(at)}, x)[1]["loss"])(p)
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, grads(params, images[0], 0), grads(params, images[1], 1))
+  updates, _ = plain.update(mean, plain.init(params), params)
+  expected = optax.apply_updates(params, updates)
+
+  def close(got, want, g):
+    # Adam's first update is about lr x sign(g): where |g| is near Adam's eps (1e-8) the summation order alone
+    # flips it, so those entries are left out.
+    clear = np.abs(np.asarray(g)) > 1e-6
+    np.testing.assert_allclose(np.asarray(got)[clear], np.asarray(want)[clear], rtol=1e-4, atol=1e-6)
+  jax.tree.map(close, two["params"], expected, mean)
+  qkv = lambda p: np.asarray(p["vision_encoder"]["blocks"]["attn"]["qkv"]["kernel"])
+  assert np.mean(qkv(two["params"]) != qkv(params)) > 0.99  # The second step did update.
+  assert float(m1["lr"]) == float(m2["lr"]) == pytest.approx(1e-3)  # Both steps belong to update 0.
+  c.train.learning_rate = 0.0
+  assert mae_trainer.peak_learning_rate(c)[0] == pytest.approx(1.5e-4 * 4 * 2 / 256)
