@@ -40,19 +40,6 @@ def start_distributed(log):
   return jax.process_index(), jax.process_count()
 
 
-def aot_command(devices) -> str:
-  """The `python -m retfiner_jax.aot ... --fit` command for this command line's config and these devices."""
-  kept = [a for a in sys.argv[1:] if a.startswith("--config")]
-  kind, count = devices[0].device_kind, len(devices)
-  if "H100" in kind or "H200" in kind:
-    where = f"--target={count}x{'h100' if 'H100' in kind else 'h200'}"
-  elif devices[0].platform == "tpu":
-    where = "--topology=<this slice, e.g. v5e:2x4>"
-  else:
-    where = "--target=<the accelerator>"
-  return " ".join(["python -m retfiner_jax.aot", *kept, where, "--fit"])
-
-
 def run_with_fit_hint(config, workdir, log, **kwargs):
   """trainer.run; a step that does not fit in device memory names the command that finds settings that do."""
   import jax
@@ -60,8 +47,8 @@ def run_with_fit_hint(config, workdir, log, **kwargs):
   try:
     return trainer.run(config, workdir, log, **kwargs)
   except aot.DeviceMemoryExceeded as e:
-    raise aot.DeviceMemoryExceeded(f"{e}. Settings that fit: {aot_command(jax.devices())}", e.needed,
-                                   e.available) from None
+    raise aot.DeviceMemoryExceeded(f"{e}. Settings that fit: {aot.fit_command(sys.argv[1:], jax.devices())}",
+                                   e.needed, e.available) from None
 
 
 def main(argv):

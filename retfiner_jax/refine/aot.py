@@ -281,3 +281,17 @@ def out_of_memory(error: BaseException, devices) -> DeviceMemoryExceeded:
     needed = available = None
     text = f"XLA: {str(error).strip().splitlines()[0][:300]} ({where})"
   return DeviceMemoryExceeded(f"the train step does not fit in device memory: {text}", needed, available)
+
+
+def fit_command(argv, devices) -> str:
+  """The `python -m retfiner_jax.aot ... --fit` command for a command line's config flags (`argv`, without the
+  program) and the devices a run found."""
+  kept = [a for a in argv if a.startswith("--config")]
+  kind, count = devices[0].device_kind, len(devices)
+  if "H100" in kind or "H200" in kind:
+    where = f"--target={count}x{'h100' if 'H100' in kind else 'h200'}"
+  elif devices[0].platform == "tpu":
+    where = "--topology=<this slice, e.g. v5e:2x4>"
+  else:
+    where = "--target=<the accelerator>"
+  return " ".join(["python -m retfiner_jax.aot", *kept, where, "--fit"])

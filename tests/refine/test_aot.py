@@ -198,15 +198,14 @@ def test_a_step_that_does_not_fit_exits_1_and_is_not_saved(tmp_path):
   assert "DOES NOT FIT" in out.stderr and "not saved" in out.stderr
 
 
-def test_main_names_the_memory_and_the_fit_command_when_the_step_does_not_fit(monkeypatch, corpus, tmp_path):
-  """An out-of-memory error while compiling (as XLA:TPU raises it) becomes one message with its figures and the
-  aot --fit command, not a traceback."""
-  from retfiner_jax import main as main_command
-
+def test_running_out_of_memory_while_compiling_is_one_message_with_the_figures_and_the_fit_command(
+    monkeypatch, corpus, tmp_path):
+  """An out-of-memory error while compiling (libtpu's wording) stops the run with XLA's figures, not a traceback;
+  `main` adds the aot --fit command built from its own --config flags (aot.fit_command)."""
   class FakeLowered:
     def compile(self):
-      raise RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
-                         "hbm. Used 18.38G of 15.75G hbm. Exceeded hbm capacity by 2.63G.")
+      raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                         "temporaries (18.38G) exceeds available HBM (15.75G).")
 
   real = trainer.compiled_step
 
@@ -214,10 +213,11 @@ def test_main_names_the_memory_and_the_fit_command_when_the_step_does_not_fit(mo
     r.step_fn = type("F", (), {"lower": lambda self, *a: FakeLowered()})()
     return real(r, batch)
   monkeypatch.setattr(trainer, "compiled_step", fake)
-  monkeypatch.setattr(sys, "argv", ["main", "--config=retfound", "--config.train.batch_size=8"])
   with pytest.raises(aot.DeviceMemoryExceeded) as e:
-    main_command.run_with_fit_hint(run_config(corpus), tmp_path / "oom", lambda *a, **k: None)
-  message = str(e.value)
-  assert "needs 18.38 GiB per device, 15.75 GiB available" in message
-  assert "python -m retfiner_jax.aot --config=retfound --config.train.batch_size=8 --target=<the accelerator> " \
-         "--fit" in message
+    trainer.run(run_config(corpus), tmp_path / "oom", lambda *a, **k: None)
+  assert "needs 18.38 GiB per device for its temporaries, 15.75 GiB available" in str(e.value)
+  cpu = jax.devices("cpu")
+  assert aot.fit_command(["--config=retfound", "--workdir=w", "--config.train.batch_size=8"], cpu) == \
+      "python -m retfiner_jax.aot --config=retfound --config.train.batch_size=8 --target=<the accelerator> --fit"
+  h100 = [type("D", (), {"device_kind": "NVIDIA H100 80GB HBM3", "platform": "gpu"})()] * 8
+  assert aot.fit_command(["--config=urfound"], h100).endswith("--config=urfound --target=8xh100 --fit")
