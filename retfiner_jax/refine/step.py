@@ -64,7 +64,7 @@ def make_train_step(model: RetFiner, settings: ObjectiveSettings, tx, seed: int,
 
   def train_step(state, batch):
     batch = dict(batch)
-    stop = batch.pop("stop", None)  # Several processes: which of them were signalled (train.train_loop).
+    stop = batch.pop("stop", None)  # Several processes: which of them were signalled (trainer.train_loop).
     rng = jax.random.fold_in(base_key, state["step"])
     params = state["params"]
     if micro_batches == 1:
