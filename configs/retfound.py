@@ -2,6 +2,9 @@
 RETFound built with stochastic depth 0.1 as the original builds it (RetFiner/util_funcs.py,
 `load_vision_backbone`: `vit_large_patch16(drop_path_rate=0.1)`, active while Lightning trains).
 
+Where it fits as shipped (python -m retfiner_jax.aot; README, "Where it fits"): a v5p-8, v6e-8, one H200, eight
+H100s. Add `--config.model.remat=dots` on one H100 or a v4-8, `--config.model.remat=full` on a v5e-8.
+
   python -m retfiner_jax.main --config=configs/retfound.py --workdir=runs/retfound \
       --config.weights.vision=weights/retfound --config.weights.text=bert-base-uncased \
       --config.data.train_manifest=train.csv --config.data.val_manifest=val.csv

@@ -4,6 +4,9 @@ Stochastic depth stays off (`model.drop_path` 0): the original's snapshot has no
 (RetFiner/util_funcs.py, `load_vision_backbone`, knows RETFound and VisionFM only), so it records no value;
 UrFound's ViT is timm's like RETFound's, and `--config.model.drop_path=0.1` builds it as RETFound is built.
 
+Where it fits as shipped (python -m retfiner_jax.aot; README, "Where it fits"): every target of the README's
+table but a v5e-8, where `--config.model.remat=dots` fits.
+
   python -m retfiner_jax.main --config=configs/urfound.py --workdir=runs/urfound \
       --config.weights.vision=weights/urfound --config.weights.text=bert-base-uncased \
       --config.data.train_manifest=train.csv --config.data.val_manifest=val.csv

@@ -7,6 +7,9 @@ all losses, eps 1e-8 as everywhere). The rest are the original's defaults (AdamW
 without stochastic depth (RetFiner/util_funcs.py: `VisionTransformer(return_all_tokens=True, qkv_bias=True)`,
 drop_path_rate 0 by default), so `model.drop_path` stays 0.
 
+Where it fits as shipped (python -m retfiner_jax.aot; README, "Where it fits"): every target of the README's
+table but a v5e-8, where `--config.model.remat=dots` fits.
+
   python -m retfiner_jax.main --config=configs/visionfm.py --workdir=runs/visionfm \
       --config.weights.vision=weights/visionfm --config.weights.text=bert-base-uncased \
       --config.data.train_manifest=train.csv --config.data.val_manifest=val.csv
