@@ -127,8 +127,12 @@ class RetFinerModel:
     return np.concatenate(results) if results else np.zeros((0,))
 
   def embed_images(self, images) -> np.ndarray:
-    """(N, contrastive_dim), L2-normalised: the ITC image embeddings."""
-    return self._batched(self._embed_images, self.preprocess(images))
+    """(N, contrastive_dim), L2-normalised: the ITC image embeddings. Images are read and preprocessed a few
+    batches at a time, so memory holds a chunk of pixels, not the whole list."""
+    chunk = 8 * self.batch_size
+    parts = [self._batched(self._embed_images, self.preprocess(images[i:i + chunk]))
+             for i in range(0, len(images), chunk)]
+    return np.concatenate(parts) if parts else np.zeros((0, self.cfg.contrastive_dim), np.float32)
 
   def embed_texts(self, texts) -> np.ndarray:
     """(N, contrastive_dim), L2-normalised: the ITC report embeddings."""

@@ -4,7 +4,8 @@
 
 Every image is ranked against every report of the manifest by the ITC similarity; with --itm-top-k K the top K
 of each ranking are re-ordered by BLIP's score (its train_retrieval.py evaluation): the ITM head's "match" logit
-plus the ITC similarity. Logits, not probabilities: a float32 probability is 1.0 for every pair whose logits
+plus the ITC similarity. Each image is read and passed through the vision tower once per direction, with all the
+reports it is scored against, a chunk of images at a time. Logits, not probabilities: a float32 probability is 1.0 for every pair whose logits
 differ by more than about 17, and such ties would fall to column order. (ALBEF re-ranks by the logit alone.) A report counts as a
 match of an image when both rows share an `id` (a B-scan's own row otherwise). Writes retrieval.json and
 retrieval.md.
@@ -41,6 +42,41 @@ def rerank_top_k(scores, k: int, itm_logit) -> np.ndarray:
   return out
 
 
+def image_query_logits(model, images, ids, mask, top, chunk: int = 64) -> np.ndarray:
+  """(N, k) ITM match logits of each image with the k reports of its short list (`top`, report indices): each
+  image's vision pass once for its k reports; images read `chunk` at a time."""
+  out = np.zeros(top.shape, np.float32)
+  for start in range(0, len(images), chunk):
+    rows = slice(start, start + chunk)
+    pixels = model.preprocess(images[rows])
+    out[rows] = model.match_logits_groups(pixels, ids[top[rows]], mask[top[rows]])[..., 1]
+  return out
+
+
+def report_query_logits(model, images, ids, mask, top, chunk: int = 64) -> np.ndarray:
+  """(R, k) ITM match logits of each report with the k images of its short list (`top`, image indices), computed
+  image by image as ALBEF and BLIP cache each image's features once: every image is read and passed through the
+  vision tower once, with all the reports that short-listed it (groups padded to the chunk's largest), `chunk`
+  images at a time. Memory holds a chunk of images, never the R x k pairs' pixels."""
+  out = np.zeros(top.shape, np.float32)
+  flat = top.reshape(-1)
+  order = np.argsort(flat, kind="stable")
+  report_of, slot_of = np.divmod(order, top.shape[1])  # Pair order -> (report, its position in the short list).
+  starts = np.searchsorted(flat[order], np.arange(len(images) + 1))  # Pairs of image j: order[starts[j]:starts[j+1]].
+  for start in range(0, len(images), chunk):
+    members = [np.arange(starts[j], starts[j + 1]) for j in range(start, min(start + chunk, len(images)))]
+    wanted = [j for j, m in zip(range(start, start + chunk), members) if len(m)]
+    if not wanted:
+      continue
+    groups = [members[j - start] for j in wanted]
+    width = max(len(g) for g in groups)
+    padded = np.stack([np.pad(report_of[g], (0, width - len(g)), mode="edge") for g in groups])  # (C, G) reports.
+    logits = model.match_logits_groups(model.preprocess([images[j] for j in wanted]), ids[padded], mask[padded])
+    for g, row in zip(groups, logits[..., 1]):
+      out[report_of[g], slot_of[g]] = row[:len(g)]
+  return out
+
+
 def run(model, manifest, workdir, itm_top_k: int = 0, log=print) -> dict:
   from retfiner_jax.data.manifest import read_manifest
   if not Path(manifest).exists():
@@ -53,14 +89,9 @@ def run(model, manifest, workdir, itm_top_k: int = 0, log=print) -> dict:
   matches = match_matrix([r["id"] for r in records])
   i2t, t2i = sims, sims.T
   if itm_top_k > 0:
-    pixels = model.preprocess(images)
     ids, mask = model.tokenize(reports)
-    # Image queries: each image with its k reports in one pass of the image. Report queries: pair by pair (the
-    # k images differ from report to report).
-    i2t = rerank_top_k(sims, itm_top_k, lambda top: model.match_logits_groups(pixels, ids[top], mask[top])[..., 1])
-    t2i = rerank_top_k(sims.T, itm_top_k, lambda top: model.match_logits_prepared(
-        pixels[top.reshape(-1)], np.repeat(ids, top.shape[1], 0), np.repeat(mask, top.shape[1], 0))[:, 1]
-        .reshape(top.shape))
+    i2t = rerank_top_k(sims, itm_top_k, lambda top: image_query_logits(model, images, ids, mask, top))
+    t2i = rerank_top_k(sims.T, itm_top_k, lambda top: report_query_logits(model, images, ids, mask, top))
   result = {"pairs": len(records), "itm_top_k": itm_top_k,
             "image_to_report": ranking_metrics(i2t, matches), "report_to_image": ranking_metrics(t2i, matches.T)}
   workdir = Path(workdir)

@@ -281,3 +281,29 @@ def test_the_original_lightning_checkpoint_loads_with_its_text_side(tmp_path):
   saved = json.loads(out.with_suffix(".json").read_text())[0]
   np.testing.assert_allclose(saved["itm"], model.match([scan], ["drusen"])[0], atol=2e-3)  # Command: bfloat16.
   assert np.isfinite(saved["gradcam"]).all() and np.asarray(saved["gradcam"]).shape == (model.cfg.grid_size,) * 2
+
+
+def test_reranking_logits_streamed_by_image_equal_the_pairs_one_by_one(setting):
+  """Re-ranking's ITM logits, computed image by image (each image's vision pass once, with every report that
+  short-listed it, a few images at a time), equal the logits of each (image, report) pair passed on its own; the
+  embeddings, read a chunk of images at a time, equal those of one pass."""
+  root, _, vocab = setting
+  model = RetFinerModel.load(root / "model", tokenizer=vocab, batch_size=4)
+  images = [str(p) for p in sorted((root / "data" / "images").glob("*.png"))[:7]]
+  reports = ["subretinal fluid", "normal foveal contour", "drusen", "macular hole", "no fluid"]
+  ids, mask = model.tokenize(reports)
+  pixels = model.preprocess(images)
+  rng = np.random.default_rng(0)
+  top_images = np.stack([rng.permutation(len(images))[:3] for _ in reports])  # (R, k) image short lists.
+  want = model.match_logits_prepared(pixels[top_images.reshape(-1)], np.repeat(ids, 3, 0),
+                                     np.repeat(mask, 3, 0))[:, 1].reshape(top_images.shape)
+  got = retrieval.report_query_logits(model, images, ids, mask, top_images, chunk=2)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  top_reports = np.stack([rng.permutation(len(reports))[:2] for _ in images])  # (N, k) report short lists.
+  want = np.stack([model.match_logits_prepared(pixels[[i, i]], ids[row], mask[row])[:, 1]
+                   for i, row in enumerate(top_reports)])
+  got = retrieval.image_query_logits(model, images, ids, mask, top_reports, chunk=3)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  small = RetFinerModel.load(root / "model", tokenizer=vocab, batch_size=1)  # Chunks of 8 images: 7 is one.
+  np.testing.assert_allclose(small.embed_images(images + images[:3]), np.concatenate(
+      [model.embed_images(images), model.embed_images(images[:3])]), atol=1e-5)
