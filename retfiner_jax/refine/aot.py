@@ -18,10 +18,8 @@ import jax
 import numpy as np
 
 from retfiner_jax.errors import ConfigError, UserError
-from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.refine.flops import step_flops
-from retfiner_jax.refine.objectives import ObjectiveSettings
-from retfiner_jax.refine.step import check_batch_divides, sharded_train_step
+from retfiner_jax.refine.step import check_batch_divides, model_config, objective_settings, sharded_train_step
 from retfiner_jax.runs import sharding, targets
 
 GIB = targets.GIB
@@ -79,10 +77,9 @@ def with_overrides(config, overrides: dict, devices: int):
   return out
 
 
-def lower_step(config, devices):
-  """config + devices -> (ShardedStep, lowered step, its abstract arguments, lower seconds)."""
-  cfg = ModelConfig.from_dict(config.model.to_dict(), source="config.model")
-  settings = ObjectiveSettings(**config.train.objectives)
+def lower_step(config, devices, cfg, settings):
+  """config (and the model config and objective settings made from it) + devices -> (ShardedStep, lowered step,
+  its abstract arguments, lower seconds)."""
   try:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   except ValueError as e:
@@ -113,9 +110,8 @@ def fingerprint(lowered, devices) -> dict:
 def compile_report(config, target: targets.Target, devices, log=print, save: str = "") -> dict:
   """Lowers and compiles the config's train step for `devices`; returns the JSON report (see README: "Where it
   fits"). A step that XLA refuses for lack of memory is reported as not fitting, with the figures XLA gives."""
-  cfg = ModelConfig.from_dict(config.model.to_dict(), source="config.model")
-  settings = ObjectiveSettings(**config.train.objectives)
-  built, lowered, (state, batch), lower_s = lower_step(config, devices)
+  cfg, settings = model_config(config), objective_settings(config)
+  built, lowered, (state, batch), lower_s = lower_step(config, devices, cfg, settings)
   report = {"target": target.name, "devices": target.devices, "device_kind": devices[0].device_kind,
             "settings": dict(settings_of(config), mesh={k: int(v) for k, v in built.mesh.shape.items()}),
             "lower_s": round(lower_s, 2)}
@@ -206,30 +202,20 @@ def load_compiled(path, lowered, devices):
 
 
 def fit(config, target: targets.Target, devices, log=print, save: str = "") -> tuple[dict, list[dict]]:
-  """The config as given, then FIT_LADDER's rungs until one fits. Returns (the first report that fits, or the
-  last one tried; every report)."""
+  """The config as given, then FIT_LADDER's rungs until one fits (each setting compiled once; the one that fits
+  is the one saved). Returns (the first report that fits, or the last one tried; every report)."""
   tried = []
-  first = compile_report(config, target, devices, log)
-  tried.append(dict(first, rung="as configured"))
-  log(describe(tried[-1]))
-  if first["fits"]:
-    if save:
-      compile_report(config, target, devices, log, save=save)
-    return tried[-1], tried
-  for name, overrides in FIT_LADDER:
+  for name, overrides in (("as configured", {}),) + FIT_LADDER:
     candidate = with_overrides(config, overrides, target.devices)
     micro = candidate.train.micro_batches
-    if candidate.train.batch_size % (target.devices * micro):
+    if overrides and candidate.train.batch_size % (target.devices * micro):  # As configured: an error says so.
       log(f"{name}: skipped (batch {candidate.train.batch_size} is not divisible by {target.devices} devices x "
           f"{micro} micro-batches)")
       continue
-    report = dict(compile_report(candidate, target, devices, log, save=""), rung=name)
-    tried.append(report)
-    log(describe(report))
-    if report["fits"]:
-      if save:
-        compile_report(candidate, target, devices, log, save=save)
-      return report, tried
+    tried.append(dict(compile_report(candidate, target, devices, log, save=save), rung=name))
+    log(describe(tried[-1]))
+    if tried[-1]["fits"]:
+      break
   return tried[-1], tried
 
 

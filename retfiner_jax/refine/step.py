@@ -20,6 +20,14 @@ from retfiner_jax.runs import sharding
 from retfiner_jax.weights import files as weight_files
 
 
+def model_config(config) -> ModelConfig:
+  return ModelConfig.from_dict(config.model.to_dict(), source="config.model")
+
+
+def objective_settings(config) -> ObjectiveSettings:
+  return ObjectiveSettings(**config.train.objectives)
+
+
 def make_optimizer(config):
   t = config.train
   return optax.adamw(t.learning_rate, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)

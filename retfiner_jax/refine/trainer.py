@@ -28,7 +28,8 @@ from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.retfiner import RetFiner, init_params
 from retfiner_jax.refine import aot, inputs
 from retfiner_jax.refine.objectives import ObjectiveSettings, make_loss_fn
-from retfiner_jax.refine.step import check_batch_divides, sharded_train_step
+from retfiner_jax.refine.step import (check_batch_divides, model_config, objective_settings,
+                                      sharded_train_step)
 from retfiner_jax.refine.validation import evaluate, make_embed_fn
 from retfiner_jax.runs import sharding, targets
 from retfiner_jax.runs.checkpoints import RunCheckpoints
@@ -39,14 +40,6 @@ from retfiner_jax.runs.workdir_lock import WorkdirLock
 from retfiner_jax.weights import exports
 from retfiner_jax.weights import files as weight_files
 from retfiner_jax.weights import sizes as weight_sizes
-
-
-def objective_settings(config) -> ObjectiveSettings:
-  return ObjectiveSettings(**config.train.objectives)
-
-
-def model_config(config) -> ModelConfig:
-  return ModelConfig.from_dict(config.model.to_dict(), source="config.model")
 
 
 def check_settings(config):
