@@ -22,9 +22,16 @@ def get_config():
   c.train.log_every = 20
   c.data.augment = True
   c.demo = ml_collections.ConfigDict()
-  c.demo.count = 2000  # Synthetic images (generated into WORKDIR/data unless they are there).
+  # Two synthetic corpora (generated into WORKDIR/data unless there), fixed across --seeds: the refinement corpus
+  # (a clinic's B-scans with reports; patients 90 % train, 10 % val for the refinement's early stopping) and the
+  # probe corpus (another site's labelled B-scans: synthetic.SITES["probe"]; train / val / test patients).
+  c.demo.refinement_count = 1600
+  c.demo.refinement_splits = (0.9, 0.1, 0.0)
+  c.demo.probe_count = 1500
+  c.demo.probe_splits = (0.6, 0.15, 0.25)
+  c.demo.corpus_seed = 0  # The refinement corpus's seed; the probe corpus's is corpus_seed + 1.
   c.demo.image_height = 256
-  c.demo.vocab_size = 600  # WordPiece vocabulary trained on the corpus's training reports.
+  c.demo.vocab_size = 800  # WordPiece vocabulary built from the refinement corpus's training reports.
   c.demo.tasks = ("diagnosis", "fluid", "drusen")
   # Stage 1, the FM: MAE pretraining (configs/mae_demo.py's settings; its model, seed and data are the demo's).
   # The control continues it for as many images as the refinement saw.

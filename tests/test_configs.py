@@ -167,29 +167,46 @@ def smoke_mae(name, config, corpus, tmp_path):
 
 
 def smoke_demo(name, config, corpus, tmp_path):
-  """The demo in short: its outputs (the four encoders' rows), and a refinement whose training loss falls."""
+  """The demo in short, two seeds: its outputs (the four encoders' rows per run, their mean and spread), the
+  corpus block, and refinements whose training loss falls."""
   from retfiner_jax import demo
-  config.demo.update(count=60, image_height=64, tasks=("fluid",))
+  config.demo.update(refinement_count=60, probe_count=60, image_height=64, tasks=("fluid",))
   config.demo.probe.seeds = (0,)
   config.demo.mae.mae.update(decoder_dim=16, decoder_depth=1, decoder_heads=2)
   config.demo.mae.train.update(epochs=1, batch_size=8, warmup_epochs=0, log_every=1)
   config.model.image_size = 32
   config.train.update(epochs=4, batch_size=8, log_every=1)
-  results = demo.run(config, tmp_path, log=lambda *a: None)
+  results = demo.run(config, tmp_path, seeds=2, log=lambda *a: None)
   saved = json.loads((tmp_path / "results.json").read_text())
-  assert set(saved["tasks"]) == {"fluid"} and results["tasks"] == saved["tasks"]
+  assert set(saved["tasks"]) == {"fluid"} and results["tasks"] == saved["tasks"] and saved["runs"] == 2
+  assert saved["corpus"]["shared_images"] == 0
+  assert saved["corpus"]["refinement_manifest"] == str(tmp_path / "data" / "refinement" / "manifest_train.csv")
+  assert set(saved["corpus"]["report_to_label_bacc"]) == {"fluid"}
   rows = saved["tasks"]["fluid"]
-  assert all(0 <= rows[k]["bacc"] <= 1 for k in ("random", "before", "after", "control"))
-  # The control saw as many images as the refinement: its MAE steps x batch cover the refinement's steps x batch.
-  refined_images = saved["refinement"]["steps"] * 8
-  assert saved["mae"]["control_images"] == refined_images and saved["mae"]["control_steps"] == -(-refined_images // 8)
-  control = json.loads((tmp_path / "mae_control" / "summary.json").read_text())
-  assert control["steps"] == saved["mae"]["control_steps"]
-  zero_shot = saved["tasks"]["fluid"]["zero_shot"]  # The text side's row: balanced accuracy of 2 classes.
-  assert zero_shot["classes"] == 2 and 0 <= zero_shot["bacc"] <= 1 and 0 <= zero_shot["auroc"] <= 1
-  losses = [r["loss"] for r in read_metrics(tmp_path / "refine" / "metrics.jsonl") if r["kind"] == "train"]
-  assert len(losses) >= 8
-  assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+  for k in ("random", "before", "after", "control"):
+    per_run = [r["tasks"]["fluid"][k]["bacc"] for r in saved["per_seed"]]
+    assert rows[k]["bacc_mean"] == pytest.approx(np.mean(per_run))
+    assert rows[k]["bacc_std"] == pytest.approx(np.std(per_run, ddof=1))
+  gain = [r["tasks"]["fluid"]["after"]["bacc"] - r["tasks"]["fluid"]["control"]["bacc"] for r in saved["per_seed"]]
+  assert saved["gains"]["fluid"]["after_vs_control"]["mean"] == pytest.approx(np.mean(gain))
+  for k, run in enumerate(saved["per_seed"]):
+    seed_dir = tmp_path / f"seed_{k}"
+    # The control saw as many images as the refinement: its MAE steps x batch cover the refinement's steps x batch.
+    refined_images = run["refinement"]["steps"] * 8
+    assert run["mae"]["control_images"] == refined_images and run["mae"]["control_steps"] == -(-refined_images // 8)
+    control = json.loads((seed_dir / "mae_control" / "summary.json").read_text())
+    assert control["steps"] == run["mae"]["control_steps"]
+    # Each stage ran with its own seed: the control's is not stage 1's.
+    used = {stage: json.loads((seed_dir / stage / "config.json").read_text())["seed"]
+            for stage in ("mae", "mae_control", "refine")}
+    assert used == {"mae": run["seeds"]["fm"], "mae_control": run["seeds"]["control"],
+                    "refine": run["seeds"]["refinement"]} and len(set(used.values())) == 3
+    zero_shot = run["tasks"]["fluid"]["zero_shot"]  # The text side's row: balanced accuracy of 2 classes.
+    assert zero_shot["classes"] == 2 and 0 <= zero_shot["bacc"] <= 1 and 0 <= zero_shot["auroc"] <= 1
+    losses = [r["loss"] for r in read_metrics(seed_dir / "refine" / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(losses) >= 8
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+  assert saved["per_seed"][0]["seeds"]["fm"] != saved["per_seed"][1]["seeds"]["fm"]
   assert (tmp_path / "results.png").exists()
 
 

@@ -35,7 +35,7 @@ def test_installed_console_scripts_run_from_another_folder(tmp_path):
         "error: config.train.log_every must be at least 1"), (config, out.stderr[-2000:])
   out = run("retfiner-probe", "--workdir=p")
   assert out.returncode == 2 and "give --config.encoder=PATH" in out.stderr, out.stderr[-2000:]
-  out = run("retfiner-demo", "--config.demo.cont=5")
-  assert out.returncode == 2 and 'Did you mean "count"' in out.stderr, out.stderr[-2000:]
+  out = run("retfiner-demo", "--config.demo.probe_cont=5")
+  assert out.returncode == 2 and 'Did you mean "probe_count"' in out.stderr, out.stderr[-2000:]
   out = run("retfiner-mae", "--workdir=m")  # Its default config (mae_demo) found; it needs a manifest.
   assert out.returncode == 2 and "error: config.data.train_manifest is empty" in out.stderr, out.stderr[-2000:]

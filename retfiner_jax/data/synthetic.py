@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import multiprocessing
 import os
 import time
@@ -50,10 +51,29 @@ LAYERS = (("rnfl", 7, 0.78), ("gcl", 9, 0.42), ("ipl", 7, 0.55), ("inl", 7, 0.28
 
 def _side(rng, centre):
   if abs(centre - 0.5) < 0.06:
-    return "subfoveal"
+    return _pick(rng, ["subfoveal", "at the fovea", "centrally"])
+  side = "nasal" if centre < 0.5 else "temporal"
   if abs(centre - 0.5) < 0.18:
-    return rng.choice(["parafoveal", f"{'nasal' if centre < 0.5 else 'temporal'} parafoveal"])
-  return "nasal" if centre < 0.5 else "temporal"
+    return _pick(rng, ["parafoveal", "juxtafoveal", f"{side} parafoveal", f"just {side} to the fovea"])
+  return _pick(rng, [side, f"{side} to the fovea", "extrafoveal", f"{side} macula"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """How a site's device acquires B-scans: the tilt of the retina across the scan (its range, as a fraction of
+  the height per width), the speckle's gamma shape (lower = stronger speckle), the display's contrast gamma, the
+  lateral blur (half-width in columns at 256 columns: coarser lateral resolution) and the noise floor."""
+  tilt: tuple = (-0.08, 0.08)
+  speckle_shape: float = 4.0
+  contrast_gamma: float = 1.0
+  lateral_blur: int = 0
+  noise_floor: float = 0.04
+
+
+# The demo's two sites: the clinic whose image-report pairs refine the FM, and the one whose labelled scans the
+# probe uses (another device: tilted scans, stronger speckle, a brighter display, coarser lateral resolution).
+SITES = {"clinic": Site(),
+         "probe": Site(tilt=(0.02, 0.16), speckle_shape=2.5, contrast_gamma=0.85, lateral_blur=1, noise_floor=0.05)}
 
 
 def sample_labels(rng: np.random.Generator) -> dict:
@@ -69,15 +89,15 @@ def sample_labels(rng: np.random.Generator) -> dict:
   return lab
 
 
-def render(lab: dict, rng: np.random.Generator, height=256, width=256) -> np.ndarray:
-  """The B-scan of the given findings as uint8 (height, width)."""
+def render(lab: dict, rng: np.random.Generator, height=256, width=256, site: Site = Site()) -> np.ndarray:
+  """The B-scan of the given findings as uint8 (height, width), as `site` acquires it."""
   s = height / 256.0
   x = np.linspace(0, 1, width)
   rows = np.arange(height)[:, None].astype(np.float32)
   size_of = {"small": 0.6, "medium": 1.0, "large": 1.5}
   fovea = 0.5 + rng.normal(0, 0.03)
   base = height * rng.uniform(0.28, 0.36)
-  ilm = (base + height * rng.uniform(0.0, 0.25) * (x - 0.5) ** 2 + height * rng.uniform(-0.08, 0.08) * (x - 0.5)
+  ilm = (base + height * rng.uniform(0.0, 0.25) * (x - 0.5) ** 2 + height * rng.uniform(*site.tilt) * (x - 0.5)
          + height * 0.04 * np.sin(2 * np.pi * (x * rng.uniform(0.3, 0.8) + rng.random())) * 0.3)
   pit = np.exp(-((x - fovea) / 0.07) ** 2)
   thin_factor = 0.55 if lab["thinning"] else 1.0
@@ -169,96 +189,169 @@ def render(lab: dict, rng: np.random.Generator, height=256, width=256) -> np.nda
   # Depth attenuation below the ILM, speckle, noise floor, mild blur along depth.
   depth = np.clip(rows - top, 0, None)
   image *= np.exp(-depth / (height * rng.uniform(0.5, 0.8)))
-  image *= rng.gamma(4.0, 1 / 4.0, image.shape)
-  image += np.abs(rng.normal(0, 0.04, image.shape))
+  image *= rng.gamma(site.speckle_shape, 1 / site.speckle_shape, image.shape)
+  image += np.abs(rng.normal(0, site.noise_floor, image.shape))
   image = (image + np.roll(image, 1, 0) + np.roll(image, -1, 0)) / 3
+  blur = int(round(site.lateral_blur * width / 256))
+  if blur:
+    image = sum(np.roll(image, k, 1) for k in range(-blur, blur + 1)) / (2 * blur + 1)
   image *= rng.uniform(0.85, 1.15)
-  return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+  return (np.clip(image, 0, 1) ** site.contrast_gamma * 255).astype(np.uint8)
 
 
-_PHRASES = {
-    "drusen": ["{size} drusen {where}", "{size} drusenoid deposits {where}", "drusen ({size}) {where}"],
-    "ped": ["{size} pigment epithelial detachment {where}", "{size} PED {where}", "RPE detachment {where}, {size}"],
-    "cysts": ["intraretinal cysts {where}", "{size} intraretinal cystoid spaces {where}",
-              "cystoid macular edema {where}"],
-    "srf": ["subretinal fluid {where}", "{size} amount of subretinal fluid {where}", "SRF present {where}"],
-    "erm": ["epiretinal membrane with retinal thickening", "{size} epiretinal membrane {where}", "ERM {where}"],
-    "hole": ["full-thickness macular hole", "{size} full-thickness macular hole at the fovea", "macular hole present"],
-    "ga": ["geographic atrophy {where} with hypertransmission", "{size} area of RPE atrophy {where}",
-           "outer retinal atrophy {where} with choroidal hypertransmission"],
-    "thinning": ["diffuse thinning of the inner retina", "thin retinal nerve fibre layer",
-                 "generalised retinal thinning"],
+# How reports are written. Real reports are incomplete, hedged and varied, so a report does not determine the
+# probe's labels: the demo measures how much it does (`report_coupling.py`) and prints it.
+OMIT_PROBABILITY = {"small": 0.35, "medium": 0.15, "large": 0.05}  # A present finding left out of the report.
+HEDGE_PROBABILITY = {"small": 0.4, "medium": 0.1, "large": 0.0}  # A reported finding hedged ("possible ...").
+FALSE_MENTION_PROBABILITY = 0.03  # Per absent finding: a hedged mention of it ("... cannot be excluded").
+RESOLVED_PROBABILITY = 0.04  # Per absent finding: "resolved since the last visit".
+COMPARISON_PROBABILITY = 0.25  # A reported finding compared with an earlier visit.
+IMPRESSION_PROBABILITY = 0.4  # The condition named in a closing impression.
+
+_TERMS = {  # Synonyms and abbreviations of each finding.
+    "drusen": ["drusen", "drusenoid deposits", "sub-RPE deposits", "drusenoid PED"],
+    "ped": ["PED", "pigment epithelial detachment", "RPE detachment", "serous PED", "fibrovascular PED"],
+    "cysts": ["IRF", "intraretinal fluid", "intraretinal cysts", "cystoid spaces", "CMO", "cystoid macular oedema"],
+    "srf": ["SRF", "subretinal fluid", "neurosensory detachment", "fluid under the neurosensory retina"],
+    "erm": ["ERM", "epiretinal membrane", "epiretinal gliosis", "macular pucker"],
+    "hole": ["FTMH", "full-thickness macular hole", "macular hole", "full thickness hole"],
+    "ga": ["GA", "geographic atrophy", "RPE atrophy", "cRORA", "outer retinal atrophy with hypertransmission"],
+    "thinning": ["inner retinal thinning", "thin RNFL", "GCL thinning", "generalised retinal thinning",
+                 "reduced RNFL thickness"],
 }
-_NEGATIONS = {"srf": ["no subretinal fluid", "no SRF"], "cysts": ["no intraretinal fluid", "no cysts"],
-              "drusen": ["no drusen"], "ped": ["no PED"], "erm": ["no epiretinal membrane"],
-              "hole": ["no macular hole"], "ga": ["no atrophy"], "thinning": ["normal retinal thickness"]}
+_NEGATED_TERMS = {"thinning": ["retinal thinning", "RNFL thinning", "GCL thinning"]}  # Where "no <term>" reads oddly.
+_SIZE_WORDS = {"small": ["small", "trace", "minimal", "subtle", "tiny"], "medium": ["moderate", "medium", "some"],
+               "large": ["large", "extensive", "marked", "significant"]}
+_PRESENT = ["{size} {term} {where}", "{term} {where}, {size}", "there is {size} {term} {where}", "{term} noted {where}",
+            "{term} seen {where}"]
+_HEDGED = ["possible {size} {term} {where}", "{size} {term} {where} cannot be excluded", "questionable {term} {where}",
+           "suspicious for {term} {where}", "?{term} {where}"]
+_COMPARED = ["{term} {where}, {trend} compared with the previous visit", "{trend} {term} {where} since the last scan",
+             "{term} {where} {trend} from prior"]
+_TRENDS = ["stable", "unchanged", "increased", "decreased", "slightly reduced", "new"]
+_ABSENT = ["no {term}", "no evidence of {term}", "{term} absent", "no {term} seen"]
+_FALSE_MENTION = ["{term} cannot be excluded", "possible {term}", "questionable {term}"]
+_RESOLVED = ["{term} resolved since the last visit", "previous {term} has resolved", "no residual {term}"]
 _NORMAL = ["normal foveal contour", "normal retinal layers", "unremarkable macula", "preserved foveal depression",
-           "normal OCT of the macula"]
+           "normal OCT of the macula", "macula within normal limits", "no pathology seen", "retinal layers intact"]
+_FILLER = ["good quality scan", "signal strength 8/10", "signal strength 6/10, mild media opacity", "fixation central",
+           "vitreous clear", "posterior vitreous detachment", "follow-up in 3 months", "scan centred on the fovea",
+           "mild vitreous floaters", "review with fundus photographs", "compared with the scan of last year",
+           "patient cooperative", "dilated pupils"]
+_IMPRESSIONS = {"normal": ["normal macula", "no abnormality detected"],
+                "dry_amd": ["dry AMD", "non-neovascular AMD", "intermediate AMD", "early AMD"],
+                "wet_amd": ["nAMD", "neovascular AMD", "wet AMD", "active CNV"],
+                "dme": ["DME", "DMO", "diabetic macular oedema"], "erm": ["ERM", "epiretinal membrane"],
+                "hole": ["FTMH", "macular hole"], "glaucoma": ["glaucomatous thinning", "glaucoma suspect"]}
+_IMPRESSION_FORMS = ["impression: {x}", "consistent with {x}", "findings in keeping with {x}", "diagnosis: {x}"]
 
-# Zero-shot prompts for the tasks' classes, in the reports' own phrasing (the demo's zero-shot row).
+# Zero-shot prompts for the tasks' classes, in the reports' own vocabulary (the demo's zero-shot row).
 ZERO_SHOT_PROMPTS = {
-    "fluid": {"fluid": ["subretinal fluid", "intraretinal cysts", "cystoid macular edema", "SRF present"],
+    "fluid": {"fluid": ["subretinal fluid", "intraretinal fluid", "SRF", "IRF", "cystoid macular oedema"],
               "no_fluid": ["no subretinal fluid", "no intraretinal fluid", "normal foveal contour"]},
-    "drusen": {"drusen": ["drusen", "drusenoid deposits"], "no_drusen": ["no drusen", "normal foveal contour"]},
-    "diagnosis": {"dme": ["intraretinal cysts", "cystoid macular edema"],
-                  "dry_amd": ["drusen", "drusenoid deposits", "geographic atrophy"],
-                  "erm": ["epiretinal membrane with retinal thickening", "ERM"],
-                  "glaucoma": ["diffuse thinning of the inner retina", "thin retinal nerve fibre layer"],
-                  "hole": ["full-thickness macular hole", "macular hole present"],
+    "drusen": {"drusen": ["drusen", "drusenoid deposits", "sub-RPE deposits"],
+               "no_drusen": ["no drusen", "normal foveal contour"]},
+    "diagnosis": {"dme": ["intraretinal fluid", "cystoid macular oedema", "DME"],
+                  "dry_amd": ["drusen", "drusenoid deposits", "geographic atrophy", "dry AMD"],
+                  "erm": ["epiretinal membrane", "ERM", "macular pucker"],
+                  "glaucoma": ["inner retinal thinning", "thin RNFL", "glaucomatous thinning"],
+                  "hole": ["full-thickness macular hole", "macular hole", "FTMH"],
                   "normal": list(_NORMAL),
-                  "wet_amd": ["pigment epithelial detachment", "subretinal fluid", "PED"]},
+                  "wet_amd": ["pigment epithelial detachment", "subretinal fluid", "PED", "neovascular AMD"]},
 }
+
+
+def _sentence(text: str) -> str:
+  text = " ".join(text.split()).replace(" ,", ",")
+  return text[0].upper() + text[1:] + "."
+
+
+def _pick(rng, options) -> str:
+  return str(options[rng.integers(len(options))])
 
 
 def write_report(lab: dict, rng: np.random.Generator) -> str:
-  parts = []
+  """A report of the findings in `lab`, written as clinicians write them: a present finding is left out with
+  OMIT_PROBABILITY (small ones more often) and hedged with HEDGE_PROBABILITY; findings are named by synonyms and
+  abbreviations, sometimes against an earlier visit; absent findings are sometimes negated, rarely mentioned as
+  possible or resolved; normal templates, sentences that carry no finding, and a closing impression that names
+  the condition with IMPRESSION_PROBABILITY."""
+  sentences = []
   present = [f for f in FINDINGS if lab[f]]
-  rng.shuffle(present)
-  for f in present:
-    phrase = str(rng.choice(_PHRASES[f]))
-    parts.append(phrase.format(size=lab[f + "_size"], where=_side(rng, lab[f + "_centre"])).strip())
-  if not present:
-    parts.append(str(rng.choice(_NORMAL)))
+  for f in rng.permutation(present):
+    size = lab[f + "_size"]
+    if rng.random() < OMIT_PROBABILITY[size]:
+      continue
+    words = {"term": _pick(rng, _TERMS[f]), "size": _pick(rng, _SIZE_WORDS[size]),
+             "where": _side(rng, lab[f + "_centre"]) if rng.random() < 0.7 else "", "trend": _pick(rng, _TRENDS)}
+    if rng.random() < HEDGE_PROBABILITY[size]:
+      form = _HEDGED
+    elif rng.random() < COMPARISON_PROBABILITY:
+      form = _COMPARED
+    else:
+      form = _PRESENT
+    sentences.append(_sentence(_pick(rng, form).format(**words)))
+  if not sentences:
+    sentences.append(_sentence(_pick(rng, _NORMAL)))
   absent = [f for f in FINDINGS if not lab[f]]
-  for f in rng.permutation(absent)[: rng.integers(0, 3)]:
-    parts.append(str(rng.choice(_NEGATIONS[f])))
-  text = ", ".join(parts)
-  return text if rng.random() < 0.5 else text.replace(", ", "; ", 1)
+  for f in rng.permutation(absent):
+    u, term = rng.random(), _pick(rng, _NEGATED_TERMS.get(f, _TERMS[f]))
+    if u < FALSE_MENTION_PROBABILITY:
+      sentences.append(_sentence(_pick(rng, _FALSE_MENTION).format(term=term)))
+    elif u < FALSE_MENTION_PROBABILITY + RESOLVED_PROBABILITY:
+      sentences.append(_sentence(_pick(rng, _RESOLVED).format(term=term)))
+    elif u < 0.25:
+      sentences.append(_sentence(_pick(rng, _ABSENT).format(term=term)))
+  for _ in range(int(rng.integers(0, 3))):
+    sentences.insert(int(rng.integers(len(sentences) + 1)), _sentence(_pick(rng, _FILLER)))
+  if rng.random() < IMPRESSION_PROBABILITY:
+    sentences.append(_sentence(_pick(rng, _IMPRESSION_FORMS).format(x=_pick(rng, _IMPRESSIONS[lab["condition"]]))))
+  return " ".join(sentences)
 
 
-def make_example(seed: int, index: int, height=256, width=256):
-  rng = np.random.default_rng([seed, index])
+def make_example(seed: int, index: int, height=256, width=256, site: str = "clinic"):
+  """Image `index` of the corpus of (`seed`, `site`): (uint8 B-scan, report, labels)."""
+  if site not in SITES:
+    raise ValueError(f"unknown site {site!r}; known: {', '.join(SITES)}")
+  rng = np.random.default_rng([seed, index] if site == "clinic" else [seed, list(SITES).index(site), index])
   lab = sample_labels(rng)
-  return render(lab, rng, height, width), write_report(lab, rng), lab
+  return render(lab, rng, height, width, SITES[site]), write_report(lab, rng), lab
 
 
-def _assign_split(rng) -> str:
+def _assign_split(rng, fractions) -> str:
   u = rng.random()
-  return "train" if u < 0.7 else ("val" if u < 0.85 else "test")
+  return "train" if u < fractions[0] else ("val" if u < fractions[0] + fractions[1] else "test")
 
 
 def _write_chunk(args):
-  out, seed, start, stop, height, width = args
+  out, seed, start, stop, height, width, site, fractions = args
   from PIL import Image
+  prefix = "" if site == "clinic" else f"{site}_"  # Another site's patients, ids and files are its own.
   rows = []
   for i in range(start, stop):
-    image, report, lab = make_example(seed, i, height, width)
-    name = f"images/oct_{i:06d}.png"
+    image, report, lab = make_example(seed, i, height, width, site)
+    name = f"images/{prefix}oct_{i:06d}.png"
     Image.fromarray(image).save(out / name, compress_level=1)
     patient = i // 2  # Two eyes per patient; the split is per patient.
-    split = _assign_split(np.random.default_rng([seed, 10 ** 9 + patient]))
-    rows.append({"image": name, "report": report, "id": f"oct_{i:06d}", "patient": f"p{patient:05d}",
+    split = _assign_split(np.random.default_rng([seed, 10 ** 9 + patient]), fractions)
+    rows.append({"image": name, "report": report, "id": f"{prefix}oct_{i:06d}", "patient": f"{prefix}p{patient:05d}",
                  "eye": "OD" if i % 2 == 0 else "OS", "split": split, **{k: lab.get(k) for k in
                  ["condition", *FINDINGS]}})
   return rows
 
 
-def generate(out, count=2000, seed=0, height=256, width=256, workers=None, log=print) -> Path:
-  """Writes the corpus under `out` (see the module docstring). Returns the manifest path."""
+def generate(out, count=2000, seed=0, height=256, width=256, workers=None, log=print, site: str = "clinic",
+             splits=(0.7, 0.15, 0.15)) -> Path:
+  """Writes the corpus of `site` (SITES) under `out` (see the module docstring), patients split into train, val
+  and test by the fractions `splits`. Returns the manifest path."""
   out = Path(out)
+  if site not in SITES:
+    raise ValueError(f"unknown site {site!r}; known: {', '.join(SITES)}")
+  if len(splits) != 3 or min(splits) < 0 or abs(sum(splits) - 1) > 1e-6:
+    raise ValueError(f"splits must be three fractions (train, val, test) that sum to 1, got {splits}")
   (out / "images").mkdir(parents=True, exist_ok=True)
   workers = workers or min(os.cpu_count() or 1, 8)
-  chunks = [(out, seed, a, min(a + 100, count), height, width) for a in range(0, count, 100)]
+  chunks = [(out, seed, a, min(a + 100, count), height, width, site, tuple(splits)) for a in range(0, count, 100)]
   start, rows = time.time(), []
   # spawn, not fork: the caller may have JAX's threads running.
   with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -289,7 +382,7 @@ def generate(out, count=2000, seed=0, height=256, width=256, workers=None, log=p
           os.link(out / r["image"], target)
         except OSError:
           target.write_bytes((out / r["image"]).read_bytes())
-  (out / "DONE").write_text(f"count={count} seed={seed} size={height}x{width}\n")
+  (out / "DONE").write_text(f"count={count} seed={seed} size={height}x{width} site={site} splits={tuple(splits)}\n")
   log(f"synthetic OCT: wrote {count} images, manifest.csv, labels.csv and tasks {list(TASKS)} under {out} "
       f"in {time.time() - start:.1f} s")
   return out / "manifest.csv"
@@ -303,8 +396,11 @@ def main(argv=None):
   p.add_argument("--height", type=int, default=256)
   p.add_argument("--width", type=int, default=256)
   p.add_argument("--workers", type=int, default=None)
+  p.add_argument("--site", default="clinic", choices=list(SITES), help="the acquisition (synthetic.SITES)")
+  p.add_argument("--splits", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"),
+                 help="fractions of patients in each split")
   a = p.parse_args(argv)
-  generate(a.out, a.count, a.seed, a.height, a.width, a.workers)
+  generate(a.out, a.count, a.seed, a.height, a.width, a.workers, site=a.site, splits=tuple(a.splits))
 
 
 if __name__ == "__main__":

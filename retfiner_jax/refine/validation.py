@@ -24,19 +24,28 @@ def match_matrix(keys) -> np.ndarray:
   return codes[:, None] == codes[None, :]
 
 
-def ranking_metrics(scores, matches, ks=(1, 5, 10)) -> dict:
-  """Rows are queries ranked over the columns by `scores` (highest first, ties in column order); the rank of
-  a query is the 1-based position of its first match. Counted, not sorted: the columns ahead of a query's
-  best-placed match are those scoring higher, and those scoring the same at a lower index."""
+def first_match_ranks(scores, matches) -> np.ndarray:
+  """The 1-based rank of each row's first match when its columns are ranked by `scores` (highest first, ties in
+  column order). Counted, not sorted: the columns ahead of a row's best-placed match are those scoring higher,
+  and those scoring the same at a lower index. A row without a match gets len(columns) + 1."""
   scores, matches = np.asarray(scores), np.asarray(matches, bool)
   masked = np.where(matches, scores, -np.inf)
   best = masked.max(axis=1, keepdims=True)
   first = np.argmax(masked == best, axis=1)[:, None]  # The lowest-index match with the best score.
   ahead = (scores > best) | ((scores == best) & (np.arange(scores.shape[1])[None, :] < first))
-  ranks = ahead.sum(axis=1) + 1
+  return np.where(matches.any(axis=1), ahead.sum(axis=1) + 1, scores.shape[1] + 1)
+
+
+def metrics_from_ranks(ranks, ks=(1, 5, 10)) -> dict:
+  ranks = np.asarray(ranks)
   out = {f"recall_at_{k}": float((ranks <= k).mean()) for k in ks}
   out["median_rank"] = float(np.median(ranks))
   return out
+
+
+def ranking_metrics(scores, matches, ks=(1, 5, 10)) -> dict:
+  """Recall@k and the median rank of rows ranked over the columns by `scores` (first_match_ranks)."""
+  return metrics_from_ranks(first_match_ranks(scores, matches), ks)
 
 
 def retrieval_recall(image_emb, text_emb, report_keys, ks=(1, 5, 10)) -> dict:

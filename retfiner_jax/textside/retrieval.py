@@ -20,26 +20,71 @@ import numpy as np
 
 from retfiner_jax.errors import MissingInput
 from retfiner_jax.refine import validation
-from retfiner_jax.refine.validation import ranking_metrics
+from retfiner_jax.refine.validation import metrics_from_ranks
 
 KS = (1, 5, 10)
+DEFAULT_ITM_TOP_K = 128  # ALBEF's and BLIP's k_test on Flickr30k (256 on COCO).
 
 
-def match_matrix(ids) -> np.ndarray:
-  """(N, N) True where rows i and j are a pair: the same non-empty id, or the same row."""
-  return validation.match_matrix([i if i else f"\0row{n}" for n, i in enumerate(ids)])
+def match_codes(ids) -> np.ndarray:
+  """Integer codes of the rows' pairs: rows match when their codes are equal (the same non-empty id; a row
+  without an id matches only itself)."""
+  keys = np.array([i if i else f"\0row{n}" for n, i in enumerate(ids)], dtype=object)
+  return np.unique(keys, return_inverse=True)[1].reshape(-1)
 
 
-def rerank_top_k(scores, k: int, itm_logit) -> np.ndarray:
-  """Scores with each row's top k replaced by BLIP's re-ranking score: `itm_logit(top)` ((N, k) columns -> (N, k)
-  ITM "match" logits, one call for all N*k pairs) plus the ITC score, shifted to stay above every other column."""
-  out = np.array(scores, np.float64)
-  top = np.argsort(-out, axis=1, kind="stable")[:, :k]
-  reranked = np.asarray(itm_logit(top), np.float64) + np.take_along_axis(out, top, axis=1)
-  rest = np.delete(out, top, axis=1) if out.shape[1] > top.shape[1] else np.zeros((len(out), 1))
-  offset = rest.max(axis=1, keepdims=True) - reranked.min(axis=1, keepdims=True) + 1.0  # Top k stay on top.
-  np.put_along_axis(out, top, reranked + np.maximum(offset, 0.0), axis=1)
+def _top_columns(scores: np.ndarray, k: int) -> np.ndarray:
+  """Each row's k highest columns, best first, ties to the lower column (as a stable sort of -scores gives),
+  found by partition: O(N) per row, not a full sort."""
+  if k >= scores.shape[1]:
+    return np.argsort(-scores, axis=1, kind="stable")
+  part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+  kth = np.take_along_axis(scores, part, axis=1).min(axis=1)
+  # Where the k-th score is tied with columns left out, the partition's choice among them is arbitrary: sort.
+  tied = (scores == kth[:, None]).sum(axis=1) != (np.take_along_axis(scores, part, axis=1) == kth[:, None]).sum(1)
+  if tied.any():
+    part[tied] = np.argsort(-scores[tied], axis=1, kind="stable")[:, :k]
+  vals = np.take_along_axis(scores, part, axis=1)
+  order = np.lexsort((part, -vals), axis=1)  # By score, then by column.
+  return np.take_along_axis(part, order, axis=1)
+
+
+def short_lists(queries, gallery, query_codes, gallery_codes, k: int, chunk: int = 256) -> dict:
+  """Ranks every query over the whole gallery by the ITC similarity, `chunk` queries at a time (memory: chunk x
+  gallery scores, never queries x gallery). With k = 0: {"ranks"}, each query's 1-based rank of its first match.
+  With k > 0, what ITM re-ranking needs: {"top"} (queries, k) gallery columns, {"top_scores"} their ITC scores,
+  {"top_match"} which of them match, {"rest_rank"} the rank of the best match among the other columns."""
+  queries, gallery = np.asarray(queries), np.asarray(gallery)
+  n, k = len(gallery), min(k, len(gallery))
+  out = {"ranks": np.zeros(len(queries), np.int64)} if not k else {
+      "top": np.zeros((len(queries), k), np.int64), "top_scores": np.zeros((len(queries), k), np.float64),
+      "top_match": np.zeros((len(queries), k), bool), "rest_rank": np.zeros(len(queries), np.int64)}
+  for start in range(0, len(queries), chunk):
+    rows = slice(start, start + chunk)
+    scores = queries[rows] @ gallery.T
+    matches = query_codes[rows, None] == gallery_codes[None, :]
+    if not k:
+      out["ranks"][rows] = validation.first_match_ranks(scores, matches)
+      continue
+    top = _top_columns(scores, k)
+    out["top"][rows], out["top_scores"][rows] = top, np.take_along_axis(scores, top, axis=1)
+    out["top_match"][rows] = np.take_along_axis(matches, top, axis=1)
+    # Where no match is short-listed, the k short-listed columns are all ahead of the best match (they score
+    # higher, or the same at a lower column): its rank among the others is its full rank less k.
+    out["rest_rank"][rows] = validation.first_match_ranks(scores, matches) - k
   return out
+
+
+def reranked_ranks(short: dict, itm_logits) -> np.ndarray:
+  """Each query's rank after re-ranking its short list by BLIP's score, the ITM "match" logit plus the ITC
+  similarity (ties to the lower column); the short list stays ahead of every other column."""
+  top, k = short["top"], short["top"].shape[1]
+  score = np.asarray(itm_logits, np.float64) + short["top_scores"]
+  matched = short["top_match"]
+  best = np.where(matched, score, -np.inf).max(axis=1, keepdims=True)
+  first = np.where(matched & (score == best), top, np.iinfo(np.int64).max).min(axis=1, keepdims=True)
+  ahead = (score > best) | ((score == best) & (top < first))
+  return np.where(matched.any(axis=1), ahead.sum(axis=1) + 1, k + short["rest_rank"])
 
 
 def image_query_logits(model, images, ids, mask, top, chunk: int = 64) -> np.ndarray:
@@ -77,7 +122,7 @@ def report_query_logits(model, images, ids, mask, top, chunk: int = 64) -> np.nd
   return out
 
 
-def run(model, manifest, workdir, itm_top_k: int = 0, log=print) -> dict:
+def run(model, manifest, workdir, itm_top_k: int = DEFAULT_ITM_TOP_K, log=print) -> dict:
   from retfiner_jax.data.manifest import read_manifest
   if not Path(manifest).exists():
     raise MissingInput(f"--manifest {manifest}: file not found")
@@ -85,15 +130,22 @@ def run(model, manifest, workdir, itm_top_k: int = 0, log=print) -> dict:
   images, reports = [r["image"] for r in records], [r["report"] for r in records]
   log(f"{manifest}: {len(records)} pairs")
   image_emb, text_emb = model.embed_images(images), model.embed_texts(reports)
-  sims = image_emb @ text_emb.T
-  matches = match_matrix([r["id"] for r in records])
-  i2t, t2i = sims, sims.T
+  codes = match_codes([r["id"] for r in records])
+  ranks = {}
   if itm_top_k > 0:
     ids, mask = model.tokenize(reports)
-    i2t = rerank_top_k(sims, itm_top_k, lambda top: image_query_logits(model, images, ids, mask, top))
-    t2i = rerank_top_k(sims.T, itm_top_k, lambda top: report_query_logits(model, images, ids, mask, top))
+    k = min(itm_top_k, len(records))
+    log(f"re-ranking each query's top {k} by ITM: {2 * len(records) * k} image-report pairs through the fusion "
+        f"encoder (--itm-top-k=0 ranks by ITC alone)")
+    short = short_lists(image_emb, text_emb, codes, codes, k)
+    ranks["image_to_report"] = reranked_ranks(short, image_query_logits(model, images, ids, mask, short["top"]))
+    short = short_lists(text_emb, image_emb, codes, codes, k)
+    ranks["report_to_image"] = reranked_ranks(short, report_query_logits(model, images, ids, mask, short["top"]))
+  else:
+    ranks["image_to_report"] = short_lists(image_emb, text_emb, codes, codes, 0)["ranks"]
+    ranks["report_to_image"] = short_lists(text_emb, image_emb, codes, codes, 0)["ranks"]
   result = {"pairs": len(records), "itm_top_k": itm_top_k,
-            "image_to_report": ranking_metrics(i2t, matches), "report_to_image": ranking_metrics(t2i, matches.T)}
+            **{direction: metrics_from_ranks(r, KS) for direction, r in ranks.items()}}
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "retrieval.json").write_text(json.dumps(result, indent=1))
@@ -113,7 +165,9 @@ def main(argv=None):
   from retfiner_jax.textside import api
   p = api.command_parser(__doc__)
   p.add_argument("--manifest", required=True)
-  p.add_argument("--itm-top-k", type=int, default=0)
+  p.add_argument("--itm-top-k", type=int, default=DEFAULT_ITM_TOP_K,
+                 help=f"re-rank each query's top K by ITM (default {DEFAULT_ITM_TOP_K}, ALBEF's and BLIP's k_test "
+                 "for Flickr30k); 0: rank by ITC alone")
   api.run_command(p, argv, lambda model, a: run(model, a.manifest, a.workdir, a.itm_top_k))
 
 

@@ -12,6 +12,7 @@ from retfiner_jax.data import synthetic
 from retfiner_jax.models.attention import padding_bias
 from retfiner_jax.models.config import get_variant
 from retfiner_jax.models.retfiner import RetFiner, init_params
+from retfiner_jax.refine import validation
 from retfiner_jax.textside import retrieval
 from retfiner_jax.textside import zeroshot
 from retfiner_jax.textside.api import RetFinerModel
@@ -91,7 +92,7 @@ def test_api_embeddings_matching_and_zero_shot(setting, tmp_path):
 def test_ranking_metrics_on_constructed_cases():
   # Three queries: the match of query 0 ranks first, of query 1 third, of query 2 second.
   scores = np.array([[0.9, 0.1, 0.2], [0.8, 0.1, 0.7], [0.3, 0.1, 0.2]])
-  got = retrieval.ranking_metrics(scores, np.eye(3, dtype=bool), ks=(1, 2, 3))
+  got = validation.ranking_metrics(scores, np.eye(3, dtype=bool), ks=(1, 2, 3))
   assert got == {"recall_at_1": 1 / 3, "recall_at_2": 2 / 3, "recall_at_3": 1.0, "median_rank": 2.0}
   # Against sorting (ties included): 200 queries with 3 matches each among 60 columns of coarse scores.
   rng = np.random.default_rng(0)
@@ -100,25 +101,61 @@ def test_ranking_metrics_on_constructed_cases():
     row[rng.choice(60, 3, replace=False)] = True
   order = np.argsort(-scores, axis=1, kind="stable")
   ranks = np.take_along_axis(matches, order, axis=1).argmax(axis=1) + 1
-  got = retrieval.ranking_metrics(scores, matches, ks=(1, 5, 10))
+  got = validation.ranking_metrics(scores, matches, ks=(1, 5, 10))
   assert got == {"recall_at_1": np.mean(ranks <= 1), "recall_at_5": np.mean(ranks <= 5),
                  "recall_at_10": np.mean(ranks <= 10), "median_rank": float(np.median(ranks))}
   # Rows sharing an id are each other's matches; rows without one match only themselves.
-  matches = retrieval.match_matrix(["a", "a", None, ""])
-  np.testing.assert_array_equal(matches, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+  codes = retrieval.match_codes(["a", "a", None, ""])
+  np.testing.assert_array_equal(codes[:, None] == codes[None, :],
+                                [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
   # Re-ranking: the top 2 are re-ordered by BLIP's score (ITM match logit + ITC similarity), the rest keep their
-  # order below them: 0.2 + 0.9 < 0.7 + 0.8.
-  reranked = retrieval.rerank_top_k(np.array([[0.9, 0.8, 0.1]]), 2, lambda top: np.where(top == 0, 0.2, 0.7))
-  assert list(np.argsort(-reranked[0])) == [1, 0, 2]
-  assert reranked[0, 1] - reranked[0, 0] == pytest.approx((0.7 + 0.8) - (0.2 + 0.9))
+  # order below them: 0.2 + 0.9 < 0.7 + 0.8, so column 1 is first and column 0 second.
+  one = lambda scores, match_col, logits: retrieval.reranked_ranks(
+      retrieval.short_lists(np.array([[1.0]]), np.array(scores)[:, None], np.array([match_col]), np.arange(3), 2),
+      logits)[0]
+  assert [one([0.9, 0.8, 0.1], col, [[0.2, 0.7]]) for col in range(3)] == [2, 1, 3]  # Logits of the short list.
   # Saturated: logits (0, 25) and (0, 40) are both probability 1.0 in float32, so a ranking by probability ties
   # and falls to column order; by logits the second wins.
   from retfiner_jax.textside.api import match_probability
   assert list(match_probability(np.array([[0.0, 25.0], [0.0, 40.0]]))) == [1.0, 1.0]
   np.testing.assert_allclose(match_probability(np.array([[0.3, -1.2]])), [np.exp(-1.2) / (np.exp(0.3) + np.exp(-1.2))],
                              rtol=1e-6)
-  reranked = retrieval.rerank_top_k(np.array([[0.9, 0.8, 0.1]]), 2, lambda top: np.where(top == 0, 25.0, 40.0))
-  assert list(np.argsort(-reranked[0])) == [1, 0, 2]
+  assert [one([0.9, 0.8, 0.1], col, [[25.0, 40.0]]) for col in range(3)] == [2, 1, 3]
+
+
+def brute_force_ranks(scores, matches, k=0, logits=None):
+  """Ranks by sorting each whole row (stable, so ties go to the lower column), the top k re-scored first."""
+  ranks = []
+  for n, (row, match) in enumerate(zip(scores, matches)):
+    order = list(np.argsort(-row, kind="stable"))
+    if k:
+      top = order[:k]
+      new = {c: logits[n][j] + row[c] for j, c in enumerate(top)}
+      order = sorted(top, key=lambda c: (-new[c], c)) + order[k:]
+    ranks.append(next((i for i, c in enumerate(order) if match[c]), len(order)) + 1)
+  return np.array(ranks)
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 40])
+def test_streamed_ranks_equal_sorting_every_whole_row(k):
+  """Chunks of queries, the short list found by partition, ties (coarse scores) and rows sharing ids: the same
+  ranks as sorting every row of the full matrix."""
+  rng = np.random.default_rng(k)
+  queries, gallery = rng.integers(-2, 3, (70, 4)).astype(np.float32), rng.integers(-2, 3, (40, 4)).astype(np.float32)
+  query_codes, gallery_codes = rng.integers(0, 25, 70), rng.integers(0, 25, 40)
+  query_codes[:5] = 99  # Queries without any match.
+  scores, matches = queries @ gallery.T, query_codes[:, None] == gallery_codes[None, :]
+  short = retrieval.short_lists(queries, gallery, query_codes, gallery_codes, k, chunk=16)
+  if not k:
+    got = short["ranks"]
+    want = brute_force_ranks(scores, matches)
+  else:
+    logits = rng.integers(-1, 2, short["top"].shape).astype(np.float64)
+    got = retrieval.reranked_ranks(short, logits)
+    want = brute_force_ranks(scores, matches, min(k, 40), logits)
+  has = matches.any(axis=1)
+  np.testing.assert_array_equal(got[has], want[has])
+  assert (got[~has] == 41).all()  # No match: one past the last column.
 
 
 def test_zero_shot_and_retrieval_commands(setting, tmp_path, capsys):
