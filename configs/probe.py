@@ -24,6 +24,9 @@ def get_config():
   c.representation = "concat"  # Features protocol only: concat | cls | mean.
   c.data = ml_collections.ConfigDict()
   c.data.root = ""  # [name=]dir,...: ImageFolder roots {train,val,test}/<class>/<image>.
+  # Files that are volumes of B-scans (VOL, E2E, 3-D .npy, ...): "centre" takes each one's centre B-scan, "all"
+  # every B-scan (each an item of the file's class).
+  c.data.slices = "centre"
   c.data.skip_bad_images = False  # True: images that do not decode are left out, each named in the log.
   c.workdir = "runs/probe"  # Also --workdir.
   c.cache_dir = ""  # Features protocol: '' = WORKDIR/feature_cache

@@ -20,8 +20,8 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from retfiner_jax.data.images import IMAGE_SUFFIXES, ImageError, read_image
-from retfiner_jax.data.manifest import Columns, ManifestError, read_manifest
+from retfiner_jax.data.images import IMAGE_SUFFIXES, ImageError, read_image, volume_length
+from retfiner_jax.data.manifest import Columns, ManifestError, read_manifest, slice_indices
 
 KINDS = {
     "missing_path": "no image path in the row",
@@ -30,6 +30,8 @@ KINDS = {
     "undecodable": "image does not decode",
     "not_2d": "not a 2-D B-scan after slice selection",
     "slice_out_of_range": "slice index out of range",
+    "not_a_volume": "slice range or * on a file that is not a volume",
+    "missing_reader": "needs an optional reader (pip install)",
     "non_finite": "NaN or infinite pixels",
     "overflow": "pixel values overflow float32",
     "not_pixels": "array of strings or objects, not pixels",
@@ -52,7 +54,18 @@ def check_record(record) -> list[tuple[str, str]]:
     problems.append(("missing_path", "no image path"))
   else:
     try:
-      read_image(record["image"], record.get("slice"))
+      spec = record.get("slice")
+      if isinstance(spec, str):  # A range or *: the volume's length from its header, then its first and last.
+        try:
+          indices = slice_indices(spec, volume_length(record["image"]))
+        except ValueError as e:
+          if isinstance(e, ImageError):
+            raise
+          raise ImageError("slice_out_of_range", f"{record['image']}: {e}") from None
+        for index in sorted({indices[0], indices[-1]}):
+          read_image(record["image"], index)
+      else:
+        read_image(record["image"], spec)
     except ImageError as e:
       problems.append((e.kind, str(e)))
   return problems
@@ -88,6 +101,8 @@ def problem_table(records, bad, first=20, report_path=None) -> str:
     more = f"; ... {len(rows) - first} more" if len(rows) > first else ""
     cut |= len(rows) > first
     lines.append(f"{KINDS.get(kind, kind):<44}{len(rows):>7}  {examples}{more}")
+    reason = next(message for k, message in bad[rows[0]] if k == kind)
+    lines.append(f"{'':<44}{'':>7}  e.g. row {rows[0]}: {reason}")  # The reason, and a fix where there is one.
   if cut and report_path is not None:
     write_problem_report(report_path, records, bad)
     lines.append(f"every bad row with its reasons: {report_path}")
@@ -177,7 +192,8 @@ def main(argv=None):
                  "more rows than the table shows (default: MANIFEST.problems.csv in the current folder)")
   a = p.parse_args(argv)
   try:
-    records = read_manifest(a.manifest, Columns(image=a.image_column, report=a.report_column, slice=a.slice_column))
+    records = read_manifest(a.manifest, Columns(image=a.image_column, report=a.report_column, slice=a.slice_column),
+                            expand_volumes=False)
   except ManifestError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

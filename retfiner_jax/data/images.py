@@ -1,16 +1,21 @@
 """Reading OCT B-scans of every common export format into one 2-D array, and preprocessing them for an FM.
 
 Formats: `.npy` (2-D, or a 3-D volume with a slice index), PNG, JPEG, TIFF (8/16-bit, grayscale or RGB),
-DICOM (single frame, or one frame of a multi-frame volume; needs pydicom). Colour images become one channel
+DICOM (single frame, or one frame of a multi-frame volume; needs pydicom), and device makers' volumes through
+eyepy (Heidelberg VOL, XML export and E2E, Topcon FDA, Duke .mat: data/vendor.py). Colour images become one channel
 (ITU-R 601 luma, as PIL's "L" conversion). Preprocessing follows the FM's recipe: intensity scaled to [0, 1]
 (by bit depth, or min-max), bicubic resize to the model's size, one channel repeated to three, the FM's
 normalisation.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
+
+from retfiner_jax.data import vendor
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 NORMALISATION = {
@@ -18,11 +23,11 @@ NORMALISATION = {
     "urfound": IMAGENET,
     "visionfm": ((0.21091926, 0.21091926, 0.21091919), (0.17598894, 0.17598891, 0.17598893)),
 }
-VOLUME_SUFFIXES = {".npy", ".tif", ".tiff", ".dcm", ".dicom"}  # Formats that may hold several B-scans.
+VOLUME_SUFFIXES = {".npy", ".tif", ".tiff", ".dcm", ".dicom"} | set(vendor.READERS)  # May hold several B-scans.
 IMAGE_SUFFIXES = VOLUME_SUFFIXES | {".png", ".jpg", ".jpeg"}
 LUMA = np.array([0.299, 0.587, 0.114])
-# Device makers' OCT files (Heidelberg .e2e/.vol, Topcon .fds, Zeiss .img): export their B-scans first.
-VENDOR_SUFFIXES = {".e2e", ".vol", ".fds", ".img"}
+# Device makers' OCT files that no reader here opens (Topcon .fds, Zeiss .img): export their B-scans first.
+UNREAD_VENDOR_SUFFIXES = {".fds", ".img"}
 
 
 class ImageError(ValueError):
@@ -58,9 +63,29 @@ def _select_slice(a: np.ndarray, slice_index, path, volume_capable: bool) -> np.
   return a
 
 
+@dataclasses.dataclass(frozen=True)
+class VolumeSlice:
+  """One B-scan of a volume file: it stands where an image path would (read_image reads it, the probe's feature
+  cache identifies it by the file's size and time)."""
+  path: str
+  index: int
+
+  def __str__(self):
+    return f"{self.path}[slice {self.index}]"
+
+  def read_pixels(self) -> np.ndarray:
+    return read_image(self.path, self.index)
+
+  def identity(self) -> str:
+    stat = os.stat(self.path)
+    return f"{self}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
 def read_image(path, slice_index=None) -> np.ndarray:
   """Any supported file -> a 2-D array in its stored dtype (uint8, uint16 or float). `path` may also be an
-  image stored in a built dataset (tfds_builders.TfdsImage), already 2-D."""
+  image stored in a built dataset (tfds_builders.TfdsImage), already 2-D, or a VolumeSlice."""
+  if isinstance(path, VolumeSlice):
+    return read_image(path.path, path.index)
   if hasattr(path, "read_pixels"):
     try:
       return path.read_pixels()
@@ -71,8 +96,13 @@ def read_image(path, slice_index=None) -> np.ndarray:
     raise ImageError("missing_file", f"{path}: file not found")
   suffix = path.suffix.lower()
   try:
-    if suffix == ".npy":
-      a = np.load(path, allow_pickle=False)
+    if suffix in vendor.READERS:
+      try:
+        a = vendor.read_volume(path)
+      except vendor.VendorError as e:
+        raise ImageError(e.kind, str(e)) from None
+    elif suffix == ".npy":
+      a = np.load(path, allow_pickle=False, mmap_mode="r")  # A volume's one B-scan is read, not all of them.
     elif suffix in (".tif", ".tiff"):
       import tifffile
       a = tifffile.imread(path)
@@ -88,10 +118,10 @@ def read_image(path, slice_index=None) -> np.ndarray:
         if im.mode in ("P", "LA", "PA", "1", "CMYK", "YCbCr"):
           im = im.convert("RGB")
         a = np.asarray(im)
-    elif suffix in VENDOR_SUFFIXES:
-      raise ImageError("unsupported_format", f"{path}: a device maker's OCT file ({suffix}); export its B-scans "
-                       f"as images first, e.g. with oct-converter (pip install oct-converter) or eyepy, and list "
-                       f"those in the manifest")
+    elif suffix in UNREAD_VENDOR_SUFFIXES:
+      raise ImageError("unsupported_format", f"{path}: a device maker's OCT file ({suffix}) that no reader here "
+                       f"opens; export its B-scans as images first (e.g. with oct-converter), and list those in the "
+                       f"manifest. Read here: {sorted(vendor.READERS)}")
     else:
       raise ImageError("unsupported_format", f"{path}: unsupported image format {suffix!r} "
                        f"(supported: {sorted(IMAGE_SUFFIXES)})")
@@ -103,7 +133,7 @@ def read_image(path, slice_index=None) -> np.ndarray:
     a = a.astype(np.uint8) * 255
   if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
     raise ImageError("not_pixels", f"{path}: holds {a.dtype} values, not pixel values (integers or floats)")
-  a = _select_slice(a, slice_index, path, volume_capable=suffix in VOLUME_SUFFIXES)
+  a = np.array(_select_slice(a, slice_index, path, volume_capable=suffix in VOLUME_SUFFIXES))  # Off the file.
   a = _to_gray(a)
   if a.ndim != 2:
     raise ImageError("not_2d", f"{path}: expected a 2-D B-scan after slice selection, got shape {a.shape}")
@@ -115,6 +145,66 @@ def read_image(path, slice_index=None) -> np.ndarray:
     if np.abs(a).max() > np.finfo(np.float32).max:  # Training reads pixels as float32.
       raise ImageError("overflow", f"{path}: pixel values up to {np.abs(a).max():.3g} overflow float32")
   return a
+
+
+def volume_shape(path) -> tuple:
+  """The array shape a file holds, from its header where the format has one (.npy, TIFF, DICOM); device makers'
+  volumes are read whole (and kept). Images give their 2-D (or colour 3-D) shape."""
+  path = Path(path)
+  if not path.exists():
+    raise ImageError("missing_file", f"{path}: file not found")
+  suffix = path.suffix.lower()
+  if suffix not in VOLUME_SUFFIXES:
+    raise ImageError("not_a_volume", f"{path}: a slice range or * needs a volume file ({sorted(VOLUME_SUFFIXES)})")
+  try:
+    if suffix in vendor.READERS:
+      try:
+        return tuple(vendor.read_volume(path).shape)
+      except vendor.VendorError as e:
+        raise ImageError(e.kind, str(e)) from None
+    if suffix == ".npy":
+      return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+    if suffix in (".tif", ".tiff"):
+      import tifffile
+      with tifffile.TiffFile(path) as f:
+        return tuple(f.series[0].shape)
+    import pydicom
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    frames = int(getattr(header, "NumberOfFrames", 1) or 1)
+    return (frames, int(header.Rows), int(header.Columns)) if frames > 1 else (int(header.Rows), int(header.Columns))
+  except ImageError:
+    raise
+  except Exception as e:  # noqa: BLE001 - as read_image: a damaged file is named with the decoder's words.
+    raise ImageError("undecodable", f"{path}: cannot read its header ({type(e).__name__}: {e})") from e
+
+
+def volume_length(path) -> int:
+  """How many B-scans the volume file holds (its first axis), for a manifest's slice range or `*`."""
+  shape = volume_shape(path)
+  if len(shape) < 3:
+    raise ImageError("not_a_volume", f"{path}: holds one image (shape {shape}), not a volume of B-scans")
+  return int(shape[0])
+
+
+SLICE_RULES = ("centre", "all")
+
+
+def folder_items(path, rule: str) -> list:
+  """The images a folder's file stands for: itself, or, for a volume of B-scans, its centre B-scan (index
+  n // 2) or all of them (VolumeSlice each), by `rule`. Device makers' volumes are always volumes; a .npy, TIFF
+  or DICOM file is one when its header says it holds several B-scans (a colour image is not one)."""
+  if rule not in SLICE_RULES:
+    raise ValueError(f"slices must be one of {SLICE_RULES}, got {rule!r}")
+  path = Path(path)
+  if path.suffix.lower() not in VOLUME_SUFFIXES:
+    return [path]
+  shape = volume_shape(path)
+  is_volume = path.suffix.lower() in vendor.READERS or len(shape) == 4 or (len(shape) == 3
+                                                                            and shape[-1] not in (1, 3, 4))
+  if not is_volume:
+    return [path]
+  indices = [shape[0] // 2] if rule == "centre" else range(shape[0])
+  return [VolumeSlice(str(path), int(i)) for i in indices]
 
 
 def scale_intensity(a: np.ndarray, mode: str = "bit_depth") -> np.ndarray:

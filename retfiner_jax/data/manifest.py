@@ -2,7 +2,10 @@
 
 Required columns: the image path (relative to the manifest's folder, or absolute) and the report text
 (default names `image` and `report`). Optional: `id` (image/report id: pairs sharing it are never ITM
-negatives of each other), `patient`, `eye`, `split`, `slice` (index of the B-scan in a volume file).
+negatives of each other), `patient`, `eye`, `split`, `slice`: which B-scans of a volume file (.npy, TIFF, DICOM,
+or a device maker's volume: data/vendor.py) the row means: an index (from 0), an inclusive range `3-7`, or `*`
+for every B-scan. A range or `*` becomes one record per B-scan when the manifest is read, all with the row's
+report and the row's `id` (one made from the row when it has none), so none is another's ITM negative.
 Rows are numbered from 1 (the first data row) in every message.
 """
 from __future__ import annotations
@@ -88,9 +91,56 @@ def _optional_int(value, path, row, column):
     raise ManifestError(f"{path}: row {row}: column {column!r} must be an integer, got {value!r}") from None
 
 
-def read_manifest(path, columns: Columns = Columns(), need_reports: bool = True) -> list[dict]:
-  """-> one dict per row: row, image (absolute path), report, id, patient, eye, split, slice. `need_reports`:
-  False for image-only uses (MAE pretraining), where a manifest may have no report column."""
+def _slice_spec(value, path, row, column):
+  """None, an index, or a range / every B-scan kept as text ("3-7", "*") until the volume's length is known."""
+  text = "" if value is None else str(value).strip()
+  if text == "*":
+    return "*"
+  first, dash, last = text.partition("-")
+  if dash and first.strip().isdigit() and last.strip().isdigit():
+    if int(first) > int(last):
+      raise ManifestError(f"{path}: row {row}: column {column!r}: range {text!r} runs backwards")
+    return f"{int(first)}-{int(last)}"
+  try:
+    return _optional_int(value, path, row, column)
+  except ManifestError:
+    raise ManifestError(f"{path}: row {row}: column {column!r} must be a B-scan index, an inclusive range like "
+                        f"3-7, or * (every B-scan), got {value!r}") from None
+
+
+def slice_indices(spec, length: int) -> list[int]:
+  """The B-scan indices of a range or `*` in a volume of `length` B-scans (ValueError when out of range)."""
+  if spec == "*":
+    return list(range(length))
+  first, last = (int(v) for v in str(spec).split("-"))
+  if last >= length:
+    raise ValueError(f"slice range {spec} outside the volume's B-scans 0..{length - 1}")
+  return list(range(first, last + 1))
+
+
+def expand_slices(records: list[dict], path) -> list[dict]:
+  """Each record whose slice is a range or `*` -> one record per B-scan (the volume's length read from its file),
+  sharing the row's id (or one made from the row)."""
+  from retfiner_jax.data.images import ImageError, volume_length
+  out = []
+  for r in records:
+    if not isinstance(r["slice"], str):
+      out.append(r)
+      continue
+    try:
+      indices = slice_indices(r["slice"], volume_length(r["image"]))
+    except (ImageError, ValueError) as e:
+      raise ManifestError(f"{path}: row {r['row']}: {e}") from None
+    ident = r["id"] or f"{Path(path).name}:row{r['row']}"
+    out += [{**r, "slice": i, "id": ident} for i in indices]
+  return out
+
+
+def read_manifest(path, columns: Columns = Columns(), need_reports: bool = True,
+                  expand_volumes: bool = True) -> list[dict]:
+  """-> one dict per B-scan: row, image (absolute path), report, id, patient, eye, split, slice. `need_reports`:
+  False for image-only uses (MAE pretraining), where a manifest may have no report column. `expand_volumes`:
+  False keeps a row whose slice is a range or `*` as one record, its slice as written (the checker's view)."""
   path = Path(path)
   if not path.exists():
     raise ManifestError(f"{path}: manifest not found")
@@ -119,9 +169,9 @@ def read_manifest(path, columns: Columns = Columns(), need_reports: bool = True)
         "patient": None if r.get(columns.patient) in (None, "") else str(r.get(columns.patient)),
         "eye": None if r.get(columns.eye) in (None, "") else str(r.get(columns.eye)),
         "split": None if r.get(columns.split) in (None, "") else str(r.get(columns.split)),
-        "slice": _optional_int(r.get(columns.slice), path, n, columns.slice),
+        "slice": _slice_spec(r.get(columns.slice), path, n, columns.slice),
     })
-  return records
+  return expand_slices(records, path) if expand_volumes else records
 
 
 def write_manifest(path, records: list[dict], fields=("image", "report", "id", "patient", "eye", "split", "slice")):

@@ -58,8 +58,10 @@ def decode_png16(data: bytes) -> np.ndarray:
 
 
 class OctReportPairs(tfds.core.GeneratorBasedBuilder):
-  """OCT B-scans with their reports, from a manifest."""
-  VERSION = tfds.core.Version("1.0.0")
+  """OCT B-scans with their reports, from a manifest (volume rows give one example per B-scan)."""
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "B-scans, reports, ids, patients, eyes, manifest rows.",
+                   "1.1.0": "Each example's B-scan index in its volume (slice, -1 for a single image)."}
 
   def __init__(self, *, manifest=None, columns: Columns = Columns(), **kwargs):
     self._manifest, self._columns = manifest, columns
@@ -68,7 +70,7 @@ class OctReportPairs(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
         "image": IMAGE, "report": tfds.features.Text(), "id": tfds.features.Text(),
-        "patient": tfds.features.Text(), "eye": tfds.features.Text(), "row": np.int64}))
+        "patient": tfds.features.Text(), "eye": tfds.features.Text(), "row": np.int64, "slice": np.int64}))
 
   def _split_generators(self, dl_manager):
     if self._manifest is None:
@@ -81,8 +83,11 @@ class OctReportPairs(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, records):
     for r in records:
-      yield r["row"], {"image": png16(read_image(r["image"], r["slice"])), "report": r["report"],
-                       "id": r["id"] or "", "patient": r["patient"] or "", "eye": r["eye"] or "", "row": r["row"]}
+      # A row whose slice is a range or * gives one example per B-scan (read_manifest expands it): keyed apart.
+      yield f"{r['row']}:{r['slice']}", {
+          "image": png16(read_image(r["image"], r["slice"])), "report": r["report"], "id": r["id"] or "",
+          "patient": r["patient"] or "", "eye": r["eye"] or "", "row": r["row"],
+          "slice": -1 if r["slice"] is None else int(r["slice"])}
 
 
 class OctImageFolder(tfds.core.GeneratorBasedBuilder):
@@ -154,8 +159,9 @@ def find_dataset(path, name: str) -> Path:
   """A built dataset's version folder, given it, the dataset's folder or the data_dir holding it."""
   path = Path(path)
   found = {}
-  for info in (path / "dataset_info.json", *sorted(path.glob("*/dataset_info.json")),
-               *sorted(path.glob("*/*/dataset_info.json"))):
+  version = lambda info: tuple(int(v) if v.isdigit() else 0 for v in info.parent.name.split("."))
+  for info in (path / "dataset_info.json", *sorted(path.glob("*/dataset_info.json"), key=version, reverse=True),
+               *sorted(path.glob("*/*/dataset_info.json"), key=version, reverse=True)):  # The newest version.
     if info.exists():
       found.setdefault(json.loads(info.read_text()).get("name"), info.parent)
   if name in found:
@@ -192,8 +198,12 @@ def pairs_records(path, split: str) -> list[dict]:
   for i in range(len(source)):
     ex = source[i]
     records.append({"row": int(ex["row"]), "image": TfdsImage(str(version_dir), split, i),
-                    "report": _text(ex["report"]), "id": _text(ex["id"]) or None, "slice": None})
-  return sorted(records, key=lambda r: r["row"])  # TFDS stores examples in hashed-key order.
+                    "report": _text(ex["report"]), "id": _text(ex["id"]) or None, "slice": None,
+                    "_order": (int(ex["row"]), int(ex.get("slice", -1)))})  # Built before 1.1.0: no slice.
+  records.sort(key=lambda r: r["_order"])  # TFDS stores examples in hashed-key order.
+  for r in records:
+    del r["_order"]
+  return records
 
 
 def folder_items(path) -> tuple[dict, list[str]]:

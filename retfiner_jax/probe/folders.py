@@ -1,4 +1,8 @@
-"""Classification datasets in ImageFolder layout: root/{train,val,test}/<class>/<image>."""
+"""Classification datasets in ImageFolder layout: root/{train,val,test}/<class>/<image>.
+
+A file may be a volume of B-scans (a device maker's volume, or a 3-D .npy, TIFF or DICOM): `slices` says which
+of its B-scans the probe takes, "centre" (index n // 2, the default) or "all" (each one an item of the file's
+class; a volume's B-scans then stay in one split, as the folder puts them)."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -6,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retfiner_jax.data.images import IMAGE_SUFFIXES, ImageError, preprocess, read_image, scale_intensity
+from retfiner_jax.data.images import (IMAGE_SUFFIXES, SLICE_RULES, ImageError, folder_items, preprocess,
+                                       read_image, scale_intensity)
 from retfiner_jax.errors import UserError
 
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -22,9 +27,13 @@ def is_built_dataset(root) -> bool:
   return any(any(Path(root).glob(f"{depth}dataset_info.json")) for depth in ("", "*/", "*/*/"))
 
 
-def read_image_folder(root):
-  """-> ({split: [(path, class_index)]}, class names). Every split must hold the same >= 2 classes. A dataset
-  built from such a folder by data/tfds_builders.py (`folder`) reads as the folder did."""
+def read_image_folder(root, slices: str = "centre", on_bad=None):
+  """-> ({split: [(path or VolumeSlice, class_index)]}, class names). Every split must hold the same >= 2
+  classes. A dataset built from such a folder by data/tfds_builders.py (`folder`) reads as the folder did.
+  A volume whose header does not read stops with its path and reason, or, with `on_bad(path, reason)`, is
+  left out after that call."""
+  if slices not in SLICE_RULES:
+    raise ProbeDataError(f"data.slices must be one of {SLICE_RULES}, got {slices!r}")
   root = Path(root)
   if not (root / "train").is_dir() and is_built_dataset(root):
     from retfiner_jax.data import tfds_builders
@@ -51,7 +60,13 @@ def read_image_folder(root):
                      if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
       if not files:
         raise ProbeDataError(f"{folder / name}: empty class folder (no {sorted(IMAGE_SUFFIXES)} files)")
-      items += [(p, index) for p in files]
+      for p in files:
+        try:
+          items += [(item, index) for item in folder_items(p, slices)]
+        except ImageError as e:
+          if on_bad is None:
+            raise ProbeDataError(f"unreadable volume: {e}") from None
+          on_bad(p, f"{type(e).__name__}: {e}")
     splits[split] = items
   return splits, classes
 

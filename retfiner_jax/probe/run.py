@@ -34,8 +34,10 @@ def load_encoder(path, variant: str | None = None, log=print):
   return cfg, params["vision_encoder"], path
 
 
-def dataset_splits(root, log=print, skip_bad_images: bool = False):
-  splits, classes = read_image_folder(root)
+def dataset_splits(root, log=print, skip_bad_images: bool = False, slices: str = "centre"):
+  on_bad = (lambda path, why: log(f"{root}: leaving out {path} ({why}) (data.skip_bad_images)")
+            if skip_bad_images else None)
+  splits, classes = read_image_folder(root, slices, on_bad)
   if skip_bad_images:  # Checked first, so that a bad file never stops a run halfway.
     for split, items in splits.items():
       bad = unreadable([p for p, _ in items])
@@ -52,10 +54,10 @@ def dataset_splits(root, log=print, skip_bad_images: bool = False):
 
 
 def probe_dataset_paper(cfg, vision_params, root, settings: ProbeSettings, audit_dir, log=print,
-                        skip_bad_images: bool = False):
+                        skip_bad_images: bool = False, slices: str = "centre"):
   """The paper's protocol on one ImageFolder dataset -> (summary, per-seed test probabilities, labels, classes);
   audit files under `audit_dir/seed<k>/`."""
-  splits, classes = dataset_splits(root, log, skip_bad_images)
+  splits, classes = dataset_splits(root, log, skip_bad_images, slices)
   data = {}
   for split, items in splits.items():
     data[f"gray_{split}"] = load_gray_u8([p for p, _ in items], cfg.image_size)
@@ -69,10 +71,10 @@ def probe_dataset_paper(cfg, vision_params, root, settings: ProbeSettings, audit
 
 
 def probe_dataset(cfg, vision_params, root, settings: ProbeSettings, kind="concat", cache_dir=None,
-                  encoder_id="", log=print, skip_bad_images: bool = False):
+                  encoder_id="", log=print, skip_bad_images: bool = False, slices: str = "centre"):
   """The features protocol on one ImageFolder dataset (clean features once, heads on them) -> (summary,
   per-seed test probabilities, labels, classes)."""
-  splits, classes = dataset_splits(root, log, skip_bad_images)
+  splits, classes = dataset_splits(root, log, skip_bad_images, slices)
 
   def compute():
     out = {}
@@ -202,10 +204,11 @@ def run(config, log=print) -> dict:
             f"drop path {settings.drop_path:g})")
         summary, proba, labels, classes = probe_dataset_paper(cfg, params, root, settings,
                                                               out_dir / "audit" / ds_name / enc_name, log,
-                                                              config.data.skip_bad_images)
+                                                              config.data.skip_bad_images, config.data.slices)
       else:
         summary, proba, labels, classes = probe_dataset(cfg, params, root, settings, config.representation,
-                                                        cache_dir, identity, log, config.data.skip_bad_images)
+                                                        cache_dir, identity, log, config.data.skip_bad_images,
+                                                        config.data.slices)
       results.setdefault(ds_name, {})[enc_name] = summary
       confusions[(ds_name, enc_name)] = (proba, labels, classes)
       log(f"{ds_name} / {enc_name}: balanced accuracy {100 * summary['bacc']['mean']:.1f} ± "

@@ -400,9 +400,16 @@ def test_a_checkpoint_that_cannot_fit_on_disk_stops_with_one_message(tmp_path, m
 
 
 def test_a_device_makers_oct_file_gets_the_way_to_export_it(tmp_path):
+  """A format no reader here opens (Topcon .fds) names the way out; one that eyepy reads but that is damaged
+  names the parser's complaint (tests/data/test_vendor.py tests the files that read)."""
   from retfiner_jax.data import images
+  (tmp_path / "scan.fds").write_bytes(b"FOCT")
+  with pytest.raises(images.ImageError, match=r"scan.fds: a device maker's OCT file.*no reader here opens.*"
+                                              r"oct-converter.*\.vol"):
+    images.read_image(tmp_path / "scan.fds")
+  pytest.importorskip("eyepy", reason="the vendor extra: pip install eyepy")
   (tmp_path / "scan.e2e").write_bytes(b"CMDb")
-  with pytest.raises(images.ImageError, match=r"scan.e2e: a device maker's OCT file.*oct-converter.*eyepy"):
+  with pytest.raises(images.ImageError, match=r"scan.e2e: cannot read as Heidelberg E2E \(StreamError"):
     images.read_image(tmp_path / "scan.e2e")
 
 
