@@ -353,12 +353,17 @@ def generate(out, count=2000, seed=0, height=256, width=256, workers=None, log=p
   workers = workers or min(os.cpu_count() or 1, 8)
   chunks = [(out, seed, a, min(a + 100, count), height, width, site, tuple(splits)) for a in range(0, count, 100)]
   start, rows = time.time(), []
-  # spawn, not fork: the caller may have JAX's threads running.
-  with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-    for k, chunk_rows in enumerate(pool.map(_write_chunk, chunks), 1):
+  # spawn, not fork: the caller may have JAX's threads running. One worker: in this process (no pool to start,
+  # so it also runs from a script without a __main__ guard).
+  pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+  try:
+    for k, chunk_rows in enumerate((pool.map if pool else map)(_write_chunk, chunks), 1):
       rows += chunk_rows
       if k % 5 == 0 or k == len(chunks):
         log(f"synthetic OCT: {len(rows)}/{count} images ({time.time() - start:.1f} s)")
+  finally:
+    if pool:
+      pool.shutdown()
   with (out / "manifest.csv").open("w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=["image", "report", "id", "patient", "eye", "split"])
     w.writeheader()

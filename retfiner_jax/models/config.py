@@ -92,7 +92,8 @@ class ModelConfig:
 
   @classmethod
   def from_json(cls, path: str | Path) -> "ModelConfig":
-    """Reads a model config JSON; a reference bundle's `expected.json` (its `config` block) also works."""
+    """Reads a model config JSON; a reference bundle's `expected.json` (its `config` block) and a converted
+    folder's `model.json` (its `model_config` block) also work."""
     path = Path(path)
     try:
       d = json.loads(path.read_text())
@@ -103,6 +104,8 @@ class ModelConfig:
       if "backbone" in d and "backbone" not in block:
         block["backbone"] = d["backbone"]
       d = block
+    elif "model_config" in d and isinstance(d["model_config"], dict):  # A converted folder's model.json.
+      d = d["model_config"]
     return cls.from_dict(d, source=str(path))
 
 

@@ -334,3 +334,22 @@ def test_vit_sizes_come_from_the_tensors(tmp_path):
     weight_files.convert_checkpoint(odd, **quiet)
   cfg, _, _ = weight_files.convert_checkpoint(_save(tmp_path, _vit_state(), "tiny.pth"), variant="tiny-retfound", **quiet)
   assert cfg.vision_heads == 4  # A named variant decides what the tensors cannot tell.
+
+
+def test_a_converted_folders_model_json_serves_as_model_config(tmp_path):
+  """--model-config accepts a converted folder's model.json (its model_config block): the head count a 96-wide
+  checkpoint cannot tell comes from it."""
+  torch.manual_seed(0)
+  odd = _save(tmp_path, {"model": TorchViT(dim=96, heads=2, mlp=192).state_dict()}, "odd.pth")
+  import json
+  from retfiner_jax.models.config import ModelConfig
+  plain = tmp_path / "sizes.json"
+  sizes = get_variant("tiny-retfound").replace(vision_dim=96, vision_heads=2, vision_mlp_dim=192)
+  plain.write_text(json.dumps(sizes.to_dict()))
+  first, params, meta = weight_files.convert_checkpoint(odd, model_config=str(plain), **quiet)
+  weight_files.save_converted(tmp_path / "folder", first, params, meta)
+  assert ModelConfig.from_json(tmp_path / "folder" / "model.json") == first
+  again, params, _ = weight_files.convert_checkpoint(odd, model_config=str(tmp_path / "folder" / "model.json"),
+                                                     **quiet)
+  assert again == first and again.vision_heads == 2 and again.vision_dim == 96
+  assert params["vision_encoder"]["blocks"]["attn"]["qkv"]["kernel"].shape[-1] == 288
