@@ -79,6 +79,24 @@ def test_dicom_single_and_multi_frame(tmp_path):
   np.testing.assert_array_equal(images.read_image(tmp_path / "vol.dcm", 1), g // 2)
   with pytest.raises(images.ImageError, match="slice index 3 outside 0..2"):
     images.read_image(tmp_path / "vol.dcm", 3)
+  # Volume rows of a manifest: the multi-frame DICOM's frame count from its header, a 3-D .npy's and a TIFF
+  # stack's from theirs; single images are no volumes (a colour .npy neither).
+  import tifffile
+  np.save(tmp_path / "vol.npy", np.stack([g, g + 1]))
+  np.save(tmp_path / "rgb.npy", np.zeros((20, 30, 3), np.uint8))
+  tifffile.imwrite(tmp_path / "stack.tif", np.stack([g, g, g, g]), photometric="minisblack")
+  assert [images.volume_length(tmp_path / f) for f in ("vol.dcm", "vol.npy", "stack.tif")] == [3, 2, 4]
+  for single in ("one.dcm", "rgb.npy"):
+    assert images.folder_items(tmp_path / single, "all") == [tmp_path / single]
+  with pytest.raises(images.ImageError, match="holds one image"):
+    images.volume_length(tmp_path / "one.dcm")
+  (tmp_path / "m.csv").write_text("image,report,slice\nvol.dcm,a,*\nvol.npy,b,1-1\nstack.tif,c,1-3\none.dcm,d,\n")
+  records = manifest.read_manifest(tmp_path / "m.csv")
+  assert [(r["row"], r["slice"]) for r in records] == [(1, 0), (1, 1), (1, 2), (2, 1), (3, 1), (3, 2), (3, 3),
+                                                       (4, None)]
+  np.testing.assert_array_equal(images.read_image(records[2]["image"], records[2]["slice"]), g // 5)
+  assert [it.index for it in images.folder_items(tmp_path / "vol.dcm", "all")] == [0, 1, 2]
+  assert [it.index for it in images.folder_items(tmp_path / "stack.tif", "centre")] == [2]
 
 
 def test_real_bscans_read_and_preprocess():
