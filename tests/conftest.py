@@ -12,6 +12,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # One persistent compilation cache for the session, fresh every time: the many runs of the same tiny models in
 # different tests compile once (JAX's in-memory cache does not outlive a jitted function object).
 compile_cache.enable(tempfile.mkdtemp(prefix="retfiner-tests-xla-"))
+# Decoded device makers' volumes (data/vendor.py) go to a fresh folder too, not the user's ~/.cache; subprocesses
+# and the tutorial's kernel inherit it.
+os.environ["RETFINER_VOLUME_CACHE"] = tempfile.mkdtemp(prefix="retfiner-tests-volumes-")
 
 ROOT = Path(__file__).resolve().parents[1]  # The checkout.
 SHARED = ROOT.parent / "shared"

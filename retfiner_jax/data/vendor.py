@@ -7,12 +7,20 @@ Every volume becomes a uint8 array (B-scans, height, width). A VOL file stores f
 Heidelberg's viewer shows it, by the transform eyepy applies to VOL data (tested equal to eyepy's own):
   v <= 1: (ln(v + 2.44e-4) + 8.3) / 8.285, clipped to [0, 1];   float32's largest value (no data): 0;
 then x 255, rounded. The other formats take eyepy's display data as it gives them (XML exports are 8-bit TIFFs).
-A volume is read whole; the last few read are kept, so the rows of one volume read it once.
+
+A volume is parsed whole. So that training, which reads its B-scans in shuffled order and from several worker
+processes, parses each volume once and not once per B-scan, the 8-bit B-scans are kept as a .npy file in a cache
+folder (keyed by the file's path, size and modification time; written whole, then renamed) and read from it
+memory-mapped: `RETFINER_VOLUME_CACHE` names the folder (default $XDG_CACHE_HOME or ~/.cache, then
+retfiner_jax/volumes), `off` keeps nothing on disk. The last few volumes read are also kept in memory.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +65,44 @@ def _reader(path: Path):
   return getattr(eyepy, name)
 
 
+def cache_dir() -> Path | None:
+  """The folder of decoded volumes (module docstring), None when `RETFINER_VOLUME_CACHE=off`."""
+  setting = os.environ.get("RETFINER_VOLUME_CACHE", "")
+  if setting.lower() == "off":
+    return None
+  if setting:
+    return Path(setting).expanduser()
+  return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retfiner_jax" / "volumes"
+
+
 @functools.lru_cache(maxsize=4)
-def _read(path: str, _mtime_ns: int, _size: int) -> np.ndarray:
+def _read(path: str, mtime_ns: int, size: int) -> np.ndarray:
+  folder = cache_dir()
+  if folder is None:
+    return _parse(path)
+  key = hashlib.sha256(f"{path}|{size}|{mtime_ns}|display-v1".encode()).hexdigest()[:32]
+  cached = folder / f"{Path(path).stem[:40]}-{key}.npy"
+  if cached.exists():
+    try:
+      return np.load(cached, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):  # A damaged cache file: parse the volume again and replace it.
+      pass
+  data = _parse(path)
+  tmp = None
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, data, allow_pickle=False)
+    os.replace(tmp, cached)  # Whole or not at all, also with several processes writing the same volume.
+  except OSError as e:  # A cache that cannot be written costs time, not correctness: say so once per volume.
+    logging.getLogger(__name__).warning("%s: not cached in %s (%s)", path, folder, e)
+    if tmp is not None and os.path.exists(tmp):
+      os.remove(tmp)
+  return data
+
+
+def _parse(path: str) -> np.ndarray:
   p = Path(path)
   reader = _reader(p)
   try:

@@ -5,6 +5,7 @@ import copy
 import csv
 import datetime
 import json
+import os
 import shutil
 import sys
 import types
@@ -164,6 +165,7 @@ def test_the_checker_names_broken_volumes_with_row_path_and_reason(tmp_path, cap
   assert "slice range or * on a file that is not a volume" in out and f"7: {tmp_path / 'flat.png'}" in out
 
   vendor._read.cache_clear()
+  monkeypatch.setenv("RETFINER_VOLUME_CACHE", "off")  # A fresh machine: nothing decoded before.
   monkeypatch.setitem(sys.modules, "eyepy", None)  # As if the vendor extra were not installed.
   assert check.main([str(path), "--workers", "1"]) == 1
   out = capsys.readouterr().out
@@ -228,3 +230,37 @@ def test_the_probe_reads_a_folder_of_volumes_as_the_folder_of_its_bscans(tmp_pat
   assert len(splits["test"]) == 8 and "broken.vol" in skipped[0] and "data.skip_bad_images" in skipped[0]
   with pytest.raises(folders.ProbeDataError, match="data.slices must be one of"):
     folders.read_image_folder(roots["volumes"], "middle")
+
+
+def test_a_volume_is_parsed_once_and_read_from_the_cache_after(tmp_path, monkeypatch):
+  """The decoded B-scans go to the cache folder; later reads (other processes, after the in-memory cache) take
+  them from there without parsing; a changed file, or a damaged cache file, is parsed again; `off` keeps none."""
+  monkeypatch.setenv("RETFINER_VOLUME_CACHE", str(tmp_path / "cache"))
+  volume = tmp_path / "scan.vol"
+  shutil.copy(_vol(), volume)
+  parsed = []
+  parse = vendor._parse
+  monkeypatch.setattr(vendor, "_parse", lambda path: parsed.append(path) or parse(path))
+  vendor._read.cache_clear()
+  first = np.array(vendor.read_volume(volume))
+  files = list((tmp_path / "cache").glob("scan-*.npy"))
+  assert len(parsed) == 1 and len(files) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+  np.testing.assert_array_equal(np.load(files[0]), first)
+  for _ in range(3):
+    vendor._read.cache_clear()  # As a new process would start.
+    np.testing.assert_array_equal(images.read_image(volume, 7), first[7])
+  assert len(parsed) == 1
+  files[0].write_bytes(b"not an array")
+  vendor._read.cache_clear()
+  np.testing.assert_array_equal(vendor.read_volume(volume), first)
+  assert len(parsed) == 2 and np.array_equal(np.load(files[0]), first)  # Parsed again and replaced.
+  stat = volume.stat()
+  os.utime(volume, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # The file changed: a new key.
+  vendor._read.cache_clear()
+  vendor.read_volume(volume)
+  assert len(parsed) == 3 and len(list((tmp_path / "cache").glob("scan-*.npy"))) == 2
+  monkeypatch.setenv("RETFINER_VOLUME_CACHE", "off")
+  shutil.rmtree(tmp_path / "cache")
+  vendor._read.cache_clear()
+  np.testing.assert_array_equal(vendor.read_volume(volume), first)
+  assert len(parsed) == 4 and not (tmp_path / "cache").exists()
