@@ -20,7 +20,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from retfiner_jax.data.images import IMAGE_SUFFIXES, ImageError, read_image, volume_length
+from retfiner_jax.data.images import IMAGE_SUFFIXES, ImageError, read_image
 from retfiner_jax.data.manifest import Columns, ManifestError, read_manifest, slice_indices
 
 KINDS = {
@@ -56,12 +56,7 @@ def check_record(record) -> list[tuple[str, str]]:
     try:
       spec = record.get("slice")
       if isinstance(spec, str):  # A range or *: the volume's length from its header, then its first and last.
-        try:
-          indices = slice_indices(spec, volume_length(record["image"]))
-        except ValueError as e:
-          if isinstance(e, ImageError):
-            raise
-          raise ImageError("slice_out_of_range", f"{record['image']}: {e}") from None
+        indices = slice_indices(record["image"], spec)
         for index in sorted({indices[0], indices[-1]}):
           read_image(record["image"], index)
       else:

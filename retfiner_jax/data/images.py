@@ -48,10 +48,15 @@ def _to_gray(a: np.ndarray) -> np.ndarray:
   return a
 
 
+def _stacks_bscans(shape) -> bool:
+  """Whether an array of this shape is a volume (N, H, W[, C]) rather than one image (H, W) or (H, W, C)."""
+  return len(shape) == 4 or (len(shape) == 3 and shape[-1] not in (1, 3, 4))
+
+
 def _select_slice(a: np.ndarray, slice_index, path, volume_capable: bool) -> np.ndarray:
-  """Picks one B-scan of a volume (N, H, W[, C]); a 2-D image accepts no slice index but 0."""
-  is_volume = volume_capable and (a.ndim == 4 or (a.ndim == 3 and (slice_index is not None
-                                                                   or a.shape[-1] not in (1, 3, 4))))
+  """Picks one B-scan of a volume (N, H, W[, C]); a 2-D image accepts no slice index but 0. A 3-D array with a
+  slice index is a volume whatever its last axis."""
+  is_volume = volume_capable and (_stacks_bscans(a.shape) or (a.ndim == 3 and slice_index is not None))
   if is_volume:
     if slice_index is None:
       raise ImageError("not_2d", f"{path}: a volume of shape {a.shape} needs a slice index")
@@ -84,11 +89,11 @@ class VolumeSlice:
 def read_image(path, slice_index=None) -> np.ndarray:
   """Any supported file -> a 2-D array in its stored dtype (uint8, uint16 or float). `path` may also be an
   image stored in a built dataset (tfds_builders.TfdsImage), already 2-D, or a VolumeSlice."""
-  if isinstance(path, VolumeSlice):
-    return read_image(path.path, path.index)
   if hasattr(path, "read_pixels"):
     try:
       return path.read_pixels()
+    except ImageError:  # Already named (a VolumeSlice's file).
+      raise
     except Exception as e:  # noqa: BLE001 - a damaged record is that image's problem, named.
       raise ImageError("undecodable", f"{path}: {type(e).__name__}: {e}") from e
   path = Path(path)
@@ -199,9 +204,7 @@ def folder_items(path, rule: str) -> list:
   if path.suffix.lower() not in VOLUME_SUFFIXES:
     return [path]
   shape = volume_shape(path)
-  is_volume = path.suffix.lower() in vendor.READERS or len(shape) == 4 or (len(shape) == 3
-                                                                            and shape[-1] not in (1, 3, 4))
-  if not is_volume:
+  if path.suffix.lower() not in vendor.READERS and not _stacks_bscans(shape):
     return [path]
   indices = [shape[0] // 2] if rule == "centre" else range(shape[0])
   return [VolumeSlice(str(path), int(i)) for i in indices]

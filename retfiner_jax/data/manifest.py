@@ -108,28 +108,32 @@ def _slice_spec(value, path, row, column):
                         f"3-7, or * (every B-scan), got {value!r}") from None
 
 
-def slice_indices(spec, length: int) -> list[int]:
-  """The B-scan indices of a range or `*` in a volume of `length` B-scans (ValueError when out of range)."""
+def slice_indices(image, spec) -> list[int]:
+  """The B-scan indices of a range or `*` in the volume file `image`, its length read from the file
+  (images.ImageError when it is not a volume, does not read, or the range is outside it)."""
+  from retfiner_jax.data.images import ImageError, volume_length
+  length = volume_length(image)
   if spec == "*":
     return list(range(length))
   first, last = (int(v) for v in str(spec).split("-"))
   if last >= length:
-    raise ValueError(f"slice range {spec} outside the volume's B-scans 0..{length - 1}")
+    raise ImageError("slice_out_of_range", f"slice range {spec} outside the volume's B-scans 0..{length - 1} "
+                     f"of {image}")
   return list(range(first, last + 1))
 
 
 def expand_slices(records: list[dict], path) -> list[dict]:
   """Each record whose slice is a range or `*` -> one record per B-scan (the volume's length read from its file),
   sharing the row's id (or one made from the row)."""
-  from retfiner_jax.data.images import ImageError, volume_length
+  from retfiner_jax.data.images import ImageError
   out = []
   for r in records:
     if not isinstance(r["slice"], str):
       out.append(r)
       continue
     try:
-      indices = slice_indices(r["slice"], volume_length(r["image"]))
-    except (ImageError, ValueError) as e:
+      indices = slice_indices(r["image"], r["slice"])
+    except ImageError as e:
       raise ManifestError(f"{path}: row {r['row']}: {e}") from None
     ident = r["id"] or f"{Path(path).name}:row{r['row']}"
     out += [{**r, "slice": i, "id": ident} for i in indices]

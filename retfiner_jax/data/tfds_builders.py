@@ -194,16 +194,14 @@ def pairs_records(path, split: str) -> list[dict]:
   """Manifest-like records of a built `oct_report_pairs` split (images are read lazily by the pipeline)."""
   version_dir = find_dataset(path, "oct_report_pairs")
   source = _source(version_dir, split)
-  records = []
+  keyed = []
   for i in range(len(source)):
     ex = source[i]
-    records.append({"row": int(ex["row"]), "image": TfdsImage(str(version_dir), split, i),
-                    "report": _text(ex["report"]), "id": _text(ex["id"]) or None, "slice": None,
-                    "_order": (int(ex["row"]), int(ex.get("slice", -1)))})  # Built before 1.1.0: no slice.
-  records.sort(key=lambda r: r["_order"])  # TFDS stores examples in hashed-key order.
-  for r in records:
-    del r["_order"]
-  return records
+    keyed.append(((int(ex["row"]), int(ex.get("slice", -1))),  # Built before 1.1.0: no slice.
+                  {"row": int(ex["row"]), "image": TfdsImage(str(version_dir), split, i),
+                   "report": _text(ex["report"]), "id": _text(ex["id"]) or None, "slice": None}))
+  keyed.sort(key=lambda kv: kv[0])  # TFDS stores examples in hashed-key order.
+  return [record for _, record in keyed]
 
 
 def folder_items(path) -> tuple[dict, list[str]]:

@@ -35,14 +35,13 @@ def load_encoder(path, variant: str | None = None, log=print):
 
 
 def dataset_splits(root, log=print, skip_bad_images: bool = False, slices: str = "centre"):
-  on_bad = (lambda path, why: log(f"{root}: leaving out {path} ({why}) (data.skip_bad_images)")
-            if skip_bad_images else None)
-  splits, classes = read_image_folder(root, slices, on_bad)
+  leave_out = lambda path, why: log(f"{root}: leaving out {path} ({why}) (data.skip_bad_images)")
+  splits, classes = read_image_folder(root, slices, leave_out if skip_bad_images else None)
   if skip_bad_images:  # Checked first, so that a bad file never stops a run halfway.
     for split, items in splits.items():
       bad = unreadable([p for p, _ in items])
       for path, why in bad.items():
-        log(f"{root}: leaving out {path} ({why}) (data.skip_bad_images)")
+        leave_out(path, why)
       splits[split] = [it for it in items if it[0] not in bad]
   if "val" not in splits:
     splits["train"], splits["val"], without_val = stratified_split(splits["train"], seed=0)
