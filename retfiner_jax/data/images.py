@@ -138,7 +138,9 @@ def read_image(path, slice_index=None) -> np.ndarray:
     a = a.astype(np.uint8) * 255
   if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
     raise ImageError("not_pixels", f"{path}: holds {a.dtype} values, not pixel values (integers or floats)")
-  a = np.array(_select_slice(a, slice_index, path, volume_capable=suffix in VOLUME_SUFFIXES))  # Off the file.
+  a = _select_slice(a, slice_index, path, volume_capable=suffix in VOLUME_SUFFIXES)
+  if suffix == ".npy" or suffix in vendor.READERS:  # A view of a memory-mapped file or a shared volume: copied.
+    a = np.array(a)
   a = _to_gray(a)
   if a.ndim != 2:
     raise ImageError("not_2d", f"{path}: expected a 2-D B-scan after slice selection, got shape {a.shape}")
