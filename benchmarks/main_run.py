@@ -28,7 +28,7 @@ def emit(record):
 
 def prepare(a):
   from retfiner_jax.data import synthetic
-  from retfiner_jax.demo import build_vocab
+  from retfiner_jax.data.vocab import build_vocab
   out = Path(a.out)
   start = time.perf_counter()
   synthetic.generate(out / "data", a.images, 0, a.height, a.height, log=lambda *x: None)

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retfiner_jax.data import pipeline, synthetic  # noqa: E402
-from retfiner_jax.demo import build_vocab  # noqa: E402
+from retfiner_jax.data.vocab import build_vocab  # noqa: E402
 
 
 def main():

@@ -9,6 +9,7 @@ import ml_collections
 
 from retfiner_jax.config_defaults import base_config, demo_mae, demo_model, mae_config
 from retfiner_jax.probe.settings import ProbeSettings
+from retfiner_jax.textpretrain.objectives import TextPretrainSettings
 
 
 def get_config():
@@ -32,6 +33,17 @@ def get_config():
   c.demo.corpus_seed = 0  # The refinement corpus's seed; the probe corpus's is corpus_seed + 1.
   c.demo.image_height = 256
   c.demo.vocab_size = 800  # WordPiece vocabulary built from the refinement corpus's training reports.
+  # The probe on the clinic's own labels (in-domain): the refinement's training patients split into the probe's
+  # train and val (this fraction of them: early stopping), its validation patients the probe's test.
+  c.demo.indomain_val_fraction = 0.15
+  # The text tower refinement starts from (issue 34). RetFiner starts from a pretrained BERT; a random one gives
+  # every report the same [CLS], and ITC never leaves chance. 'sentence': the demo's small BERT pretrained on the
+  # clinic's training reports alone (textpretrain/: SimCSE on [CLS] beside MLM), so that its [CLS] tells reports
+  # apart; 'random': from scratch (the demo before issue 34).
+  c.demo.text_tower = "sentence"
+  c.demo.text = ml_collections.ConfigDict(dict(
+      epochs=10, batch_size=64, learning_rate=1e-3, weight_decay=0.01, log_every=50,
+      **dataclasses.asdict(TextPretrainSettings())))
   c.demo.tasks = ("diagnosis", "fluid", "drusen")
   # Stage 1, the FM: MAE pretraining (configs/mae_demo.py's settings; its model, seed and data are the demo's).
   # The control continues it for as many images as the refinement saw.

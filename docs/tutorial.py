@@ -76,6 +76,7 @@ print("working in", WORK)
 # %%
 from retfiner_jax import demo
 from retfiner_jax.data import synthetic
+from retfiner_jax.data.vocab import build_vocab
 
 clinic, site = WORK / "clinic", WORK / "site"
 if not (clinic / "DONE").exists():
@@ -86,7 +87,7 @@ if not (site / "DONE").exists():
                      log=print)
 with open(clinic / "manifest_train.csv") as f:
   train_rows = list(csv.DictReader(f))
-vocab = demo.build_vocab([r["report"] for r in train_rows], 800, WORK / "vocab.txt")
+vocab = build_vocab([r["report"] for r in train_rows], 800, WORK / "vocab.txt")
 print(len(train_rows), "training pairs; a report:", train_rows[0]["report"])
 
 # %% [markdown]

@@ -38,46 +38,28 @@ from ml_collections import config_flags
 from retfiner_jax.data import synthetic
 from retfiner_jax.data.images import read_image
 from retfiner_jax.data.report_coupling import report_to_label_bacc
+from retfiner_jax.data.vocab import build_vocab
 from retfiner_jax.errors import ConfigError, run_reporting_user_errors
 from retfiner_jax.mae import trainer as mae_trainer
 from retfiner_jax.models.retfiner import init_params
+from retfiner_jax.metrics.embeddings import mean_pairwise_cosine
+from retfiner_jax.metrics.ranking import chance_recall, match_matrix, retrieval_recall
 from retfiner_jax.probe.run import probe_dataset
 from retfiner_jax.probe.settings import ProbeSettings
 from retfiner_jax.refine import trainer
+from retfiner_jax.refine.objectives import chance_values
 from retfiner_jax.runs import compile_cache
+from retfiner_jax.runs.run_log import read_metrics
+from retfiner_jax.textpretrain import trainer as text_pretraining
+from retfiner_jax.textpretrain.objectives import TextPretrainSettings
 from retfiner_jax.textside.api import RetFinerModel
 from retfiner_jax.weights import files as weight_files
 
 
-SPECIAL = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]",
-                                                              "[unused99]", "[unused100]"]
-
-
-def build_vocab(reports, size: int, path: Path) -> Path:
-  """A WordPiece vocabulary of the reports in bert-base-uncased's id layout (specials keep their ids), built
-  deterministically: every character, alone and as a `##` continuation (so no word is unknown), then the most
-  frequent whole words (ties in alphabetical order) up to `size` entries. (The `tokenizers` trainer breaks ties
-  differently from run to run, which changed the demo's vocabulary, and so its results, between identical runs.)"""
-  from collections import Counter
-
-  from tokenizers.normalizers import BertNormalizer
-  from tokenizers.pre_tokenizers import BertPreTokenizer
-  normalise, split = BertNormalizer(lowercase=True), BertPreTokenizer()
-  counts = Counter(word for report in reports
-                   for word, _ in split.pre_tokenize_str(normalise.normalize_str(report)))
-  chars = sorted({c for word in counts for c in word})
-  pieces = [p for p in chars + ["##" + c for c in chars] if p not in SPECIAL]
-  room = max(size - len(SPECIAL) - len(pieces), 0)
-  words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1][:room]
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text("\n".join(SPECIAL + pieces + words) + "\n")
-  return path
-
-
-def probe_all(cfg, vision_params, probe_dir: Path, tasks, settings, log):
+def probe_all(cfg, vision_params, probe_dir: Path, tasks, settings, log, tasks_folder: str = "tasks"):
   results = {}
   for task in tasks:
-    summary, *_ = probe_dataset(cfg, vision_params, probe_dir / "tasks" / task, settings, log=log)
+    summary, *_ = probe_dataset(cfg, vision_params, probe_dir / tasks_folder / task, settings, log=log)
     results[task] = {m: summary[m]["mean"] for m in ("bacc", "auroc")}
     results[task]["bacc_std"] = summary["bacc"]["std"]
   return results
@@ -100,6 +82,7 @@ def zero_shot_all(model, probe_dir: Path, tasks, log=print) -> dict:
 
 ENCODERS = (("random", "random init", "#cccccc"), ("before", "MAE FM", "#999999"),
             ("after", "MAE + RetFiner", "#1f77b4"), ("control", "MAE + more MAE", "#ff7f0e"))
+INDOMAIN_ENCODERS = ("before", "after", "control")  # Probed on the clinic's own labels too.
 GAINS = (("after_vs_before", "after", "before"), ("after_vs_control", "after", "control"),
          ("before_vs_random", "before", "random"))
 
@@ -142,7 +125,7 @@ def stage_seeds(config, run: int) -> dict:
   """Each stage's seed in run `run` of --seeds: its own stream per stage (the control draws masks, data order and
   augmentation of its own, not stage 1's again), and per run."""
   base = config.seed + 100 * run
-  return {"fm": base, "refinement": base + 1, "control": base + 2,
+  return {"fm": base, "refinement": base + 1, "control": base + 2, "text": base + 3,
           "probe": tuple(int(s) + 100 * run for s in config.demo.probe.seeds)}
 
 
@@ -219,6 +202,7 @@ def prepare_corpora(config, workdir: Path, log=print) -> dict:
 
   corpus = cached_json(data / "corpus.json", "checking the corpora: shared images by pixel content, and how much "
                        "the reports say about each probe label", measure, log)
+  corpus["indomain_root"] = str(indomain_tasks(refinement, d.tasks, d.indomain_val_fraction, log))
   if corpus["shared_images"]:
     raise ConfigError(f"{corpus['shared_images']} image(s) are both in the refinement corpus ({refinement}) and in "
                       f"the probe's datasets ({probe}): the probe would not measure transfer")
@@ -230,17 +214,98 @@ def prepare_corpora(config, workdir: Path, log=print) -> dict:
   return corpus
 
 
-def run_seed(config, workdir: Path, corpus: dict, vocab: Path, run: int, runs: int, log=print) -> dict:
-  """Stages 1-6 with run `run`'s seeds in `workdir` (resumable): the probe rows, zero-shot and counts."""
+def indomain_tasks(refinement: Path, tasks, val_fraction: float = 0.15, log=print) -> Path:
+  """The clinic corpus's own labels as probe datasets (held-out patients): REFINEMENT/indomain/<task>/{train,
+  val,test}/<class>/. The refinement's training patients are split by patient into the probe's train and val
+  (`val_fraction` of them, seed 0: early stopping); the refinement's validation patients are the probe's test.
+  Files are hard links (copies where links fail)."""
+  import os
+  import shutil
+  root = refinement / "indomain"
+  if (root / "DONE").exists():
+    return root
+  labels = {Path(r["image"]).name: r for r in read_csv(refinement / "labels.csv")}
+  rows = read_csv(refinement / "manifest.csv")
+  train_patients = sorted({r["patient"] for r in rows if r["split"] == "train"})
+  held = set(np.random.default_rng(0).permutation(train_patients)[:max(1, round(val_fraction * len(train_patients)))])
+  if root.exists():
+    shutil.rmtree(root)  # Left by an interrupted run.
+  for r in rows:
+    split = {"train": "val" if r["patient"] in held else "train", "val": "test"}.get(r["split"])
+    if split is None:
+      continue
+    name = Path(r["image"]).name
+    label = {k: (v == "1" if k in synthetic.FINDINGS else v) for k, v in labels[name].items()}
+    for task in tasks:
+      target = root / task / split / synthetic.TASKS[task](label) / name
+      target.parent.mkdir(parents=True, exist_ok=True)
+      source = refinement / r["image"]
+      try:
+        os.link(source, target)
+      except OSError:
+        shutil.copyfile(source, target)
+  (root / "DONE").write_text("")
+  log(f"in-domain probe datasets (the clinic's labels; test = the refinement's validation patients) in {root}")
+  return root
+
+
+def alignment(model: RetFinerModel, val_manifest: Path, ks=(1, 5, 10)) -> dict:
+  """What the contrastive embeddings tell apart on the clinic's validation pairs: image->report and
+  report->image recall@k (a report counts when its text is the image's own, as validation counts), the recall a
+  random ranking gets, and the mean pairwise cosine of each side's embeddings (near 1: collapsed)."""
+  rows = read_csv(val_manifest)
+  images = [str(val_manifest.parent / r["image"]) for r in rows]
+  reports = [r["report"] for r in rows]
+  image_emb, text_emb = model.embed_images(images), model.embed_texts(reports)
+  matches = match_matrix(reports)
+  return {"pairs": len(rows), "recall": retrieval_recall(image_emb, text_emb, reports, ks),
+          "chance_recall": {f"at_{k}": chance_recall(matches, k) for k in ks},
+          "text_cosine": mean_pairwise_cosine(text_emb), "image_cosine": mean_pairwise_cosine(image_emb)}
+
+
+def final_train_metrics(workdir: Path, batch_size: int) -> dict:
+  """The last logged training losses and accuracies of a refinement run, each beside its chance value."""
+  train = [r for r in read_metrics(workdir / "metrics.jsonl") if r["kind"] == "train"]
+  if not train:
+    return {}
+  last = train[-1]
+  keys = [k for k in last if k.startswith("loss") or k.endswith("accuracy")]
+  return {"step": last["step"], "values": {k: last[k] for k in keys}, "chance": chance_values(batch_size)}
+
+
+def text_tower_stage(config, workdir: Path, corpus: dict, vocab: Path, cfg, seed: int, log=print) -> str:
+  """The text tower the refinement starts from: '' (random, `demo.text_tower=random`) or the folder of a tower
+  pretrained on the clinic's training reports (`sentence`: SimCSE on [CLS] beside MLM, textpretrain/)."""
   d = config.demo
+  if d.text_tower == "random":
+    return ""
+  if d.text_tower != "sentence":
+    raise ConfigError(f"config.demo.text_tower must be 'sentence' or 'random', got {d.text_tower!r}")
+  t = d.text
+  settings = TextPretrainSettings(**{f: t[f] for f in TextPretrainSettings.__dataclass_fields__})
+  summary = text_pretraining.run(
+      cfg, corpus["refinement_manifest"], corpus["refinement_val_manifest"], vocab, workdir / "text_tower", seed=seed,
+      epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+      settings=settings, log_every=t.log_every, log=log)
+  return summary["exported"]
+
+
+def run_seed(config, workdir: Path, corpus: dict, vocab: Path, run: int, runs: int, log=print,
+             arm_dir: Path | None = None) -> dict:
+  """Stages 1-6 with run `run`'s seeds in `workdir` (resumable): the probe rows, zero-shot, what the refinement
+  learnt, and counts. `arm_dir` (default `workdir`): where the refinement and its own results go, so that
+  several refinement settings (an ablation's arms) share one FM, text tower, control and their probes."""
+  d = config.demo
+  arm_dir = Path(arm_dir or workdir)
   seeds = stage_seeds(config, run)
   say = (lambda m: log(f"[seed {run + 1}/{runs}] {m}")) if runs > 1 else log
-  done = workdir / "results.json"
+  done = arm_dir / "results.json"
   if done.exists():
     say(f"results from {done}")
     return json.loads(done.read_text())
-  train_manifest = Path(corpus["refinement_manifest"])
+  train_manifest, val_manifest = Path(corpus["refinement_manifest"]), Path(corpus["refinement_val_manifest"])
   probe_dir = Path(next(iter(corpus["probe_roots"].values()))).parent.parent
+  indomain_dir = Path(corpus["indomain_root"])
   say(f"stage 1, the FM: MAE pretraining on the refinement corpus's B-scans (no reports), seed {seeds['fm']}")
   fm = mae_stage(config, workdir / "mae", train_manifest, seeds["fm"], log=log)
   if fm["status"] != "finished":
@@ -251,11 +316,12 @@ def run_seed(config, workdir: Path, corpus: dict, vocab: Path, run: int, runs: i
     refine_config.tokenizer = str(vocab)
     refine_config.model.vocab_size = len(vocab.read_text().splitlines())
     refine_config.data.train_manifest = str(train_manifest)
-    refine_config.data.val_manifest = corpus["refinement_val_manifest"]
+    refine_config.data.val_manifest = str(val_manifest)
     refine_config.weights.vision = fm["exported"]["vision_flax"]
   cfg = trainer.model_config(refine_config)
   settings = ProbeSettings(**{**d.probe.to_dict(), "seeds": seeds["probe"]}).for_backbone(cfg.backbone)
   probe = lambda vision: probe_all(cfg, vision, probe_dir, d.tasks, settings, log)
+  probe_indomain = lambda vision: probe_all(cfg, vision, indomain_dir, d.tasks, settings, log, tasks_folder="")
 
   # The random encoder: the very initialisation the refinement's model gets (same seed) before the FM is loaded.
   random_init = lambda: jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(seeds["refinement"]))
@@ -264,30 +330,63 @@ def run_seed(config, workdir: Path, corpus: dict, vocab: Path, run: int, runs: i
   load_vision = lambda folder: weight_files.load_converted(folder)[1]["vision_encoder"]
   probes["before"] = cached_json(workdir / "probe_mae_fm.json", "probing the MAE FM",
                                  lambda: probe(load_vision(fm["exported"]["vision_flax"])), log)
+  indomain = {"before": cached_json(workdir / "indomain_mae_fm.json", "probing the MAE FM on the clinic's labels",
+                                    lambda: probe_indomain(load_vision(fm["exported"]["vision_flax"])), log)}
+
+  say(f"the text tower: {d.text_tower} ({'pretrained on the clinic reports alone' if d.text_tower == 'sentence' else 'random init'})"
+      f", seed {seeds['text']}")
+  text_weights = text_tower_stage(config, workdir, corpus, vocab, cfg, seeds["text"], log)
+  with refine_config.unlocked():
+    refine_config.weights.text = text_weights
+
+  def starting_alignment():  # The model as the refinement starts it: its init, the FM and the text tower.
+    params = jax.tree.map(np.asarray, random_init())
+    params = weight_files.load_pretrained(refine_config, cfg, params, log=lambda *_: None)
+    return alignment(RetFinerModel(cfg, params, str(vocab)), val_manifest)
+  start = cached_json(arm_dir / "alignment_start.json", "measuring the starting model's contrastive embeddings",
+                      starting_alignment, log)
 
   say(f"stage 2: RetFiner refinement of the MAE FM with the reports, seed {seeds['refinement']}")
-  summary = trainer.run(refine_config, workdir / "refine", log)
+  summary = trainer.run(refine_config, arm_dir / "refine", log)
   if summary["status"] != "finished":
     return summary
   _, refined, _ = weight_files.load_converted(summary["exported"]["retfiner_flax"])
-  probes["after"] = cached_json(workdir / "probe_refined.json", "probing the refined encoder",
+  refined_model = RetFinerModel(cfg, refined, str(vocab))
+  end = cached_json(arm_dir / "alignment_end.json", "measuring the refined model's alignment on the clinic's "
+                    "validation pairs", lambda: alignment(refined_model, val_manifest), log)
+  probes["after"] = cached_json(arm_dir / "probe_refined.json", "probing the refined encoder",
                                 lambda: probe(refined["vision_encoder"]), log)
-  zero_shot = cached_json(workdir / "zero_shot.json", "zero-shot from prompts on the probe corpus",
-                          lambda: zero_shot_all(RetFinerModel(cfg, refined, str(vocab)), probe_dir, d.tasks, log), log)
+  indomain["after"] = cached_json(arm_dir / "indomain_refined.json", "probing the refined encoder on the clinic's "
+                                  "labels", lambda: probe_indomain(refined["vision_encoder"]), log)
+  zero_shot = cached_json(arm_dir / "zero_shot.json", "zero-shot from prompts on the probe corpus",
+                          lambda: zero_shot_all(refined_model, probe_dir, d.tasks, log), log)
 
   images = summary["steps"] * config.train.batch_size  # Image passes of stage 2.
   control_steps = -(-images // d.mae.train.batch_size)
   say(f"control: MAE alone for as many images as the refinement saw ({images} = {control_steps} MAE steps), "
       f"seed {seeds['control']}")
-  more = mae_stage(config, workdir / "mae_control", train_manifest, seeds["control"], init=str(workdir / "mae"),
+  control_dir = workdir / f"mae_control_{control_steps}"  # Arms that ran as long share one control.
+  more = mae_stage(config, control_dir, train_manifest, seeds["control"], init=str(workdir / "mae"),
                    max_steps=control_steps, log=log)
   if more["status"] != "finished":
     return more
-  probes["control"] = cached_json(workdir / "probe_control.json", "probing the MAE-only control",
+  probes["control"] = cached_json(control_dir / "probe_control.json", "probing the MAE-only control",
                                   lambda: probe(load_vision(more["exported"]["vision_flax"])), log)
+  indomain["control"] = cached_json(control_dir / "indomain_control.json", "probing the MAE-only control on the "
+                                    "clinic's labels", lambda: probe_indomain(load_vision(more["exported"]["vision_flax"])), log)
+  text_summary = workdir / "text_tower" / "summary.json"
+  learnt = {"alignment_start": start, "alignment_end": end,
+            "final_train": final_train_metrics(arm_dir / "refine", config.train.batch_size // config.train.micro_batches),
+            "text_tower": d.text_tower,
+            "text_tower_cls_cosine": ({k: json.loads(text_summary.read_text())[k]
+                                       for k in ("cls_cosine_before", "cls_cosine_after")}
+                                      if d.text_tower == "sentence" else None)}
   results = {"status": "finished", "seeds": {k: list(v) if isinstance(v, tuple) else v for k, v in seeds.items()},
              "tasks": {t: {**{key: {"bacc": probes[key][t]["bacc"], "auroc": probes[key][t]["auroc"]}
                               for key, *_ in ENCODERS}, "zero_shot": zero_shot[t]} for t in d.tasks},
+             "indomain": {t: {key: {"bacc": indomain[key][t]["bacc"], "auroc": indomain[key][t]["auroc"]}
+                              for key in INDOMAIN_ENCODERS} for t in d.tasks},
+             "learnt": learnt,
              "refinement": {k: summary[k] for k in ("steps", "epochs", "best_val_loss", "samples_per_second")},
              "mae": {"fm_steps": fm["steps"], "fm_images": fm["images_seen"], "control_images": images,
                      "control_steps": control_steps}}
@@ -320,6 +419,64 @@ def aggregate(per_seed: list, tasks) -> tuple:
   return rows, gains
 
 
+def aggregate_learnt(per_seed: list, tasks) -> dict:
+  """What the refinement learnt, over the runs (mean and sample std of each figure): the in-domain probe (the
+  clinic's labels, its validation patients) of the FM, the refined model and the control with the gains; the
+  alignment on the clinic's validation pairs at the start and the end of refinement (recall@k both ways, the
+  embeddings' mean pairwise cosine) and the recall of a random ranking; the final training losses and
+  accuracies beside their chance values."""
+  indomain = {t: {key: _mean_std([r["indomain"][t][key]["bacc"] for r in per_seed]) for key in INDOMAIN_ENCODERS}
+              for t in tasks}
+  indomain_gains = {}
+  for t in list(tasks) + ["average"]:
+    over = list(tasks) if t == "average" else [t]
+    indomain_gains[t] = {name: _mean_std([np.mean([r["indomain"][u][a]["bacc"] - r["indomain"][u][b]["bacc"]
+                                                   for u in over]) for r in per_seed])
+                         for name, a, b in GAINS if b != "random"}
+  learnt = [r["learnt"] for r in per_seed]
+  alignment_rows = {}
+  for when in ("start", "end"):
+    block = [x[f"alignment_{when}"] for x in learnt]
+    alignment_rows[when] = {**{k: _mean_std([b["recall"][k] for b in block]) for k in block[0]["recall"]},
+                            "text_cosine": _mean_std([b["text_cosine"]["mean"] for b in block]),
+                            "image_cosine": _mean_std([b["image_cosine"]["mean"] for b in block])}
+  finals = [x["final_train"] for x in learnt if x["final_train"]]
+  final = {k: _mean_std([f["values"][k] for f in finals]) for k in finals[0]["values"]} if finals else {}
+  return {"indomain": indomain, "indomain_gains": indomain_gains, "alignment": alignment_rows,
+          "chance_recall": learnt[0]["alignment_end"]["chance_recall"],
+          "pairs": learnt[0]["alignment_end"]["pairs"], "final_train": final,
+          "final_train_chance": finals[0]["chance"] if finals else {}, "text_tower": learnt[0]["text_tower"],
+          "text_tower_cls_cosine_after": _mean_std([x["text_tower_cls_cosine"]["cls_cosine_after"]["mean"]
+                                                    for x in learnt]) if learnt[0]["text_tower_cls_cosine"] else None}
+
+
+def report_learnt(learnt: dict, log=print):
+  """Prints what the refinement learnt (aggregate_learnt's block)."""
+  a, chance = learnt["alignment"], learnt["chance_recall"]
+  log(f"\nwhat the refinement learnt, on the clinic's {learnt['pairs']} validation pairs (text tower: "
+      f"{learnt['text_tower']})")
+  log(f"{'':<26}{'start':>16}{'end':>16}{'chance':>10}")
+  for direction in ("i2t", "t2i"):
+    for k in (1, 5, 10):
+      key = f"recall_{direction}_at_{k}"
+      log(f"{direction} recall@{k:<15}{_pm(a['start'][key]):>16}{_pm(a['end'][key]):>16}"
+          f"{100 * chance[f'at_{k}']:>10.1f}")
+  for side in ("text", "image"):
+    log(f"{side + ' embedding cosine':<26}{_pm(a['start'][side + '_cosine'], 1):>16}"
+        f"{_pm(a['end'][side + '_cosine'], 1):>16}{'(1 = collapsed)':>16}")
+  chance_train = learnt["final_train_chance"]
+  for key, value in learnt["final_train"].items():
+    beside = f"{chance_train[key]:>10.4f}" if key in chance_train else f"{'-':>10}"
+    log(f"final train {key:<15}{'':>16}{_pm(value, 1):>16}{beside}")
+  log(f"\nlinear probe on the clinic's own labels (its validation patients), balanced accuracy %")
+  for t, row in learnt["indomain"].items():
+    log(f"{t:<12}" + "".join(f"{label}: {_pm(row[key])}   " for key, label in
+                             (("before", "MAE FM"), ("after", "MAE + RetFiner"), ("control", "MAE + more MAE"))))
+  g = learnt["indomain_gains"]["average"]
+  log(f"in-domain gain (average over tasks): RetFiner vs the FM {_pm(g['after_vs_before'])} points, vs the control "
+      f"{_pm(g['after_vs_control'])}")
+
+
 def _pm(row: dict, scale=100.0) -> str:
   mean, std = row["mean"] if "mean" in row else row["bacc_mean"], row.get("std", row.get("bacc_std"))
   return f"{scale * mean:.1f}" + (f" ± {scale * std:.1f}" if std is not None else "")
@@ -343,7 +500,8 @@ def run(config, workdir, seeds: int = 1, log=print) -> dict:
       return result
     per_seed.append(result)
   tasks, gains = aggregate(per_seed, d.tasks)
-  results = {"corpus": corpus, "runs": seeds, "tasks": tasks, "gains": gains,
+  learnt = aggregate_learnt(per_seed, d.tasks)
+  results = {"corpus": corpus, "runs": seeds, "tasks": tasks, "gains": gains, "learnt": learnt,
              "per_seed": per_seed, "wall_seconds": time.time() - start}
   (workdir / "results.json").write_text(json.dumps(results, indent=1))
   plot(tasks, workdir / "results.png")
@@ -360,6 +518,7 @@ def run(config, workdir, seeds: int = 1, log=print) -> dict:
       continue  # One task: its own line says it.
     log(f"gain ({t}): MAE + RetFiner vs the MAE FM {_pm(g['after_vs_before'])} points, vs MAE + more MAE "
         f"{_pm(g['after_vs_control'])}; the MAE FM vs random init {_pm(g['before_vs_random'])}")
+  report_learnt(learnt, log)
   log(f"{results['wall_seconds']:.0f} s in all; results in {workdir / 'results.json'} and results.png")
   return results
 

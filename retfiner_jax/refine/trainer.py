@@ -27,7 +27,8 @@ from retfiner_jax.errors import ConfigError, NonFiniteLoss
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.retfiner import RetFiner, init_params
 from retfiner_jax.refine import aot, inputs
-from retfiner_jax.refine.objectives import ObjectiveSettings, make_loss_fn
+from retfiner_jax.metrics.embeddings import COLLAPSED_COSINE
+from retfiner_jax.refine.objectives import ObjectiveSettings, chance_values, make_loss_fn
 from retfiner_jax.refine.step import (check_batch_divides, model_config, objective_settings,
                                       sharded_train_step)
 from retfiner_jax.refine.validation import evaluate, make_embed_fn
@@ -40,6 +41,18 @@ from retfiner_jax.runs.workdir_lock import WorkdirLock
 from retfiner_jax.weights import exports
 from retfiner_jax.weights import files as weight_files
 from retfiner_jax.weights import sizes as weight_sizes
+
+
+# What a run says at start-up about a tower that starts from random weights.
+RANDOM_TOWER_WARNINGS = {
+    "vision_encoder": "warning: the vision encoder starts from random weights (config.weights.vision is empty); "
+                      "RetFiner refines an FM: give its checkpoint with --config.weights.vision=PATH",
+    "text_encoder": "warning: the text encoder starts from random weights (config.weights.text is empty). RetFiner "
+                    "expects a pretrained BERT (the original loads bert-base-uncased): a random BERT gives every "
+                    "report nearly the same [CLS] output, so ITC and ITM cannot start and stay at their chance "
+                    "values while the FM takes their noise. Give one with --config.weights.text=DIR (a Hugging Face "
+                    "BERT folder, or a converted one: tools/convert_weights.py)",
+}
 
 
 def check_settings(config):
@@ -128,8 +141,7 @@ def setup(config, workdir, log=print, explicit_model_keys=()) -> Run:
   checkpoints = RunCheckpoints(workdir, config.checkpoint.keep, log)
   if checkpoints.latest_step() is None:
     for tower in randomly_initialised(config):
-      key = "vision" if tower == "vision_encoder" else "text"
-      log(f"warning: the {tower.replace('_', ' ')} starts from random weights (config.weights.{key} is empty)")
+      log(RANDOM_TOWER_WARNINGS[tower])
     params = jax.tree.map(np.asarray, jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(config.seed)))
     params = jax.device_put(weight_files.load_pretrained(config, cfg, params, log), param_sh)
     state, progress = jax.jit(built.init_state, out_shardings=state_sh)(params), Progress()
@@ -219,8 +231,18 @@ def validate(r: Run, step: int, run_log: RunLog, when: str) -> bool:
                  tuple(config.eval.recall_at), r.eval_loss_fn, r.embed_fn,
                  epoch=None if config.eval.fixed_sampling else progress.epoch)
   run_log.write("val", step, val, epoch=progress.epoch)
-  r.log(f"validation {when}: loss {val.get('loss', float('nan')):.4f}  " +
+  chance = {"loss_itc": val.get("chance_loss_itc"), "loss_itm": chance_values(2)["loss_itm"]}
+  losses = "  ".join(f"{k.removeprefix('loss_')} {val[k]:.4f}" + (f" (chance {chance[k]:.4f})" if chance.get(k) else "")
+                     for k in ("loss_itc", "loss_itm") if k in val)
+  r.log(f"validation {when}: loss {val.get('loss', float('nan')):.4f}  {losses}  " +
         "  ".join(f"{k} {v:.3f}" for k, v in val.items() if k.startswith("recall") and k.endswith(("_at_1", "_at_5"))))
+  for side in ("text", "image"):
+    cosine = val.get(f"{side}_embedding_cosine")
+    if cosine is not None and cosine > COLLAPSED_COSINE:
+      r.log(f"warning: the {side} embeddings are collapsed: mean pairwise cosine {cosine:.5f} over the "
+            f"{int(val['examples'])} validation pairs (above {COLLAPSED_COSINE}); every {'report' if side == 'text' else 'image'} "
+            f"gets nearly the same contrastive embedding, so ITC cannot learn"
+            + (" (is the text tower pretrained? config.weights.text)" if side == "text" else ""))
   val_loss = val.get("loss", float("nan"))
   if not np.isfinite(val_loss):
     raise NonFiniteLoss(f"non-finite validation loss {val_loss} {when} (step {step}); stopping. The last good "
@@ -305,8 +327,13 @@ def run(config, workdir, log=print, explicit_model_keys=()) -> dict:
   with WorkdirLock(workdir, log) if primary else contextlib.nullcontext():
     r = setup(config, workdir, log, explicit_model_keys)
     start_step, start_time = int(jax.device_get(r.state["step"])), time.time()
+    chance = chance_values(config.train.batch_size // config.train.micro_batches)
+    log(f"chance values (nothing learnt), for batches of {config.train.batch_size // config.train.micro_batches}: "
+        f"ITC loss ln B = {chance['loss_itc']:.4f} (accuracy {100 * chance['itc_i2t_accuracy']:.1f}%), ITM loss "
+        f"{chance['loss_itm']:.4f} (the 1:2 prior, accuracy {100 * chance['itm_accuracy']:.1f}% by always saying "
+        f"'no match')")
     run_log = RunLog(r.workdir, r.total_steps, config.train.batch_size, log, start_step=start_step,
-                     primary=primary)
+                     primary=primary, chance=chance)
     try:
       with signals_requesting_stop() as stop:
         status, step = train_loop(r, run_log, stop)

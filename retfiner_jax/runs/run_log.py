@@ -11,8 +11,9 @@ class RunLog:
   run that was killed before its next checkpoint, are dropped so that the resumed run does not repeat them."""
 
   def __init__(self, workdir, total_steps: int, batch_size: int, print_fn=print, start_step: int = 0,
-               primary: bool = True):
+               primary: bool = True, chance: dict | None = None):
     self.workdir = Path(workdir)
+    self.chance = chance or {}  # {metric: its value when nothing is learnt}, printed beside the metric.
     self.metrics_path = self.workdir / "metrics.jsonl"
     self.primary = primary  # Several processes: only the first one writes and prints.
     self.total_steps, self.batch_size, self.print = total_steps, batch_size, print_fn
@@ -49,12 +50,15 @@ class RunLog:
       eta = seconds_per_step * max(self.total_steps - step, 0)
       rate = f"  {self.batch_size / seconds_per_step:7.1f} samples/s  ETA {_duration(eta)}"
     self._last_time, self._last_step = now, step
-    losses = "  ".join(f"{k.removeprefix('loss_')} {float(metrics[k]):.4f}" for k in
+    losses = "  ".join(f"{k.removeprefix('loss_')} {float(metrics[k]):.4f}" + self.beside_chance(k) for k in
                        ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_gm") if k in metrics)
     if "lr" in metrics:
       losses += f"  lr {float(metrics['lr']):.2e}"
     wait = f"  input wait {100 * metrics['input_wait_fraction']:.0f}%" if "input_wait_fraction" in metrics else ""
     self.print(f"epoch {epoch:3d}  step {step:6d}/{self.total_steps}  {losses}{rate}{wait}")
+
+  def beside_chance(self, key: str) -> str:
+    return f" (chance {self.chance[key]:.4f})" if key in self.chance else ""
 
   def close(self):
     if self._tb is not None:

@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from retfiner_jax.errors import MissingInput
-from retfiner_jax.refine import validation
-from retfiner_jax.refine.validation import metrics_from_ranks
+from retfiner_jax.metrics.ranking import first_match_ranks, metrics_from_ranks
 
 KS = (1, 5, 10)
 DEFAULT_ITM_TOP_K = 128  # ALBEF's and BLIP's k_test on Flickr30k (256 on COCO).
@@ -64,14 +63,14 @@ def short_lists(queries, gallery, query_codes, gallery_codes, k: int, chunk: int
     scores = queries[rows] @ gallery.T
     matches = query_codes[rows, None] == gallery_codes[None, :]
     if not k:
-      out["ranks"][rows] = validation.first_match_ranks(scores, matches)
+      out["ranks"][rows] = first_match_ranks(scores, matches)
       continue
     top = _top_columns(scores, k)
     out["top"][rows], out["top_scores"][rows] = top, np.take_along_axis(scores, top, axis=1)
     out["top_match"][rows] = np.take_along_axis(matches, top, axis=1)
     # Where no match is short-listed, the k short-listed columns are all ahead of the best match (they score
     # higher, or the same at a lower column): its rank among the others is its full rank less k.
-    out["rest_rank"][rows] = validation.first_match_ranks(scores, matches) - k
+    out["rest_rank"][rows] = first_match_ranks(scores, matches) - k
   return out
 
 

@@ -303,7 +303,7 @@ def test_tfds_path_gives_the_same_examples(tmp_path, vocab):
 def test_the_demo_vocabulary_is_deterministic_and_covers_every_report(tmp_path):
   import random
   from retfiner_jax.data.tokenizer import load_tokenizer, tokenize
-  from retfiner_jax.demo import build_vocab
+  from retfiner_jax.data.vocab import build_vocab
   reports = ["Subretinal fluid, 250 um.", "Drusen present; no fluid.", "Normal foveal contour.",
              "Intraretinal cysts and subretinal fluid."] * 3 + ["Épiretinal membrane."]
   shuffled = list(reports)

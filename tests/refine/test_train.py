@@ -239,7 +239,7 @@ def test_model_sizes_come_from_the_weights(corpus, tmp_path):
   disagreement is one line naming the keys, not a list of shape mismatches."""
   import torch
   from transformers import BertConfig, BertModel
-  from retfiner_jax import demo
+  from retfiner_jax.data.vocab import build_vocab
   from retfiner_jax.data.manifest import read_manifest
   from retfiner_jax.weights import files as weight_files
   from torch_reference import TorchViT
@@ -248,7 +248,7 @@ def test_model_sizes_come_from_the_weights(corpus, tmp_path):
   BertModel(BertConfig(vocab_size=400, hidden_size=64, num_hidden_layers=3, num_attention_heads=8,
                        intermediate_size=128)).save_pretrained(tmp_path / "bert")
   reports = [r["report"] for r in read_manifest(corpus / "manifest.csv")]
-  demo.build_vocab(reports, 400, tmp_path / "bert" / "vocab.txt")
+  build_vocab(reports, 400, tmp_path / "bert" / "vocab.txt")
   config = tiny_config(corpus, max_steps=1)
   config.tokenizer = ""  # The BERT folder's own vocabulary.
   config.weights.vision, config.weights.text = str(tmp_path / "fm.pth"), str(tmp_path / "bert")

@@ -12,7 +12,7 @@ from retfiner_jax.data import synthetic
 from retfiner_jax.models.attention import padding_bias
 from retfiner_jax.models.config import get_variant
 from retfiner_jax.models.retfiner import RetFiner, init_params
-from retfiner_jax.refine import validation
+from retfiner_jax.metrics import ranking
 from retfiner_jax.textside import retrieval
 from retfiner_jax.textside import zeroshot
 from retfiner_jax.textside.api import RetFinerModel
@@ -92,7 +92,7 @@ def test_api_embeddings_matching_and_zero_shot(setting, tmp_path):
 def test_ranking_metrics_on_constructed_cases():
   # Three queries: the match of query 0 ranks first, of query 1 third, of query 2 second.
   scores = np.array([[0.9, 0.1, 0.2], [0.8, 0.1, 0.7], [0.3, 0.1, 0.2]])
-  got = validation.ranking_metrics(scores, np.eye(3, dtype=bool), ks=(1, 2, 3))
+  got = ranking.ranking_metrics(scores, np.eye(3, dtype=bool), ks=(1, 2, 3))
   assert got == {"recall_at_1": 1 / 3, "recall_at_2": 2 / 3, "recall_at_3": 1.0, "median_rank": 2.0}
   # Against sorting (ties included): 200 queries with 3 matches each among 60 columns of coarse scores.
   rng = np.random.default_rng(0)
@@ -101,7 +101,7 @@ def test_ranking_metrics_on_constructed_cases():
     row[rng.choice(60, 3, replace=False)] = True
   order = np.argsort(-scores, axis=1, kind="stable")
   ranks = np.take_along_axis(matches, order, axis=1).argmax(axis=1) + 1
-  got = validation.ranking_metrics(scores, matches, ks=(1, 5, 10))
+  got = ranking.ranking_metrics(scores, matches, ks=(1, 5, 10))
   assert got == {"recall_at_1": np.mean(ranks <= 1), "recall_at_5": np.mean(ranks <= 5),
                  "recall_at_10": np.mean(ranks <= 10), "median_rank": float(np.median(ranks))}
   # Rows sharing an id are each other's matches; rows without one match only themselves.
