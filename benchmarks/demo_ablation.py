@@ -6,7 +6,8 @@
 Each arm is the demo's config with the overrides below; seed k of every arm uses the demo's stage seeds of run k
 (`demo.stage_seeds`) and shares that seed's FM, text tower, control and their probes (`demo.run_seed`'s arm_dir).
 Every arm-seed's results.json is copied to benchmarks/demo_ablation/<arm>/seed_<k>.json as it finishes; a rerun
-skips what is recorded. Arms run seed by seed in the order given.
+skips what is recorded. Arms run in the order given, each for all its seeds before the next (no figure depends on
+the order: each arm-seed is computed from its own seeds).
 """
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ def run(workdir: Path, arms, seeds: int):
   vocab = workdir / "vocab" / "vocab.txt"
   if not vocab.exists():
     build_vocab([r["report"] for r in demo.read_csv(Path(corpus["refinement_manifest"]))], base.demo.vocab_size, vocab)
-  for k in range(seeds):
-    for arm in arms:
+  for arm in arms:
+    for k in range(seeds):
       record = RECORDS / arm / f"seed_{k}.json"
       if record.exists():
         log(f"[{arm} seed {k}] recorded: {record}")
