@@ -300,6 +300,7 @@ def run_seed(config, workdir: Path, corpus: dict, vocab: Path, run: int, runs: i
   seeds = stage_seeds(config, run)
   say = (lambda m: log(f"[seed {run + 1}/{runs}] {m}")) if runs > 1 else log
   done = arm_dir / "results.json"
+  arm_dir.mkdir(parents=True, exist_ok=True)
   if done.exists():
     say(f"results from {done}")
     return json.loads(done.read_text())

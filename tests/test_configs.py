@@ -12,6 +12,7 @@ import configs
 from conftest import shared_path
 from retfiner_jax.config_defaults import base_config, tiny_model
 from retfiner_jax.data import synthetic
+from retfiner_jax.data.manifest import read_manifest
 from retfiner_jax.models.config import VARIANTS, ModelConfig
 from retfiner_jax.models.mae import MaeSettings
 from retfiner_jax.probe.settings import ProbeSettings
@@ -175,6 +176,7 @@ def smoke_demo(name, config, corpus, tmp_path):
   config.demo.mae.mae.update(decoder_dim=16, decoder_depth=1, decoder_heads=2)
   config.demo.mae.train.update(epochs=1, batch_size=8, warmup_epochs=0, log_every=1)
   config.model.image_size = 32
+  config.demo.text.update(epochs=2, batch_size=8, log_every=1)
   config.train.update(epochs=4, batch_size=8, log_every=1)
   results = demo.run(config, tmp_path, seeds=2, log=lambda *a: None)
   saved = json.loads((tmp_path / "results.json").read_text())
@@ -194,19 +196,36 @@ def smoke_demo(name, config, corpus, tmp_path):
     # The control saw as many images as the refinement: its MAE steps x batch cover the refinement's steps x batch.
     refined_images = run["refinement"]["steps"] * 8
     assert run["mae"]["control_images"] == refined_images and run["mae"]["control_steps"] == -(-refined_images // 8)
-    control = json.loads((seed_dir / "mae_control" / "summary.json").read_text())
+    control_dir = f"mae_control_{run['mae']['control_steps']}"
+    control = json.loads((seed_dir / control_dir / "summary.json").read_text())
     assert control["steps"] == run["mae"]["control_steps"]
     # Each stage ran with its own seed: the control's is not stage 1's.
-    used = {stage: json.loads((seed_dir / stage / "config.json").read_text())["seed"]
-            for stage in ("mae", "mae_control", "refine")}
+    used = {stage: json.loads((seed_dir / folder / "config.json").read_text())["seed"]
+            for stage, folder in (("mae", "mae"), ("mae_control", control_dir), ("refine", "refine"))}
     assert used == {"mae": run["seeds"]["fm"], "mae_control": run["seeds"]["control"],
                     "refine": run["seeds"]["refinement"]} and len(set(used.values())) == 3
+    # What the refinement learnt: the text tower pretrained on the reports (its [CLS] spread recorded), the
+    # alignment on the clinic's validation pairs at start and end, the final losses beside their chance values,
+    # and the in-domain probe of the FM, the refined encoder and the control.
+    learnt = run["learnt"]
+    tower = json.loads((seed_dir / "text_tower" / "summary.json").read_text())
+    assert learnt["text_tower"] == "sentence" and tower["cls_cosine_after"] == learnt["text_tower_cls_cosine"]["cls_cosine_after"]
+    assert json.loads((seed_dir / "refine" / "config.json").read_text())["weights"]["text"] == tower["exported"]
+    for when in ("alignment_start", "alignment_end"):
+      block = learnt[when]
+      assert block["pairs"] == len(read_manifest(saved["corpus"]["refinement_val_manifest"]))
+      assert set(block["recall"]) == {f"recall_{d}_at_{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+      assert -1 <= block["text_cosine"]["mean"] <= 1 and 0 < block["chance_recall"]["at_1"] <= 1
+    assert learnt["final_train"]["chance"]["loss_itc"] == pytest.approx(np.log(8))
+    assert set(run["indomain"]["fluid"]) == {"before", "after", "control"}
     zero_shot = run["tasks"]["fluid"]["zero_shot"]  # The text side's row: balanced accuracy of 2 classes.
     assert zero_shot["classes"] == 2 and 0 <= zero_shot["bacc"] <= 1 and 0 <= zero_shot["auroc"] <= 1
     losses = [r["loss"] for r in read_metrics(seed_dir / "refine" / "metrics.jsonl") if r["kind"] == "train"]
     assert len(losses) >= 8
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
   assert saved["per_seed"][0]["seeds"]["fm"] != saved["per_seed"][1]["seeds"]["fm"]
+  gain = [r["indomain"]["fluid"]["after"]["bacc"] - r["indomain"]["fluid"]["before"]["bacc"] for r in saved["per_seed"]]
+  assert saved["learnt"]["indomain_gains"]["average"]["after_vs_before"]["mean"] == pytest.approx(np.mean(gain))
   assert (tmp_path / "results.png").exists()
 
 

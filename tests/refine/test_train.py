@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, shared_path, tiny_config
 from retfiner_jax.refine import inputs, trainer
 from retfiner_jax.runs import sharding
+from retfiner_jax.runs.run_log import read_metrics
 
 
 
@@ -120,6 +121,7 @@ from retfiner_jax.models.retfiner import SCANNED_STACKS, RetFiner, init_params
 from retfiner_jax.refine.objectives import ObjectiveSettings
 from retfiner_jax.refine.step import make_train_step
 from retfiner_jax.runs import sharding
+from retfiner_jax.runs.run_log import read_metrics
 from retfiner_jax.weights import files as weight_files
 import optax
 cfg = get_variant("tiny-retfound").replace(dtype="float32")
@@ -323,3 +325,36 @@ def test_training_from_a_built_tfds_folder_equals_training_from_the_manifests(co
   config.data.train_manifest = f"{built}:validation"
   with pytest.raises(tfds_builders.TfdsDataError, match=r"no split 'validation'; it has \['train', 'val'\]"):
     trainer.run(config, tmp_path / "bad", log=lambda *a: None)
+
+
+def test_a_random_text_tower_is_named_at_start_up_chance_values_are_logged_and_collapse_warns(corpus, tmp_path):
+  """Issue 34's guard: with no pretrained BERT, one start-up line says why ITC and ITM cannot start and which flag
+  gives one; progress and validation lines carry ITC's chance (ln B) and ITM's (the 1:2 prior's entropy), and a
+  random text tower's validation embeddings (mean pairwise cosine above 0.999) trigger the collapse warning."""
+  import math
+  config = tiny_config(corpus, max_steps=2)
+  lines = []
+  trainer.run(config, tmp_path / "run", log=lambda line, **_: lines.append(line))
+  text = "\n".join(lines)
+  start_up = [line for line in lines if "text encoder starts from random weights" in line]
+  assert len(start_up) == 1 and "ITC and ITM cannot start" in start_up[0] and "--config.weights.text=" in start_up[0]
+  prior = -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3)  # 0.6365: the entropy of (1/3, 2/3).
+  assert f"ITC loss ln B = {math.log(8):.4f}" in text and f"ITM loss {prior:.4f}" in text
+  progress = [line for line in lines if line.startswith("epoch")]
+  assert progress and all(f"(chance {math.log(8):.4f})" in line and f"(chance {prior:.4f})" in line
+                          for line in progress)
+  validation = [line for line in lines if line.startswith("validation")]
+  assert validation and "itc" in validation[0] and "(chance" in validation[0]
+  collapsed = [line for line in lines if "the text embeddings are collapsed" in line]
+  assert collapsed and "config.weights.text" in collapsed[0]
+  val = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "val"][-1]
+  assert val["text_embedding_cosine"] > 0.999 and val["chance_loss_itc"] > 0
+
+
+def test_collapse_is_measured_as_the_mean_pairwise_cosine_by_hand():
+  from retfiner_jax.metrics.embeddings import is_collapsed, mean_pairwise_cosine
+  x = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+  # Pairs: (1,0)·(0,1) = 0; (1,0)·(1,1)/sqrt2 = 0.7071; (0,1)·(1,1)/sqrt2 = 0.7071.
+  got = mean_pairwise_cosine(x)
+  assert got["mean"] == pytest.approx(2 * 0.5 ** 0.5 / 3) and got["min"] == pytest.approx(0.0)
+  assert not is_collapsed(x) and is_collapsed(np.array([[1.0, 0.0], [1.0, 1e-3], [2.0, 0.0]]))
