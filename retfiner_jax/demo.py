@@ -388,7 +388,7 @@ def run_seed(config, workdir: Path, corpus: dict, vocab: Path, run: int, runs: i
              "indomain": {t: {key: {"bacc": indomain[key][t]["bacc"], "auroc": indomain[key][t]["auroc"]}
                               for key in INDOMAIN_ENCODERS} for t in d.tasks},
              "learnt": learnt,
-             "refinement": {k: summary[k] for k in ("steps", "epochs", "best_val_loss", "samples_per_second")},
+             "refinement": {k: summary[k] for k in ("steps", "epochs", "best_val_loss", "steady_samples_per_second")},
              "mae": {"fm_steps": fm["steps"], "fm_images": fm["images_seen"], "control_images": images,
                      "control_steps": control_steps}}
   done.write_text(json.dumps(results, indent=1))

@@ -109,6 +109,7 @@ class Run:
   param_shardings: Any
   abstract_params: Any
   log: Callable = print
+  timings: Timings | None = None  # Set by `run`.
 
   def global_batch(self, batch):
     return sharding.global_batch(self.mesh, batch)
@@ -162,6 +163,41 @@ def setup(config, workdir, log=print, explicit_model_keys=()) -> Run:
 # ---------------------------------------------------------------------------------------------------------
 # The loop.
 
+@dataclasses.dataclass
+class Timings:
+  """A run's time, each part under its own name in summary.json (`Timings.summary`)."""
+  launched: float  # When `run` was called.
+  compile_seconds: float = 0.0
+  first_step_seconds: float | None = None  # From launch to the first step's result.
+  steady_from: tuple | None = None  # (time, step) at the end of the first logged interval.
+  steady_to: tuple | None = None  # (time, step) when the last step's result was in.
+  paused: float = 0.0  # Validation and checkpoint writes after steady_from.
+  input: Any = None  # The loop's InputWait.
+
+  @contextlib.contextmanager
+  def pause(self):
+    started = time.time()
+    try:
+      yield
+    finally:
+      if self.steady_from is not None:
+        self.paused += time.time() - started
+
+  def summary(self, batch_size: int) -> dict:
+    """time_to_first_step_seconds (launch to the first step's result: set-up, compile and that step),
+    compile_seconds, steady_samples_per_second (from the end of the first logged interval to the last step,
+    validation and checkpoint writes left out; None with fewer than two logged points),
+    input_wait_seconds_per_step (the loop's wait for batches, averaged over the steps)."""
+    wait = self.input
+    steady = None
+    if self.steady_from and self.steady_to and self.steady_to[1] > self.steady_from[1]:
+      seconds = self.steady_to[0] - self.steady_from[0] - self.paused
+      steady = (self.steady_to[1] - self.steady_from[1]) * batch_size / max(seconds, 1e-9)
+    return {"time_to_first_step_seconds": self.first_step_seconds, "compile_seconds": self.compile_seconds,
+            "steady_samples_per_second": steady,
+            "input_wait_seconds_per_step": wait.total_seconds / max(wait.total_steps, 1) if wait else None}
+
+
 class InputWait:
   """Time the loop spends waiting for batches, reported per step and as a share of wall time since the last
   report."""
@@ -169,13 +205,18 @@ class InputWait:
   def __init__(self):
     self.reset()
 
-  def reset(self):
+  def reset(self, totals: bool = False):
     self.seconds, self.since, self.steps = 0.0, time.time(), 0
+    if totals or not hasattr(self, "total_seconds"):  # The run's totals (summary.json).
+      self.total_seconds, self.total_steps = 0.0, 0
 
   def next(self, iterator, to_global):
     started = time.time()
     batch = to_global(next(iterator))
-    self.seconds += time.time() - started
+    waited = time.time() - started
+    self.seconds += waited
+    self.total_seconds += waited
+    self.total_steps += 1
     return batch
 
   def report(self) -> dict:
@@ -279,13 +320,20 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
     if several:  # Each row says whether this process was signalled; the step reports the maximum.
       local = dict(local, stop=np.full(len(local["pair_ids"]), stop["signal"] is not None, np.int32))
     return r.global_batch(local)
+  timings = r.timings
+  timings.input = wait
   if step < r.total_steps:  # Compiled on the first batch, timed apart from the first step.
     batch = wait.next(r.train_iter, to_global)
+    started = time.time()
     r.step_fn = compiled_step(r, batch)
-    wait.reset()
+    timings.compile_seconds = time.time() - started
+    wait.reset(totals=True)  # The batch fetched before the compile is not a step's wait.
   while step < r.total_steps and not r.progress.stopped_early:
     batch = wait.next(r.train_iter, to_global) if batch is None else batch
     r.state, metrics = r.step_fn(r.state, batch)
+    if timings.first_step_seconds is None:  # Waits for the first step alone, once.
+      jax.block_until_ready(metrics["loss"])
+      timings.first_step_seconds = time.time() - timings.launched
     batch, step, wait.steps = None, step + 1, wait.steps + 1
     requested = check_finite(r, *pending) if pending is not None else False
     pending = (step, metrics)
@@ -295,12 +343,17 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
       host.pop("stop_requested", None)
       run_log.write("train", step, host, epoch=r.progress.epoch + 1)  # The epoch in progress, counted from 1.
       run_log.progress(r.progress.epoch + 1, step, host)
+      timings.steady_to = (time.time(), step)
+      if timings.steady_from is None:  # Steady throughput leaves the compile and the first interval out.
+        timings.steady_from = timings.steady_to
     if step % r.steps_per_epoch == 0:
       check_finite(r, step, metrics)
-      end_of_epoch(r, step, run_log)
+      with timings.pause():
+        end_of_epoch(r, step, run_log)
     elif r.config.checkpoint.every_steps > 0 and step % r.config.checkpoint.every_steps == 0:
       check_finite(r, step, metrics)
-      r.save(step)
+      with timings.pause():
+        r.save(step)
     # One process: at once. Several: when the step before this one says a process was signalled, so that all
     # of them save the same step.
     if (requested if several else stop["signal"]):
@@ -311,6 +364,8 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
       return "interrupted", step
   if pending is not None:
     check_finite(r, *pending)
+    if timings.steady_to is None or timings.steady_to[1] != step:
+      timings.steady_to = (time.time(), step)
     if r.progress.best_step < 0 and step % r.steps_per_epoch:  # Ended within the first epoch: validate once.
       validate(r, step, run_log, f"at the end (step {step}, within epoch {r.progress.epoch + 1})")
     if r.checkpoints.latest_step() != step:
@@ -325,7 +380,9 @@ def run(config, workdir, log=print, explicit_model_keys=()) -> dict:
   workdir = prepare_workdir(workdir)
   primary = jax.process_index() == 0  # Writes the run's files; every process trains and saves checkpoints.
   with WorkdirLock(workdir, log) if primary else contextlib.nullcontext():
+    timings = Timings(launched=time.time())
     r = setup(config, workdir, log, explicit_model_keys)
+    r.timings = timings
     start_step, start_time = int(jax.device_get(r.state["step"])), time.time()
     chance = chance_values(config.train.batch_size // config.train.micro_batches)
     log(f"chance values (nothing learnt), for batches of {config.train.batch_size // config.train.micro_batches}: "
@@ -351,8 +408,16 @@ def finish(r: Run, status: str, step: int, samples: int, seconds: float) -> dict
   summary = {"status": status, "steps": step, "epochs": p.epoch,
              "best_val_loss": p.best_val_loss if np.isfinite(p.best_val_loss) else None,  # Strict JSON.
              "best_step": p.best_step, "stopped_early": p.stopped_early, "train_seconds": seconds,
-             "samples_per_second": samples / max(seconds, 1e-9), "records_skipped_while_loading": skipped,
-             "initialised_randomly": randomly_initialised(r.config)}
+             # Samples over the whole loop's wall time, compile, validation and checkpoint writes included; the
+             # training speed is steady_samples_per_second (Timings.summary).
+             "wall_samples_per_second": samples / max(seconds, 1e-9), **r.timings.summary(r.config.train.batch_size),
+             "records_skipped_while_loading": skipped, "initialised_randomly": randomly_initialised(r.config)}
+  t = summary
+  if t["time_to_first_step_seconds"] is not None:
+    r.log(f"time to the first step {t['time_to_first_step_seconds']:.1f} s (compile {t['compile_seconds']:.1f} s); "
+          + (f"steady {t['steady_samples_per_second']:.1f} samples/s (compile, the first logged interval, "
+             f"validation and checkpoints left out); " if t["steady_samples_per_second"] else "")
+          + f"input wait {t['input_wait_seconds_per_step']:.3f} s a step")
   if skipped:
     r.log(f"skipped {skipped} records that failed to load (config.data.skip_bad_records)")
   primary = jax.process_index() == 0

@@ -327,15 +327,22 @@ def test_training_from_a_built_tfds_folder_equals_training_from_the_manifests(co
     trainer.run(config, tmp_path / "bad", log=lambda *a: None)
 
 
-def test_a_random_text_tower_is_named_at_start_up_chance_values_are_logged_and_collapse_warns(corpus, tmp_path):
+def test_random_text_tower_start_up_line_chance_values_collapse_warning_and_the_summarys_times(corpus, tmp_path):
   """Issue 34's guard: with no pretrained BERT, one start-up line says why ITC and ITM cannot start and which flag
   gives one; progress and validation lines carry ITC's chance (ln B) and ITM's (the 1:2 prior's entropy), and a
   random text tower's validation embeddings (mean pairwise cosine above 0.999) trigger the collapse warning."""
   import math
-  config = tiny_config(corpus, max_steps=2)
+  config = tiny_config(corpus, max_steps=4)
   lines = []
-  trainer.run(config, tmp_path / "run", log=lambda line, **_: lines.append(line))
+  summary = trainer.run(config, tmp_path / "run", log=lambda line, **_: lines.append(line))
   text = "\n".join(lines)
+  # The summary's times, each under its own name (issue 36): the first step comes after the compile and before
+  # the end; steady throughput leaves the compile out, so it is above the whole loop's rate.
+  assert 0 < summary["compile_seconds"] < summary["time_to_first_step_seconds"] < summary["train_seconds"] + 60
+  assert summary["steady_samples_per_second"] > summary["wall_samples_per_second"] > 0
+  assert summary["input_wait_seconds_per_step"] >= 0 and "samples_per_second" not in summary
+  saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert saved["steady_samples_per_second"] == summary["steady_samples_per_second"]
   start_up = [line for line in lines if "text encoder starts from random weights" in line]
   assert len(start_up) == 1 and "ITC and ITM cannot start" in start_up[0] and "--config.weights.text=" in start_up[0]
   prior = -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3)  # 0.6365: the entropy of (1/3, 2/3).
