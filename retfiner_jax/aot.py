@@ -11,15 +11,46 @@ with them. Prints a readable line (stderr) and one JSON line (stdout) with `targ
 first that fits is printed (its JSON line lists what was tried). `--save=FILE` writes the compiled step, which
 `main --config.compiled_step=FILE` runs without compiling. Exit status: 0 fits, 1 does not fit, 2 usage error.
 
-Compiling for a TPU needs libtpu (pip install "jax[tpu]==0.10.2"); for a GPU, the CUDA plugin and ptxas
-(pip install jax-cuda12-plugin==0.10.2 nvidia-cuda-nvcc-cu12). Neither needs the hardware.
+Compiling for a TPU needs libtpu; for a GPU, the CUDA plugin and ptxas (requirements-aot.txt). Neither needs the
+hardware. They are found in .aot-compilers beside the checkout or in the working directory (`pip install
+--no-deps --target=.aot-compilers -r requirements-aot.txt`), or in --compilers=DIR; nothing else need be set.
 """
 import functools
 import os
 import sys
+from pathlib import Path
 
-from absl import flags, logging
-from ml_collections import config_flags
+COMPILERS_FOLDER = ".aot-compilers"  # requirements-aot.txt, installed with pip --target (the README's line).
+
+
+def compilers_folder(argv) -> Path | None:
+  """Where the TPU/GPU compilers are: --compilers=DIR, else .aot-compilers beside the checkout, else in the
+  working directory; None when there is none."""
+  given = [a.split("=", 1)[1] for a in argv if a.startswith("--compilers=")]
+  if given:
+    return Path(given[-1]).absolute()
+  for folder in (Path(__file__).resolve().parents[1] / COMPILERS_FOLDER, Path.cwd() / COMPILERS_FOLDER):
+    if folder.is_dir():
+      return folder
+  return None
+
+
+def prepare_environment(argv):
+  """Before JAX is imported (the config file imports it while flags are parsed): the CPU as JAX's only platform,
+  since the TPU and GPU devices are compile-only and the CUDA plugin's driver check would fail first, and the
+  compilers' folder on the import path (also for processes this one starts)."""
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # Compiling takes no TPU: several processes may.
+  folder = compilers_folder(argv)
+  if folder is not None and str(folder) not in sys.path:
+    sys.path.insert(0, str(folder))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+
+
+prepare_environment(sys.argv)
+
+from absl import flags, logging  # noqa: E402 (after the environment is set)
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a refinement config: a name in configs/ (retfound, "
                                           "visionfm, urfound) or a path", lock_config=True)
@@ -31,6 +62,9 @@ _FIT = flags.DEFINE_bool("fit", False, "if it does not fit, try remat, FSDP and 
 _SAVE = flags.DEFINE_string("save", "", "write the compiled step (of the setting that fits, with --fit) here")
 _MEMORY_GIB = flags.DEFINE_float("memory_gib", None, "usable memory per device in GiB, instead of the chip's "
                                   "(e.g. a GPU shared with other work)")
+_COMPILERS = flags.DEFINE_string("compilers", "", "the folder requirements-aot.txt was installed in (pip install "
+                                 "--no-deps --target=DIR); default: .aot-compilers beside the checkout, or in the "
+                                 "working directory")
 _GPU_TARGET_CONFIG = flags.DEFINE_string("gpu_target_config", "", "an XLA GpuTargetConfigProto text file to "
                                          "compile for instead of the built-in H100/H200 description")
 
@@ -39,7 +73,6 @@ def main(argv):
   if len(argv) > 1 or _CONFIG.value is None:
     print(f"error: unexpected arguments: {argv[1:]}" if len(argv) > 1 else "error: give --config", file=sys.stderr)
     sys.exit(2)  # 1 means "does not fit".
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Compile-only devices; this machine runs nothing.
   logging.set_verbosity(logging.WARNING)
   from retfiner_jax.errors import ConfigError, run_reporting_user_errors
   from retfiner_jax.refine import aot

@@ -163,7 +163,8 @@ def missing_compiler(platform: str) -> str | None:
   if all(found(m) for m in needed):
     return None
   return (f"compiling for {platform.upper()} needs {INSTALL[platform]} (requirements-aot.txt): pip install "
-          f"--no-deps --target=.aot-compilers -r requirements-aot.txt, then PYTHONPATH=.aot-compilers")
+          f"--no-deps --target=.aot-compilers -r requirements-aot.txt (in the checkout or the working directory, where the "
+          f"aot command finds it; or give its folder with --compilers=DIR)")
 
 
 def compile_only_devices(target: Target, gpu_target_config: str = ""):

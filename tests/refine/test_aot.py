@@ -6,6 +6,7 @@ The compiled-memory figures are XLA's own for each target; the checks here are t
 too large for a device is reported as not fitting while --fit finds a setting that fits, and that a saved step
 gives the same losses as compiling."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -221,3 +222,46 @@ def test_running_out_of_memory_while_compiling_is_one_message_with_the_figures_a
       "python -m retfiner_jax.aot --config=retfound --config.train.batch_size=8 --target=<the accelerator> --fit"
   h100 = [type("D", (), {"device_kind": "NVIDIA H100 80GB HBM3", "platform": "gpu"})()] * 8
   assert aot.fit_command(["--config=urfound"], h100).endswith("--config=urfound --target=8xh100 --fit")
+
+
+def readme_aot_lines() -> list[str]:
+  """The README's `python -m retfiner_jax.aot` command lines (its "compile for it here" block), verbatim."""
+  lines = [line.split("  #")[0].strip() for line in (ROOT / "README.md").read_text().splitlines()
+           if line.startswith("python -m retfiner_jax.aot ")]
+  assert len(lines) >= 4, lines
+  return lines
+
+
+def test_the_readmes_aot_lines_work_as_written_with_nothing_set(tmp_path):
+  """Issue 36: after the README's install line, each aot line of the README runs exactly as written, with neither
+  PYTHONPATH nor JAX_PLATFORMS set (the tool finds .aot-compilers beside the checkout and sets the platform before
+  JAX is imported). Full-size compiles take minutes each, so each line runs until its compile-only devices are
+  made and the compile starts ("compiling the train step for ..."), where the CUDA plugin's driver check used to
+  fail; then it is stopped. Without the compilers (--compilers pointing at an empty folder), the error names the
+  install line. The lines run from the checkout, as the Quickstart does."""
+  import shlex
+  import signal
+  import time
+  require_compilers("tpu")
+  require_compilers("cuda")
+  env = {k: v for k, v in aot_environment().items() if k not in ("PYTHONPATH", "JAX_PLATFORMS")}
+  for line in readme_aot_lines():
+    args = shlex.split(line)
+    proc = subprocess.Popen([sys.executable] + args[1:], cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    seen, deadline = [], time.time() + 240
+    try:
+      for err in proc.stderr:
+        seen.append(err)
+        if "compiling the train step for" in err or time.time() > deadline:
+          break
+    finally:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+    assert any("compiling the train step for" in e for e in seen), (line, "".join(seen[-15:]))
+    assert not any("Unable to load CUDA" in e or "no compile-only devices" in e for e in seen), line
+  empty = tmp_path / "no-compilers"
+  empty.mkdir()
+  out = subprocess.run([sys.executable, "-m", "retfiner_jax.aot", "--config=retfound", "--target=h200",
+                        f"--compilers={empty}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+  assert out.returncode != 0 and "pip install --no-deps --target=.aot-compilers -r requirements-aot.txt" in out.stderr
