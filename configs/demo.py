@@ -22,6 +22,7 @@ def get_config():
   c.train.learning_rate = 1e-4
   c.train.log_every = 20
   c.data.augment = True
+  c.export.formats = "retfiner_flax"  # What the demo reads back; its install (requirements.txt) has no torch.
   c.demo = ml_collections.ConfigDict()
   # Two synthetic corpora (generated into WORKDIR/data unless there), fixed across --seeds: the refinement corpus
   # (a clinic's B-scans with reports; patients 90 % train, 10 % val for the refinement's early stopping) and the

@@ -13,6 +13,7 @@ import ml_collections
 
 from retfiner_jax.models.config import get_variant
 from retfiner_jax.refine.objectives import ObjectiveSettings
+from retfiner_jax.weights.exports import DEFAULT_FORMATS
 
 
 def base_config(variant: str) -> ml_collections.ConfigDict:
@@ -65,6 +66,8 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   # Checkpoints at every epoch's end, and every `every_steps` steps between (0: only at epochs' ends): at most
   # that many steps are lost to a SIGKILL (500 steps of the full-size model: minutes on one GPU).
   c.checkpoint = ml_collections.ConfigDict(dict(keep=2, every_steps=500))
+  # What a finished run writes to WORKDIR/export (weights/exports.py, EXPORT_FORMATS): comma-separated, or "all".
+  c.export = ml_collections.ConfigDict(dict(formats=DEFAULT_FORMATS))
   return c
 
 

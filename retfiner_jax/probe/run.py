@@ -22,7 +22,9 @@ from retfiner_jax.probe.settings import ProbeSettings
 def load_encoder(path, variant: str | None = None, log=print):
   """A training workdir, a converted folder, or a PyTorch checkpoint -> (ModelConfig, vision params)."""
   path = Path(path)
-  for candidate in (path / "export" / "vision_flax", path / "refine" / "export" / "vision_flax"):
+  # A workdir's export: the vision encoder alone if it was exported, else the whole model (config.export.formats).
+  for candidate in (path / export / name for export in ("export", "refine/export")
+                    for name in ("vision_flax", "retfiner_flax")):
     if (candidate / "model.json").exists():
       path = candidate
       break

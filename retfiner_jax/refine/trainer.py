@@ -64,6 +64,8 @@ def check_settings(config):
     value = config[key.split(".")[0]][key.split(".")[1]]
     if value < low:
       raise ConfigError(f"config.{key} must be at least {low}, got {value}: set --config.{key}=N with N >= {low}")
+  # Export formats that cannot be written here are an error now, not at the end of the run.
+  exports.parse_formats(config.export.formats, config.tokenizer or config.weights.text or config.weights.retfiner)
   if not config.train.learning_rate > 0:
     raise ConfigError(f"config.train.learning_rate must be above 0, got {config.train.learning_rate}")
 
@@ -121,7 +123,7 @@ class Run:
 
 # Settings a resumed run may change: how long it runs, how it reports and saves, how it reads and shards.
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.log_every", "train.patience", "checkpoint.",
-                     "data.num_workers", "compile_cache", "compiled_step", "mesh.", "eval.recall_at")
+                     "data.num_workers", "compile_cache", "compiled_step", "mesh.", "eval.recall_at", "export.")
 
 
 def setup(config, workdir, log=print, explicit_model_keys=()) -> Run:
@@ -422,13 +424,19 @@ def finish(r: Run, status: str, step: int, samples: int, seconds: float) -> dict
     r.log(f"skipped {skipped} records that failed to load (config.data.skip_bad_records)")
   primary = jax.process_index() == 0
   if status == "finished":
+    # The final checkpoint is complete before any export starts: a kill during the exports leaves it intact, and
+    # a rerun with the same workdir resumes at the last step and writes the exports without training again.
+    started = time.time()
+    r.checkpoints.wait()
+    r.log(f"final checkpoint written in {time.time() - started:.1f} s")
     best, _ = r.checkpoints.restore_best(with_shardings(r.abstract_params, r.param_shardings))
     final = sharding.to_host(best if best is not None else r.state["params"])  # Every process takes part.
     if primary:
       text_source = r.config.weights.text or r.config.weights.retfiner
       summary["exported"] = exports.export_model(
           r.cfg, final, r.workdir / "export", inputs.tokenizer_path(r.config),
-          weight_files.source_pooler(text_source) if text_source else None, p.epoch, step, r.log)
+          weight_files.source_pooler(text_source) if text_source else None, p.epoch, step, r.log,
+          formats=r.config.export.formats)
       plot_run(r.workdir)
   started = time.time()
   r.checkpoints.close()  # Waits for the asynchronous checkpoint writes.

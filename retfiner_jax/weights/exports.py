@@ -137,7 +137,7 @@ def hf_bert(cfg: ModelConfig, params: dict, folder, tokenizer, pooler: dict | No
 # ---------------------------------------------------------------------------------------------------------
 # A training run's export.
 
-def _readme_run(cfg: ModelConfig, files: dict) -> str:
+def _readme_run(cfg: ModelConfig, files: dict, out: Path) -> str:
   rows = {
       "vision_flax": "the refined vision encoder as a converted (Flax) folder: the probe's `--encoder`",
       "safetensors": f"the vision encoder in {cfg.backbone}'s own key layout (safetensors)",
@@ -151,45 +151,93 @@ def _readme_run(cfg: ModelConfig, files: dict) -> str:
       "hf_cross_attention": "the text encoder with cross-attention and MLM head for `BertLMHeadModel`",
   }
   lines = [f"# The refined model ({cfg.backbone} backbone)", ""]
-  lines += [f"- `{Path(files[k]).relative_to(Path(files['vision_flax']).parent)}`: {text}"
+  lines += [f"- `{Path(files[k]).relative_to(out)}`: {text}"
             for k, text in rows.items() if k in files]
   return "\n".join(lines) + "\n"
 
 
+# What a finished run can write (`config.export.formats`, comma-separated, or "all"), each once.
+EXPORT_FORMATS = {
+    "retfiner_flax": "the whole model, a converted Flax folder (the text side, config.weights.retfiner, the probe)",
+    "vision_flax": "the vision encoder alone, a converted Flax folder",
+    "pytorch": "the vision encoder in the FM's PyTorch key layout, vision_<backbone>.pth (needs torch)",
+    "safetensors": "the vision encoder in the FM's key layout, vision_<backbone>.safetensors",
+    "heads": "the contrastive and ITM heads, heads.safetensors",
+    "lightning": "the whole model as the original's Lightning checkpoint, retfiner_lightning.ckpt (needs torch)",
+    "hf": "the text encoder as Hugging Face BERT folders, text/ (needs the tokenizer)",
+}
+# What an FM's users need: the Flax folder of the whole model, and the refined FM in its own PyTorch layout.
+DEFAULT_FORMATS = "retfiner_flax,pytorch"
+
+
+def parse_formats(formats: str, tokenizer=None) -> list[str]:
+  """`config.export.formats` -> the formats in EXPORT_FORMATS' order. A format that cannot be written here is an
+  error before anything is trained (named with its fix), never skipped at the end."""
+  names = list(EXPORT_FORMATS) if formats.strip() == "all" else [f.strip() for f in formats.split(",") if f.strip()]
+  unknown = [f for f in names if f not in EXPORT_FORMATS]
+  if unknown:
+    raise ConfigError(f"config.export.formats: unknown {unknown}; known: {', '.join(EXPORT_FORMATS)} (or 'all')")
+  if not names:
+    raise ConfigError("config.export.formats is empty: name at least one of " + ", ".join(EXPORT_FORMATS))
+  needs_torch = sorted({"pytorch", "lightning"} & set(names))
+  if needs_torch:
+    try:
+      import torch  # noqa: F401
+    except ImportError:
+      raise ConfigError(f"config.export.formats asks for {needs_torch}, which need torch, and torch is not "
+                        f"installed: pip install torch, or leave them out, e.g. "
+                        f"--config.export.formats=retfiner_flax,safetensors") from None
+  if "hf" in names and not tokenizer:
+    raise ConfigError("config.export.formats asks for hf (Hugging Face BERT folders), which needs the tokenizer: set "
+                      "config.tokenizer, or leave hf out")
+  return [f for f in EXPORT_FORMATS if f in names]
+
+
 def export_model(cfg: ModelConfig, params, out, tokenizer=None, pooler: dict | None = None, epoch: int = 0,
-                 step: int = 0, log=print) -> dict:
-  """Writes every form of the model to `out` (replacing an earlier export); returns {kind: path}."""
+                 step: int = 0, log=print, formats: str = "all") -> dict:
+  """Writes the model to `out` in each of `formats` (parse_formats; an earlier export's files are replaced) and
+  logs each one's seconds; returns {kind: path}."""
+  import time
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
+  chosen = parse_formats(formats, tokenizer)
   params = jax.tree.map(np.asarray, params)
-  paths = {}
-  for name, part, contents in (("vision_flax", {"vision_encoder": params["vision_encoder"]}, ["vision_encoder"]),
-                               ("retfiner_flax", params, sorted(params))):
+  vision = vision_state_dict(cfg, params) if {"pytorch", "safetensors"} & set(chosen) else None
+
+  def flax_folder(name, part):
     if (out / name).exists():
       shutil.rmtree(out / name)
     save_converted(out / name, cfg, part, {"source": "retfiner_jax training", "source_format": cfg.backbone,
-                                           "contents": contents},
+                                           "contents": sorted(part)},
                    pooler=pooler if name == "retfiner_flax" else None)
-    paths[name] = str(out / name)
-  paths["flax"] = paths["vision_flax"]  # The name earlier summaries used.
-  vision = vision_state_dict(cfg, params)
-  save_safetensors(vision, out / f"vision_{cfg.backbone}.safetensors")
-  paths["safetensors"] = str(out / f"vision_{cfg.backbone}.safetensors")
-  save_safetensors(heads_state_dict(params), out / "heads.safetensors")
-  paths["heads"] = str(out / "heads.safetensors")
-  try:
-    save_torch(vision, out / f"vision_{cfg.backbone}.pth")
-    paths["pytorch"] = str(out / f"vision_{cfg.backbone}.pth")
-    save_lightning(cfg, params, out / "retfiner_lightning.ckpt", epoch, step)
-    paths["lightning"] = str(out / "retfiner_lightning.ckpt")
-  except ImportError:
-    log("torch not installed: no .pth/.ckpt files (the .safetensors files hold the same tensors; "
-        "safetensors.torch.load_file reads them)")
-  if tokenizer:
-    paths.update(hf_bert(cfg, params, out / "text", tokenizer, pooler))
-  else:
-    log("no tokenizer configured: the text encoder is exported in retfiner_flax and the Lightning file only")
-  (out / "README.md").write_text(_readme_run(cfg, paths))
+    return {name: str(out / name)}
+
+  def file(name, path, write):
+    write(path)
+    return {name: str(path)}
+
+  writers = {
+      "retfiner_flax": lambda: flax_folder("retfiner_flax", params),
+      "vision_flax": lambda: flax_folder("vision_flax", {"vision_encoder": params["vision_encoder"]}),
+      "pytorch": lambda: file("pytorch", out / f"vision_{cfg.backbone}.pth", lambda p: save_torch(vision, p)),
+      "safetensors": lambda: file("safetensors", out / f"vision_{cfg.backbone}.safetensors",
+                                  lambda p: save_safetensors(vision, p)),
+      "heads": lambda: file("heads", out / "heads.safetensors", lambda p: save_safetensors(heads_state_dict(params), p)),
+      "lightning": lambda: file("lightning", out / "retfiner_lightning.ckpt",
+                                lambda p: save_lightning(cfg, params, p, epoch, step)),
+      "hf": lambda: hf_bert(cfg, params, out / "text", tokenizer, pooler),
+  }
+  paths, seconds = {}, {}
+  for name in chosen:
+    started = time.time()
+    paths.update(writers[name]())
+    seconds[name] = time.time() - started
+  if "vision_flax" in paths:
+    paths["flax"] = paths["vision_flax"]  # The name earlier summaries used.
+  (out / "README.md").write_text(_readme_run(cfg, paths, out))
   readable_by_all(out)
-  log(f"exported the refined model to {out}: " + ", ".join(k for k in paths if k != "flax"))
+  others = [f for f in EXPORT_FORMATS if f not in chosen]
+  log(f"exported the refined model to {out}: " + ", ".join(f"{k} ({seconds[k]:.1f} s)" for k in chosen)
+      + (f"; more on request (config.export.formats): {', '.join(others)}" if others else ""))
   return paths
+

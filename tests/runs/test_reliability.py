@@ -21,6 +21,7 @@ from retfiner_jax.refine import inputs, trainer
 from retfiner_jax.runs.checkpoints import NoRestorableCheckpoint, ResumeMismatch, RunCheckpoints
 from retfiner_jax.runs.run_log import read_metrics
 from retfiner_jax.runs.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLocked
+from retfiner_jax.weights import files as weight_files
 from conftest import ROOT, random_batch, tiny_config, train_losses
 
 
@@ -84,7 +85,7 @@ def test_kill_after_the_best_checkpoint_and_a_signal_at_an_epoch_end_resume(corp
   assert all(np.isclose(events[key], value, rtol=1e-6) for key, value in logged.items())
   assert {"train/loss_itc", "train/input_wait_fraction", "val/loss", "val/recall_i2t_at_1"} <= {t for t, _ in
                                                                                                 logged}
-  assert Path(third["exported"]["flax"], "model.json").exists() and Path(third["exported"]["safetensors"]).exists()
+  assert Path(third["exported"]["retfiner_flax"], "model.json").exists() and Path(third["exported"]["pytorch"]).exists()
 
 
 def tensorboard_scalars(folder) -> dict:
@@ -433,3 +434,43 @@ def test_a_save_cut_off_by_a_kill_is_ignored_and_redone(tmp_path):
                                                                                    .to_iter_dataset()))
   assert np.all(np.asarray(state["w"]) == 3.0)
   again.close()
+
+
+def test_exports_follow_config_and_a_death_during_them_is_finished_by_a_rerun_without_training(corpus, tmp_path,
+                                                                                               monkeypatch):
+  """Issue 36: `config.export.formats` chooses what a finished run writes (the default: the whole model's Flax
+  folder and the FM's PyTorch layout); a format that cannot be written is an error before training. A process
+  that dies while exporting (here: an exception out of the Lightning writer, after the Flax folder and the .pth
+  were written) leaves the final checkpoint complete: the rerun resumes at the last step, trains nothing, and
+  writes every export, with the weights the first attempt wrote."""
+  from retfiner_jax.weights import exports
+  with pytest.raises(ConfigError, match="unknown.*onnx"):
+    trainer.run(with_export_formats(tiny_config(corpus, max_steps=4), formats="retfiner_flax,onnx"), tmp_path / "x")
+  work = tmp_path / "run"
+  config = with_export_formats(tiny_config(corpus, max_steps=4), formats="retfiner_flax,pytorch,lightning")
+
+  def dies(*args, **kwargs):
+    raise RuntimeError("the process died while exporting")
+  monkeypatch.setattr(exports, "save_lightning", dies)
+  with pytest.raises(RuntimeError, match="died while exporting"):
+    trainer.run(config, work, log=lambda *a: None)
+  assert not (work / "summary.json").exists() and (work / "export" / "retfiner_flax").exists()
+  _, first, _ = weight_files.load_converted(work / "export" / "retfiner_flax")
+  rows = (work / "metrics.jsonl").read_text()
+  monkeypatch.undo()
+  lines = []
+  summary = trainer.run(config, work, log=lambda line, **_: lines.append(line))
+  assert summary["status"] == "finished" and summary["steps"] == 4
+  assert any(line.startswith("resumed") and "step 4" in line for line in lines)
+  assert not any("compiling the train step" in line for line in lines)  # Nothing trained again.
+  assert (work / "metrics.jsonl").read_text() == rows
+  assert set(summary["exported"]) == {"retfiner_flax", "pytorch", "lightning"}
+  assert Path(summary["exported"]["lightning"]).exists() and not (work / "export" / "vision_flax").exists()
+  _, again, _ = weight_files.load_converted(summary["exported"]["retfiner_flax"])
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)))
+  assert any(line.startswith("exported the refined model") and "lightning (" in line for line in lines)
+
+
+def with_export_formats(config, formats):
+  config.export.formats = formats
+  return config
