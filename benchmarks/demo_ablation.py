@@ -79,9 +79,9 @@ def run(workdir: Path, arms, seeds: int):
   table()
 
 
-def _ms(values, scale=100.0):
+def _ms(values, scale=100.0, digits=1):
   v = np.asarray(values, np.float64) * scale
-  return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+  return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else f"{v.mean():.{digits}f}"
 
 
 def table():
@@ -100,9 +100,9 @@ def table():
     end = [x["alignment_end"] for x in learnt]
     final = [x["final_train"]["values"] for x in learnt]
     chance = learnt[0]["final_train"]["chance"]
-    start_cos = _ms([x["alignment_start"]["text_cosine"]["mean"] for x in learnt], 1)
-    end_cos = _ms([x["alignment_end"]["text_cosine"]["mean"] for x in learnt], 1)
-    fmt = lambda key: (_ms([f[key] for f in final], 1) + f" ({chance[key]:.3f})") if key in final[0] else "off"
+    start_cos = _ms([x["alignment_start"]["text_cosine"]["mean"] for x in learnt], 1, 3)
+    end_cos = _ms([x["alignment_end"]["text_cosine"]["mean"] for x in learnt], 1, 3)
+    fmt = lambda key: (_ms([f[key] for f in final], 1, 3) + f" ({chance[key]:.3f})") if key in final[0] else "off"
     rows.append(
         f"| {arm} | {len(runs)} | {_ms([gain(r, 'indomain', 'after', 'before') for r in runs])} | "
         f"{_ms([gain(r, 'indomain', 'after', 'control') for r in runs])} | "

@@ -3,6 +3,13 @@
   python -m retfiner_jax.main --config=configs/retfound.py --workdir=runs/retfound [--config.x=value ...]
 
 The self-contained demo has its own command: python -m retfiner_jax.demo --workdir=runs/demo
+
+Several hosts (--distributed): every host runs the same command. A preemption (SIGTERM or SIGINT to any process)
+makes every process save the same step and exit 0; rerun the same command to resume. A lost host (a process
+killed, a machine gone) stops every survivor: the next collective fails at once (or, where it would hang, the
+runtime's heartbeat stops it after --heartbeat_timeout seconds); process 0 prints one line naming the lost
+process where the runtime says which, the step, the last complete checkpoint and the command to resume, and
+every process exits with status 1. --heartbeat_timeout and --shutdown_timeout tune the runtime's waits.
 """
 import functools
 import sys
@@ -20,6 +27,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0,
                                    "tells it (e.g. two hosts started by hand)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "how many processes take part (with --coordinator)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 20, "--distributed: seconds without a heartbeat after which "
+                                  "the runtime declares a process lost and stops the others (JAX's default is 100)")
+_SHUTDOWN = flags.DEFINE_integer("shutdown_timeout", 30, "--distributed: seconds the processes wait for each other "
+                                 "at the end of a run")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,7 +45,8 @@ def start_distributed(log):
     # Gloo carries the collectives between CPU processes (a CPU-only cluster, or the two-process test); GPUs
     # and TPUs use their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+    jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None},
+                               heartbeat_timeout_seconds=_HEARTBEAT.value, shutdown_timeout_seconds=_SHUTDOWN.value)
     log(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local device(s), "
         f"{jax.device_count()} in all")
   return jax.process_index(), jax.process_count()
@@ -72,6 +84,10 @@ def main(argv):
     run_reporting_user_errors(run_with_fit_hint, config, _WORKDIR.value, log, explicit_model_keys=explicit,
                               prefix=prefix)
   except Exception as e:
+    if count > 1:
+      from retfiner_jax.runs.lost_peer import exit_on_lost_peer, is_lost_peer
+      if is_lost_peer(e):  # One line, and out at once: no wait in the shutdown barrier for the dead peer.
+        exit_on_lost_peer(index, count, getattr(e, "retfiner_step", None), _WORKDIR.value, sys.argv[1:], e)
     if prefix:
       print(f"{prefix}{type(e).__name__}: {e}", file=sys.stderr, flush=True)
     raise

@@ -112,6 +112,7 @@ class Run:
   abstract_params: Any
   log: Callable = print
   timings: Timings | None = None  # Set by `run`.
+  step_reached: int | None = None  # The last step the loop started.
 
   def global_batch(self, batch):
     return sharding.global_batch(self.mesh, batch)
@@ -315,8 +316,7 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
   """Steps until the end, early stopping or a signal (`stop["signal"]`); returns (status, step). The loss is
   checked one step late so that the host never waits for the device between steps."""
   step, wait = int(jax.device_get(r.state["step"])), InputWait()
-  pending, batch = None, None
-  several = jax.process_count() > 1
+  batch, several = None, jax.process_count() > 1
 
   def to_global(local):
     if several:  # Each row says whether this process was signalled; the step reports the maximum.
@@ -330,6 +330,16 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
     r.step_fn = compiled_step(r, batch)
     timings.compile_seconds = time.time() - started
     wait.reset(totals=True)  # The batch fetched before the compile is not a step's wait.
+  try:
+    return _steps(r, run_log, stop, step, wait, batch, to_global, several)
+  except Exception as e:  # The step it happened at, for the lost-host line (runs/lost_peer.py).
+    e.retfiner_step = r.step_reached if r.step_reached is not None else step
+    raise
+
+
+def _steps(r: Run, run_log: RunLog, stop: dict, step: int, wait, batch, to_global, several: bool):
+  """train_loop's steps, from `step` (`batch`: the first batch if fetched already)."""
+  timings, pending = r.timings, None
   while step < r.total_steps and not r.progress.stopped_early:
     batch = wait.next(r.train_iter, to_global) if batch is None else batch
     r.state, metrics = r.step_fn(r.state, batch)
@@ -337,6 +347,7 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
       jax.block_until_ready(metrics["loss"])
       timings.first_step_seconds = time.time() - timings.launched
     batch, step, wait.steps = None, step + 1, wait.steps + 1
+    r.step_reached = step
     requested = check_finite(r, *pending) if pending is not None else False
     pending = (step, metrics)
     if step % r.config.train.log_every == 0 or step == r.total_steps:

@@ -110,3 +110,62 @@ def test_two_processes_train_as_one_process_with_two_devices_and_resume_after_a_
     if a["kind"] == "val":
       assert b["recall_i2t_at_1"] == a["recall_i2t_at_1"] and b["examples"] == a["examples"]
   assert (tmp_path / "two" / "export" / "retfiner_flax" / "model.json").exists()
+
+
+def test_a_lost_host_stops_the_survivor_within_30_s_with_one_line_and_both_resume_to_the_same_losses(tmp_path):
+  """Issue 37: SIGKILL of process 1 mid-run. Process 0 exits within 30 s with status 1 (no core dump, no
+  shutdown-barrier wait), its stderr is a few lines whose last names the lost process, the step, the last
+  complete checkpoint and the command to resume; both processes rerun with that command resume from that
+  checkpoint and end with the losses of an uninterrupted two-process run."""
+  synthetic.generate(tmp_path / "corpus", count=48, seed=0, height=64, width=64, workers=1, log=lambda *a: None)
+  config = tmp_path / "tiny.py"
+  config.write_text(CONFIG.format(vocab=str(shared_path("reference", "vocab.txt")),
+                                  train=str(tmp_path / "corpus" / "manifest.csv"),
+                                  val=str(tmp_path / "corpus" / "manifest_val.csv"))
+                    .replace("epochs=2)", "epochs=2)\n  c.checkpoint.every_steps = 2"))
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  codes, _ = _pair(config, tmp_path / "whole", logs)
+  assert codes == [0, 0]
+
+  port, procs = _free_port(), []
+  for i in (0, 1):
+    procs.append(subprocess.Popen(
+        _command(config, tmp_path / "lost", "--distributed", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={i}"), cwd=ROOT, env=_env(1), stdout=open(logs / f"l{i}.out", "w"),
+        stderr=open(logs / f"l{i}.err", "w"), text=True))
+  deadline, killed_at, exited_at = time.time() + 400, None, None
+  while time.time() < deadline:
+    time.sleep(0.2)
+    if procs[0].poll() is not None:
+      exited_at = time.time()
+      break
+    if killed_at is None and "step      7/" in (logs / "l0.out").read_text():
+      procs[1].send_signal(signal.SIGKILL)
+      killed_at = time.time()
+    if killed_at is not None and time.time() - killed_at > 60:
+      break
+  survivor = procs[0].poll()
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+    p.wait()
+  assert killed_at is not None, (logs / "l0.out").read_text()[-2000:]
+  err = (logs / "l0.err").read_text().strip().splitlines()
+  assert survivor == 1, (survivor, err[-20:])
+  assert exited_at is not None and exited_at - killed_at < 30, (exited_at, killed_at)
+  last = err[-1]
+  assert len(err) <= 20, err
+  assert "lost" in last and "last complete checkpoint is" in last and "rerun on every host the command it ran: python -m retfiner_jax.main" in last
+  assert "Check failure" not in "\n".join(err) and "core dumped" not in "\n".join(err)
+  checkpoint = int(last.split("last complete checkpoint is ")[1].split(".")[0].rsplit("/", 1)[1])
+  assert 2 <= checkpoint <= 8
+
+  codes, (out0, _) = _pair(config, tmp_path / "lost", logs)
+  assert codes == [0, 0]
+  assert f"resumed from {tmp_path / 'lost' / 'checkpoints'} at step {checkpoint}" in out0
+  whole = {r["step"]: r for r in read_metrics(tmp_path / "whole" / "metrics.jsonl") if r["kind"] == "train"}
+  resumed = {r["step"]: r for r in read_metrics(tmp_path / "lost" / "metrics.jsonl") if r["kind"] == "train"}
+  assert sorted(resumed) == list(range(1, 13))
+  for step in range(1, 13):
+    np.testing.assert_allclose(resumed[step]["loss"], whole[step]["loss"], rtol=1e-5, err_msg=f"step {step}")
