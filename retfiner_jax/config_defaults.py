@@ -54,6 +54,9 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.train.eps = 1e-8
   # Every ObjectiveSettings field (refine/objectives.py): weights (0 switches an objective off), masking rates, ...
   c.train.objectives = ml_collections.ConfigDict(dataclasses.asdict(ObjectiveSettings()))
+  # The train step's random bits: auto (threefry on CPU, rbg on GPU/TPU) | threefry | rbg | unsafe_rbg
+  # (refine/step.py, prng_impl). Streams differ between settings: a run repeats exactly only with the same one.
+  c.train.prng = "auto"
   c.train.log_every = 10
   c.train.max_steps = -1  # Stop after this many steps (-1: epochs decide).
   c.eval = ml_collections.ConfigDict()

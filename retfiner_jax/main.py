@@ -83,6 +83,10 @@ def main(argv):
   try:
     run_reporting_user_errors(run_with_fit_hint, config, _WORKDIR.value, log, explicit_model_keys=explicit,
                               prefix=prefix)
+    if count > 1:  # The run is saved and over: a preemption's late signal must not end the exit with an error.
+      import signal
+      for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
   except Exception as e:
     if count > 1:
       from retfiner_jax.runs.lost_peer import exit_on_lost_peer, is_lost_peer

@@ -65,10 +65,27 @@ def accumulated_gradients(loss_fn, params, batch, rng, micro_batches: int, views
   return grads, metrics  # metrics["loss"] is left to the caller, who knows the objectives' weights.
 
 
-def make_train_step(model: RetFiner, settings: ObjectiveSettings, tx, seed: int, micro_batches: int):
+# The step's random bits (dropout, drop-path, MLM/GM masks, ITM negatives): `config.train.prng`.
+PRNG_CHOICES = ("auto", "threefry", "rbg", "unsafe_rbg")
+
+
+def prng_impl(choice: str, platform: str) -> str:
+  """JAX's key implementation for the train step. auto: threefry on CPU (the reference bundles' and every earlier
+  run's streams), rbg on GPU and TPU, where threefry's counter hash costs thousands of instructions inlined in the
+  step and rbg uses the hardware's bit generator. A run repeats exactly only with the same setting."""
+  if choice not in PRNG_CHOICES:
+    raise ConfigError(f"config.train.prng must be one of {PRNG_CHOICES}, got {choice!r}")
+  if choice == "auto":
+    return "threefry2x32" if platform == "cpu" else "rbg"
+  return {"threefry": "threefry2x32"}.get(choice, choice)
+
+
+def make_train_step(model: RetFiner, settings: ObjectiveSettings, tx, seed: int, micro_batches: int,
+                    prng: str = "threefry2x32"):
   loss_fn = make_loss_fn(model, settings, train=True)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  base_key = jax.random.PRNGKey(seed)
+  # threefry as a raw key: the very program (and streams) of every earlier run.
+  base_key = jax.random.PRNGKey(seed) if prng == "threefry2x32" else jax.random.key(seed, impl=prng)
 
   def train_step(state, batch):
     batch = dict(batch)
@@ -107,6 +124,7 @@ class ShardedStep:
   model: RetFiner
   tx: Any
   mesh: Any
+  prng: str  # The step's key implementation (prng_impl).
   abstract_params: Any
   param_shardings: Any
   abstract_state: Any
@@ -137,11 +155,12 @@ def sharded_train_step(config, cfg: ModelConfig, settings: ObjectiveSettings, me
   """config (its train block: optimizer, seed, micro-batches) + model config + mesh -> the ShardedStep. Nothing
   is computed: the parameters are shapes."""
   model, tx = RetFiner(cfg), make_optimizer(config)
+  prng = prng_impl(config.train.prng, mesh.devices.flat[0].platform)
   abstract_params = weight_files.abstract_params(cfg)
   param_sh = sharding.tree_shardings(mesh, abstract_params, SCANNED_STACKS)
   abstract_state = jax.eval_shape(lambda p: init_state(tx, p), abstract_params)
   state_sh = sharding.tree_shardings(mesh, abstract_state, SCANNED_STACKS)
-  step_fn = jax.jit(make_train_step(model, settings, tx, config.seed, config.train.micro_batches),
+  step_fn = jax.jit(make_train_step(model, settings, tx, config.seed, config.train.micro_batches, prng),
                     in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-  return ShardedStep(model, tx, mesh, abstract_params, param_sh, abstract_state, state_sh, step_fn)
+  return ShardedStep(model, tx, mesh, prng, abstract_params, param_sh, abstract_state, state_sh, step_fn)

@@ -140,6 +140,8 @@ def setup(config, workdir, log=print, explicit_model_keys=()) -> Run:
   data = inputs.setup_data(config, cfg, mesh, log, workdir)  # Data first: the pipeline's checks are fast and fail early.
 
   built = sharded_train_step(config, cfg, settings, mesh)
+  log(f"random bits of the step (dropout, drop-path, masks, negatives): {built.prng} (config.train.prng="
+      f"{config.train.prng})")
   model, abstract_params, param_sh = built.model, built.abstract_params, built.param_shardings
   abstract_state, state_sh = built.abstract_state, built.state_shardings
   checkpoints = RunCheckpoints(workdir, config.checkpoint.keep, log)
@@ -410,7 +412,9 @@ def run(config, workdir, log=print, explicit_model_keys=()) -> dict:
     finally:
       run_log.close()
       r.train_iter.close()  # Stops Grain's worker processes and frees their shared memory, also on a signal.
-    return finish(r, status, step, (step - start_step) * config.train.batch_size, time.time() - start_time)
+    # A signal now (another host's preemption reaching this one seconds later) does not cut the exports short.
+    with signals_requesting_stop():
+      return finish(r, status, step, (step - start_step) * config.train.batch_size, time.time() - start_time)
 
 
 def finish(r: Run, status: str, step: int, samples: int, seconds: float) -> dict:

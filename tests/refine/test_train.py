@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -365,3 +366,33 @@ def test_collapse_is_measured_as_the_mean_pairwise_cosine_by_hand():
   got = mean_pairwise_cosine(x)
   assert got["mean"] == pytest.approx(2 * 0.5 ** 0.5 / 3) and got["min"] == pytest.approx(0.0)
   assert not is_collapsed(x) and is_collapsed(np.array([[1.0, 0.0], [1.0, 1e-3], [2.0, 0.0]]))
+
+
+def test_the_steps_prng_threefry_on_cpu_rbg_on_accelerators_and_rbgs_program_is_smaller():
+  """Issue 35, item 2: config.train.prng. auto is threefry on the CPU (the reference bundles' and earlier runs'
+  streams, the very same program) and rbg on GPU and TPU. With rbg the step trains (finite losses, another
+  dropout and mask stream than threefry's) and its lowered program is smaller: no threefry hash inlined per draw."""
+  import optax
+  from conftest import random_batch
+  from retfiner_jax.errors import ConfigError
+  from retfiner_jax.models.config import get_variant
+  from retfiner_jax.models.retfiner import RetFiner, init_params
+  from retfiner_jax.refine.objectives import ObjectiveSettings
+  from retfiner_jax.refine.step import init_state, make_train_step, prng_impl
+  assert prng_impl("auto", "cpu") == "threefry2x32"
+  assert prng_impl("auto", "gpu") == prng_impl("auto", "cuda") == prng_impl("auto", "tpu") == "rbg"
+  assert prng_impl("unsafe_rbg", "cpu") == "unsafe_rbg" and prng_impl("threefry", "tpu") == "threefry2x32"
+  with pytest.raises(ConfigError, match="config.train.prng"):
+    prng_impl("philox", "cpu")
+  cfg = get_variant("tiny-retfound").replace(dtype="float32", drop_path=0.1)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  batch = {k: v for k, v in random_batch(cfg).items() if k != "pair_ids"}
+  tx = optax.adamw(1e-4)
+  lines, losses = {}, {}
+  for impl in ("threefry2x32", "rbg"):
+    step = jax.jit(make_train_step(RetFiner(cfg), ObjectiveSettings(), tx, 0, 1, impl))
+    state = init_state(tx, params)
+    lines[impl] = len(step.lower(state, batch).as_text().splitlines())
+    losses[impl] = float(step(state, batch)[1]["loss"])
+  assert all(np.isfinite(v) for v in losses.values()) and losses["rbg"] != losses["threefry2x32"]
+  assert lines["rbg"] < lines["threefry2x32"], lines
