@@ -43,7 +43,7 @@ from retfiner_jax.models.config import ModelConfig, get_variant  # noqa: E402
 from retfiner_jax.models.retfiner import RetFiner, init_params  # noqa: E402
 from retfiner_jax.refine.flops import step_flops  # noqa: E402
 from retfiner_jax.refine.objectives import ObjectiveSettings  # noqa: E402
-from retfiner_jax.refine.step import make_train_step  # noqa: E402
+from retfiner_jax.refine.step import PRNG_CHOICES, make_train_step, prng_impl  # noqa: E402
 from retfiner_jax.runs import compile_cache  # noqa: E402
 
 _VISION_FIELDS = ("backbone", "image_size", "vision_dim", "vision_depth", "vision_heads", "vision_mlp_dim",
@@ -170,6 +170,8 @@ def main():
                  help="steps of one implementation before switching to the other (1: strict alternation)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+  p.add_argument("--prng", default="auto", choices=PRNG_CHOICES,
+                 help="the step's random bits (config.train.prng): auto = threefry on CPU, rbg on GPU/TPU")
   p.add_argument("--no-torch", action="store_true", help="time only this project's step")
   p.add_argument("--plain", action="store_true", help="our step without the fused cross-attention passes")
   p.add_argument("--unrolled", action="store_true", help="our step with unrolled (not scanned) layers")
@@ -200,7 +202,8 @@ def main():
   gpu = backend == "gpu"
   batch = make_batch(a.batch, cfg)
   setup = {"vision": a.vision, "text": a.text, "batch": a.batch, "dtype": a.dtype, "remat": a.remat,
-           "scan_layers": cfg.scan_layers, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+           "scan_layers": cfg.scan_layers, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+           "prng": prng_impl(a.prng, backend)}
   ours_mem = torch_mem = -1
   if not gpu and a.memory_of is None and not a.compile_only and not a.no_memory:  # Before this process holds anything.
     ours_mem = memory_in_subprocess(a, "ours")
@@ -216,7 +219,8 @@ def main():
     params = init_params(cfg, rng)
     return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
   settings = dataclasses.replace(OBJECTIVES, fused=not a.plain)
-  step = jax.jit(make_train_step(RetFiner(cfg), settings, tx, 0, 1), donate_argnums=(0,))
+  prng = prng_impl(a.prng, backend)
+  step = jax.jit(make_train_step(RetFiner(cfg), settings, tx, 0, 1, prng), donate_argnums=(0,))
   abstract_state = jax.eval_shape(make_state, jax.random.PRNGKey(0))
   abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
   start = time.perf_counter()

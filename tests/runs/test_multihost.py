@@ -97,8 +97,9 @@ def test_two_processes_train_as_one_process_with_two_devices_and_resume_after_a_
   assert "mesh {'data': 2, 'fsdp': 1} on 2 cpu device(s), 2 process(es)" in out0
   saved0 = [line for line in out0.splitlines() if "saved a checkpoint at step" in line]
   saved1 = [line for line in out1.splitlines() if "saved a checkpoint at step" in line]
-  # Process 0 stopped for process 1's signal (its own came 3 s later, when the run was saved: both exit 0) ...
-  assert saved0 and saved0[0].startswith("another process was signalled")
+  # Process 0 stopped for process 1's signal, or for its own if that came first on a slow machine; either way one
+  # step, saved by both (the rerun below resumes from it) ...
+  assert len(saved0) == 1 and saved0[0].startswith(("another process was signalled", "SIGTERM"))
   assert not saved1  # ... and process 1 prints nothing: one progress stream, from process 0.
   stopped = int(saved0[0].split("step ")[1].split(";")[0])
   assert 4 <= stopped < 12
