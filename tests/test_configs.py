@@ -95,6 +95,7 @@ def smoke_train(name, config, corpus, tmp_path):
              "visionfm": {"teacher": {f"backbone.{k}": v for k, v in vit.items() if not k.startswith("head")}}}
   torch.save(wrapped[cfg.backbone], tmp_path / "fm.pth")
   config.weights.vision = str(tmp_path / "fm.pth")
+  config.export.formats = "all"  # Every export form is checked below.
   lines = []
   summary = trainer.run(config, tmp_path / "run", log=lambda line, **_: lines.append(line))
   assert summary["status"] == "finished" and summary["steps"] == 2
