@@ -166,7 +166,7 @@ def test_a_lost_host_stops_the_survivor_within_30_s_with_one_line_and_both_resum
   assert "lost" in last and "last complete checkpoint is" in last and "rerun on every host the command it ran: python -m retfiner_jax.main" in last
   assert "Check failure" not in "\n".join(err) and "core dumped" not in "\n".join(err)
   checkpoint = int(last.split("last complete checkpoint is ")[1].split(".")[0].rsplit("/", 1)[1])
-  assert 2 <= checkpoint <= 8
+  assert 2 <= checkpoint < 12  # Saved every 2 steps; the kill comes after step 7 was printed.
 
   codes, (out0, _) = _pair(config, tmp_path / "lost", logs)
   assert codes == [0, 0]
