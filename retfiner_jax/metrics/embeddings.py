@@ -18,6 +18,3 @@ def mean_pairwise_cosine(embeddings) -> dict:
   off = ~np.eye(len(x), dtype=bool)
   return {"mean": float(cos[off].mean()), "min": float(cos[off].min())}
 
-
-def is_collapsed(embeddings, threshold: float = COLLAPSED_COSINE) -> bool:
-  return mean_pairwise_cosine(embeddings)["mean"] > threshold

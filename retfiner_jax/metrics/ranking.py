@@ -48,13 +48,10 @@ def retrieval_recall(image_emb, text_emb, report_keys, ks=(1, 5, 10)) -> dict:
 
 def chance_recall(matches, k: int) -> float:
   """The recall@k a random ranking gets on average: for each row with m matches among n columns, the
-  probability that at least one of k columns drawn without replacement is a match, 1 - C(n-m, k) / C(n, k)."""
+  probability that at least one of k columns drawn without replacement is a match, 1 - C(n-m, k) / C(n, k)
+  (the product over j < k of (n - m - j) / (n - j) is the chance of missing them all)."""
   matches = np.asarray(matches, bool)
-  n = matches.shape[1]
-  out = []
-  for m in matches.sum(axis=1):
-    miss = 1.0
-    for j in range(min(k, n)):
-      miss *= max(n - m - j, 0) / (n - j)
-    out.append(1.0 - miss if m else 0.0)
-  return float(np.mean(out))
+  n, m = matches.shape[1], matches.sum(axis=1)[:, None]
+  j = np.arange(min(k, n))[None, :]
+  miss = np.prod(np.maximum(n - m - j, 0) / (n - j), axis=1)
+  return float(np.mean(np.where(m[:, 0] > 0, 1.0 - miss, 0.0)))

@@ -51,14 +51,17 @@ class ObjectiveSettings:
     return self.weight(name) != 0
 
 
+ITM_PRIOR = 1 / 3  # One positive per two negatives.
+ITM_PRIOR_LOSS = -(ITM_PRIOR * math.log(ITM_PRIOR) + (1 - ITM_PRIOR) * math.log(1 - ITM_PRIOR))  # 0.6365
+
+
 def chance_values(rows: int) -> dict:
   """What each loss and accuracy is when nothing is learnt, for a batch (or micro-batch) of `rows` pairs. ITC:
   uniform similarities give ln(rows) whatever the label smoothing, and accuracy 1/rows. ITM: one positive per two
   negatives, so a model that learnt only that prior (always "no match") has the entropy of (1/3, 2/3) and
   accuracy 2/3. MLM and GM have no such fixed value (their prior is the tokens' frequencies)."""
-  prior = 1 / 3
   return {"loss_itc": math.log(rows), "itc_i2t_accuracy": 1 / rows, "itc_t2i_accuracy": 1 / rows,
-          "loss_itm": -(prior * math.log(prior) + (1 - prior) * math.log(1 - prior)), "itm_accuracy": 1 - prior}
+          "loss_itm": ITM_PRIOR_LOSS, "itm_accuracy": 1 - ITM_PRIOR}
 
 
 class TextPass(NamedTuple):

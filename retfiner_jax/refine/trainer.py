@@ -28,7 +28,7 @@ from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.retfiner import RetFiner, init_params
 from retfiner_jax.refine import aot, inputs
 from retfiner_jax.metrics.embeddings import COLLAPSED_COSINE
-from retfiner_jax.refine.objectives import ObjectiveSettings, chance_values, make_loss_fn
+from retfiner_jax.refine.objectives import ITM_PRIOR_LOSS, ObjectiveSettings, chance_values, make_loss_fn
 from retfiner_jax.refine.step import (check_batch_divides, model_config, objective_settings,
                                       sharded_train_step)
 from retfiner_jax.refine.validation import evaluate, make_embed_fn
@@ -112,7 +112,7 @@ class Run:
   abstract_params: Any
   log: Callable = print
   timings: Timings | None = None  # Set by `run`.
-  step_reached: int | None = None  # The last step the loop started.
+  step_reached: int | None = None  # The last step the loop reached (train_loop).
 
   def global_batch(self, batch):
     return sharding.global_batch(self.mesh, batch)
@@ -148,8 +148,7 @@ def setup(config, workdir, log=print, explicit_model_keys=()) -> Run:
   if checkpoints.latest_step() is None:
     for tower in randomly_initialised(config):
       log(RANDOM_TOWER_WARNINGS[tower])
-    params = jax.tree.map(np.asarray, jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(config.seed)))
-    params = jax.device_put(weight_files.load_pretrained(config, cfg, params, log), param_sh)
+    params = jax.device_put(initial_params(config, cfg, log), param_sh)
     state, progress = jax.jit(built.init_state, out_shardings=state_sh)(params), Progress()
   else:
     state, saved, resume_step = checkpoints.restore(with_shardings(abstract_state, state_sh), data[0])
@@ -163,6 +162,13 @@ def setup(config, workdir, log=print, explicit_model_keys=()) -> Run:
   return Run(config, workdir, cfg, settings, mesh, model, *data, state=state, progress=progress,
              checkpoints=checkpoints, step_fn=built.step_fn, eval_loss_fn=jax.jit(make_loss_fn(model, settings)),
              embed_fn=make_embed_fn(model), param_shardings=param_sh, abstract_params=abstract_params, log=log)
+
+
+def initial_params(config, cfg: ModelConfig, log=print) -> dict:
+  """The parameters a fresh run starts from (numpy): the model's initialisation from config.seed, with the
+  configured pretrained weights put in (weights/files.py, load_pretrained)."""
+  params = jax.tree.map(np.asarray, jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(config.seed)))
+  return weight_files.load_pretrained(config, cfg, params, log)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -208,12 +214,11 @@ class InputWait:
   report."""
 
   def __init__(self):
+    self.total_seconds, self.total_steps = 0.0, 0  # The run's totals (summary.json).
     self.reset()
 
-  def reset(self, totals: bool = False):
+  def reset(self):
     self.seconds, self.since, self.steps = 0.0, time.time(), 0
-    if totals or not hasattr(self, "total_seconds"):  # The run's totals (summary.json).
-      self.total_seconds, self.total_steps = 0.0, 0
 
   def next(self, iterator, to_global):
     started = time.time()
@@ -277,9 +282,9 @@ def validate(r: Run, step: int, run_log: RunLog, when: str) -> bool:
                  tuple(config.eval.recall_at), r.eval_loss_fn, r.embed_fn,
                  epoch=None if config.eval.fixed_sampling else progress.epoch)
   run_log.write("val", step, val, epoch=progress.epoch)
-  chance = {"loss_itc": val.get("chance_loss_itc"), "loss_itm": chance_values(2)["loss_itm"]}
-  losses = "  ".join(f"{k.removeprefix('loss_')} {val[k]:.4f}" + (f" (chance {chance[k]:.4f})" if chance.get(k) else "")
-                     for k in ("loss_itc", "loss_itm") if k in val)
+  # ITC's chance is ln(rows) of the validation batches (the last may be smaller), weighted as the loss is.
+  losses = run_log.losses_line(val, ("loss_itc", "loss_itm"),
+                               {"loss_itc": val.get("chance_loss_itc"), "loss_itm": ITM_PRIOR_LOSS})
   r.log(f"validation {when}: loss {val.get('loss', float('nan')):.4f}  {losses}  " +
         "  ".join(f"{k} {v:.3f}" for k, v in val.items() if k.startswith("recall") and k.endswith(("_at_1", "_at_5"))))
   for side in ("text", "image"):
@@ -317,31 +322,19 @@ def end_of_epoch(r: Run, step: int, run_log: RunLog):
 def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
   """Steps until the end, early stopping or a signal (`stop["signal"]`); returns (status, step). The loss is
   checked one step late so that the host never waits for the device between steps."""
-  step, wait = int(jax.device_get(r.state["step"])), InputWait()
-  batch, several = None, jax.process_count() > 1
+  step = r.step_reached = int(jax.device_get(r.state["step"]))
+  pending, batch, several, timings = None, None, jax.process_count() > 1, r.timings
 
   def to_global(local):
     if several:  # Each row says whether this process was signalled; the step reports the maximum.
       local = dict(local, stop=np.full(len(local["pair_ids"]), stop["signal"] is not None, np.int32))
     return r.global_batch(local)
-  timings = r.timings
-  timings.input = wait
   if step < r.total_steps:  # Compiled on the first batch, timed apart from the first step.
-    batch = wait.next(r.train_iter, to_global)
+    batch = to_global(next(r.train_iter))
     started = time.time()
     r.step_fn = compiled_step(r, batch)
     timings.compile_seconds = time.time() - started
-    wait.reset(totals=True)  # The batch fetched before the compile is not a step's wait.
-  try:
-    return _steps(r, run_log, stop, step, wait, batch, to_global, several)
-  except Exception as e:  # The step it happened at, for the lost-host line (runs/lost_peer.py).
-    e.retfiner_step = r.step_reached if r.step_reached is not None else step
-    raise
-
-
-def _steps(r: Run, run_log: RunLog, stop: dict, step: int, wait, batch, to_global, several: bool):
-  """train_loop's steps, from `step` (`batch`: the first batch if fetched already)."""
-  timings, pending = r.timings, None
+  wait = timings.input = InputWait()  # Waits for the batches of steps (not the one fetched before the compile).
   while step < r.total_steps and not r.progress.stopped_early:
     batch = wait.next(r.train_iter, to_global) if batch is None else batch
     r.state, metrics = r.step_fn(r.state, batch)
@@ -399,8 +392,9 @@ def run(config, workdir, log=print, explicit_model_keys=()) -> dict:
     r = setup(config, workdir, log, explicit_model_keys)
     r.timings = timings
     start_step, start_time = int(jax.device_get(r.state["step"])), time.time()
-    chance = chance_values(config.train.batch_size // config.train.micro_batches)
-    log(f"chance values (nothing learnt), for batches of {config.train.batch_size // config.train.micro_batches}: "
+    rows = config.train.batch_size // config.train.micro_batches  # ITC and ITM see a micro-batch at a time.
+    chance = chance_values(rows)
+    log(f"chance values (nothing learnt), for batches of {rows}: "
         f"ITC loss ln B = {chance['loss_itc']:.4f} (accuracy {100 * chance['itc_i2t_accuracy']:.1f}%), ITM loss "
         f"{chance['loss_itm']:.4f} (the 1:2 prior, accuracy {100 * chance['itm_accuracy']:.1f}% by always saying "
         f"'no match')")
@@ -409,6 +403,9 @@ def run(config, workdir, log=print, explicit_model_keys=()) -> dict:
     try:
       with signals_requesting_stop() as stop:
         status, step = train_loop(r, run_log, stop)
+    except Exception as e:  # The step it happened at, for the lost-host line (runs/lost_peer.py).
+      e.retfiner_step = r.step_reached
+      raise
     finally:
       run_log.close()
       r.train_iter.close()  # Stops Grain's worker processes and frees their shared memory, also on a signal.

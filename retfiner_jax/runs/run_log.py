@@ -50,15 +50,19 @@ class RunLog:
       eta = seconds_per_step * max(self.total_steps - step, 0)
       rate = f"  {self.batch_size / seconds_per_step:7.1f} samples/s  ETA {_duration(eta)}"
     self._last_time, self._last_step = now, step
-    losses = "  ".join(f"{k.removeprefix('loss_')} {float(metrics[k]):.4f}" + self.beside_chance(k) for k in
-                       ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_gm") if k in metrics)
+    losses = self.losses_line(metrics)
     if "lr" in metrics:
       losses += f"  lr {float(metrics['lr']):.2e}"
     wait = f"  input wait {100 * metrics['input_wait_fraction']:.0f}%" if "input_wait_fraction" in metrics else ""
     self.print(f"epoch {epoch:3d}  step {step:6d}/{self.total_steps}  {losses}{rate}{wait}")
 
-  def beside_chance(self, key: str) -> str:
-    return f" (chance {self.chance[key]:.4f})" if key in self.chance else ""
+  def losses_line(self, metrics: dict, keys=("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_gm"),
+                  chance: dict | None = None) -> str:
+    """`name value (chance c)` for each of `keys` in `metrics`; the chance values are the run's unless given."""
+    chance = self.chance if chance is None else chance
+    return "  ".join(f"{k.removeprefix('loss_')} {float(metrics[k]):.4f}"
+                     + (f" (chance {chance[k]:.4f})" if chance.get(k) is not None else "")
+                     for k in keys if k in metrics)
 
   def close(self):
     if self._tb is not None:

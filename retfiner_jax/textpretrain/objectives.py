@@ -35,10 +35,11 @@ def sentence_contrastive_loss(first, second, input_ids, temperature):
 
 
 def make_loss_fn(model: RetFiner, settings: TextPretrainSettings):
-  """(text_params, frozen_params, batch, rng) -> (loss, metrics); only the text encoder is trained."""
-  def loss_fn(text_params, frozen_params, batch, rng):
+  """(text_params, batch, rng) -> (loss, metrics): the text encoder's parameters alone (the passes touch nothing
+  else of the model)."""
+  def loss_fn(text_params, batch, rng):
     key_mask, key_a, key_b, key_c = jax.random.split(rng, 4)
-    params = {**frozen_params, "text_encoder": text_params}
+    params = {"text_encoder": text_params}
     ids, mask = batch["input_ids"], batch["attention_mask"]
     metrics, total = {}, 0.0
     if settings.sentence_weight:

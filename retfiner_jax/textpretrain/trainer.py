@@ -11,6 +11,7 @@ pairwise cosine over held-out reports) before and after.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -36,10 +37,10 @@ def read_reports(manifest, report_column: str = "report") -> list[str]:
   return reports
 
 
-def cls_outputs(model: RetFiner, params, ids, mask, batch: int = 256) -> np.ndarray:
-  """The text-only [CLS] output of each row, in eval mode (no dropout)."""
-  encode = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, method=RetFiner.text_only)[:, 0])
-  return np.concatenate([np.asarray(encode(params, ids[s:s + batch], mask[s:s + batch]))
+def cls_outputs(model: RetFiner, text_params, ids, mask, batch: int = 256) -> np.ndarray:
+  """The text-only [CLS] output of each row, in eval mode (no dropout); `text_params`: the text encoder's."""
+  encode = jax.jit(lambda p, i, m: model.apply({"params": {"text_encoder": p}}, i, m, method=RetFiner.text_only)[:, 0])
+  return np.concatenate([np.asarray(encode(text_params, ids[s:s + batch], mask[s:s + batch]))
                          for s in range(0, len(ids), batch)])
 
 
@@ -64,30 +65,32 @@ def run(cfg: ModelConfig, train_manifest, val_manifest, tokenizer, out_dir, *, s
     raise ConfigError(f"{train_manifest}: {len(train['input_ids'])} reports, fewer than one batch of {batch_size}")
   model = RetFiner(cfg)
   params = jax.tree.map(np.asarray, jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(seed)))
-  text, frozen = params["text_encoder"], {k: v for k, v in params.items() if k != "text_encoder"}
-  spread_before = mean_pairwise_cosine(cls_outputs(model, params, val["input_ids"], val["attention_mask"]))
+  text = params["text_encoder"]  # Drawn with the whole model's init, as the refinement's init draws it.
+  spread_before = mean_pairwise_cosine(cls_outputs(model, text, val["input_ids"], val["attention_mask"]))
   steps_per_epoch = len(train["input_ids"]) // batch_size
   total = steps_per_epoch * epochs
   tx = make_optimizer(learning_rate, weight_decay, total, int(warmup_fraction * total))
   grad_fn = jax.value_and_grad(make_loss_fn(model, settings), has_aux=True)
 
+  base = jax.random.PRNGKey(seed + 1)
+
   @jax.jit
-  def step(text, opt, batch, rng):
-    (_, metrics), grads = grad_fn(text, frozen, batch, rng)
+  def step(text, opt, batch, n):
+    (_, metrics), grads = grad_fn(text, batch, jax.random.fold_in(base, n))
     updates, opt = tx.update(grads, opt, text)
     return optax.apply_updates(text, updates), opt, metrics
 
   log(f"text tower pretraining (SimCSE on [CLS] x {settings.sentence_weight}, MLM x {settings.mlm_weight}) on "
       f"{len(train['input_ids'])} reports: {epochs} epochs of {steps_per_epoch} steps, batch {batch_size}; [CLS] "
       f"mean pairwise cosine at random init {spread_before['mean']:.4f}")
-  opt, order_rng, base = tx.init(text), np.random.default_rng(seed), jax.random.PRNGKey(seed + 1)
+  opt, order_rng = tx.init(text), np.random.default_rng(seed)
   started, n, history = time.time(), 0, []
   for epoch in range(epochs):
     order = order_rng.permutation(len(train["input_ids"]))
     for s in range(steps_per_epoch):
       rows = order[s * batch_size:(s + 1) * batch_size]
       batch = {k: train[k][rows] for k in ("input_ids", "attention_mask")}
-      text, opt, metrics = step(text, opt, batch, jax.random.fold_in(base, n))
+      text, opt, metrics = step(text, opt, batch, n)
       n += 1
       if n % log_every == 0 or n == total:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -95,13 +98,11 @@ def run(cfg: ModelConfig, train_manifest, val_manifest, tokenizer, out_dir, *, s
           raise NonFiniteLoss(f"text tower pretraining: non-finite loss {host['loss']} at step {n}")
         history.append({"step": n, **host})
         log(f"text tower step {n}/{total}  " + "  ".join(f"{k} {v:.4f}" for k, v in host.items()))
-  params = {**frozen, "text_encoder": text}
-  spread_after = mean_pairwise_cosine(cls_outputs(model, params, val["input_ids"], val["attention_mask"]))
+  spread_after = mean_pairwise_cosine(cls_outputs(model, text, val["input_ids"], val["attention_mask"]))
   log(f"text tower pretrained in {time.time() - started:.0f} s: [CLS] mean pairwise cosine over "
       f"{len(val['input_ids'])} held-out reports {spread_before['mean']:.4f} -> {spread_after['mean']:.4f}")
   export = out_dir / "text_flax"
   if export.exists():  # Left by an interrupted export: written again.
-    import shutil
     shutil.rmtree(export)
   weight_files.save_converted(export, cfg, {"text_encoder": jax.tree.map(np.asarray, text)},
                               {"source_format": "textpretrain", "steps": n})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -197,7 +198,6 @@ def export_model(cfg: ModelConfig, params, out, tokenizer=None, pooler: dict | N
                  step: int = 0, log=print, formats: str = "all") -> dict:
   """Writes the model to `out` in each of `formats` (parse_formats; an earlier export's files are replaced) and
   logs each one's seconds; returns {kind: path}."""
-  import time
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   chosen = parse_formats(formats, tokenizer)

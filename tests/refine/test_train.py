@@ -360,7 +360,8 @@ def test_random_text_tower_start_up_line_chance_values_collapse_warning_and_the_
 
 
 def test_collapse_is_measured_as_the_mean_pairwise_cosine_by_hand():
-  from retfiner_jax.metrics.embeddings import is_collapsed, mean_pairwise_cosine
+  from retfiner_jax.metrics.embeddings import COLLAPSED_COSINE, mean_pairwise_cosine
+  is_collapsed = lambda e: mean_pairwise_cosine(e)["mean"] > COLLAPSED_COSINE  # As validation warns.
   x = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
   # Pairs: (1,0)·(0,1) = 0; (1,0)·(1,1)/sqrt2 = 0.7071; (0,1)·(1,1)/sqrt2 = 0.7071.
   got = mean_pairwise_cosine(x)

@@ -344,3 +344,15 @@ def test_reranking_logits_streamed_by_image_equal_the_pairs_one_by_one(setting):
   small = RetFinerModel.load(root / "model", tokenizer=vocab, batch_size=1)  # Chunks of 8 images: 7 is one.
   np.testing.assert_allclose(small.embed_images(images + images[:3]), np.concatenate(
       [model.embed_images(images), model.embed_images(images[:3])]), atol=1e-5)
+
+
+def test_a_random_rankings_recall_is_the_hypergeometric_miss_chance_by_math_comb():
+  """metrics.ranking.chance_recall against 1 - C(n-m, k) / C(n, k) computed with math.comb, row by row (rows with
+  several matches: reports shared by several images)."""
+  from math import comb
+  keys = np.random.default_rng(0).integers(0, 30, 100)
+  matches = keys[:, None] == keys[None, :]
+  for k in (1, 5, 10, 100):
+    want = np.mean([1 - comb(100 - m, k) / comb(100, k) for m in matches.sum(axis=1)])
+    assert ranking.chance_recall(matches, k) == pytest.approx(want, rel=1e-12)
+  assert ranking.chance_recall(np.eye(144, dtype=bool), 1) == pytest.approx(1 / 144)
