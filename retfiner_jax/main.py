@@ -11,11 +11,15 @@ runtime's heartbeat stops it after --heartbeat_timeout seconds); process 0 print
 process where the runtime says which, the step, the last complete checkpoint and the command to resume, and
 every process exits with status 1. --heartbeat_timeout and --shutdown_timeout tune the runtime's waits.
 """
-import functools
-import sys
+import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+LAUNCHED = time.time()  # Before the imports: the start-up phases are timed from here.
+
+import functools  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config: a name in configs/ (retfound, visionfm, "
                                           "urfound) or a path", lock_config=True)
@@ -82,7 +86,7 @@ def main(argv):
   explicit = [a.split("=")[0][len("--config.model."):] for a in sys.argv[1:] if a.startswith("--config.model.")]
   try:
     run_reporting_user_errors(run_with_fit_hint, config, _WORKDIR.value, log, explicit_model_keys=explicit,
-                              prefix=prefix)
+                              launched=LAUNCHED, prefix=prefix)
     if count > 1:  # The run is saved and over: a preemption's late signal must not end the exit with an error.
       import signal
       for s in (signal.SIGTERM, signal.SIGINT):

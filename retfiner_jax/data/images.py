@@ -289,10 +289,17 @@ def augment(gray01: np.ndarray, rng: np.random.Generator, flip=True, intensity_j
   return np.ascontiguousarray(gray01, np.float32)
 
 
-def preprocess(a: np.ndarray, size: int, backbone: str, intensity: str = "bit_depth", rng=None,
-               augment_kw=None) -> np.ndarray:
-  """A 2-D image as read -> the model's (size, size, 3) float32 input."""
+def preprocess_gray(a: np.ndarray, size: int, intensity: str = "bit_depth", rng=None, augment_kw=None) -> np.ndarray:
+  """A 2-D image as read -> (size, size) float32: intensity scaled to [0, 1], augmented when `rng` is given,
+  resized (bicubic, so values may overshoot [0, 1] slightly). What the training pipeline ships; the model
+  expands and normalises it on the device (models/common.py, model_images)."""
   gray = scale_intensity(a, intensity)
   if rng is not None:
     gray = augment(gray, rng, **(augment_kw or {}))
-  return normalise(resize_bicubic(gray, size), backbone)
+  return resize_bicubic(gray, size)
+
+
+def preprocess(a: np.ndarray, size: int, backbone: str, intensity: str = "bit_depth", rng=None,
+               augment_kw=None) -> np.ndarray:
+  """A 2-D image as read -> the model's (size, size, 3) float32 input, normalised on the host."""
+  return normalise(preprocess_gray(a, size, intensity, rng, augment_kw), backbone)

@@ -1,7 +1,9 @@
 """Grain pipelines of OCT–report pairs: seeded shuffle, repeat, load + preprocess, batch, workers, sharding.
 
 Reports are tokenised once when the pipeline is built (the fast WordPiece tokeniser does a whole manifest in
-seconds); images are read and preprocessed in the Grain map, with each record's augmentation seeded by its
+seconds); images are read and preprocessed in the Grain map to one channel at the model's size, in [0, 1]
+(float32, or bfloat16 on request): the model repeats it to three channels and normalises it on the device
+(models/common.py, model_images), so a batch carries a third of the bytes or less, with each record's augmentation seeded by its
 position in the stream, so the batches are the same for any number of worker processes. A training stream
 is one global shuffled, repeated sequence; process p of P takes elements p, p+P, ...; evaluation keeps every
 example and pads the last batch, marking real rows with `valid`.
@@ -15,9 +17,10 @@ import threading
 import time
 
 import grain
+import ml_dtypes
 import numpy as np
 
-from retfiner_jax.data.images import ImageError, preprocess, read_image
+from retfiner_jax.data.images import ImageError, preprocess_gray, read_image
 from retfiner_jax.data.tokenizer import load_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,14 @@ class ImageSpec:
   intensity: str = "bit_depth"
   augment: bool = False
   augment_kw: tuple = ()  # e.g. (("flip", True), ("intensity_jitter", 0.1), ("crop_scale", (0.8, 1.0)))
+  image_dtype: str = "float32"  # The shipped channel's: float32 (exact) or bfloat16 (half the bytes, ~3 digits).
+
+  def __post_init__(self):
+    if self.image_dtype not in IMAGE_DTYPES:
+      raise ValueError(f"config.data.image_dtype must be one of {sorted(IMAGE_DTYPES)}, got {self.image_dtype!r}")
+
+
+IMAGE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
 def tokenise_records(records, vocab, max_length):
@@ -53,10 +64,11 @@ def tokenise_records(records, vocab, max_length):
   return tokenised, out["truncated"]
 
 
-def train_batch_shapes(batch_size: int, image_size: int, text_length: int, several_processes: bool = False) -> dict:
+def train_batch_shapes(batch_size: int, image_size: int, text_length: int, several_processes: bool = False,
+                       image_dtype: str = "float32") -> dict:
   """{key: (shape, dtype)} of a global training batch as `train_dataset` gives it (LoadPair's rows, stacked);
   with several processes the trainer adds `stop` (which process was signalled)."""
-  shapes = {"images": ((batch_size, image_size, image_size, 3), np.float32),
+  shapes = {"images": ((batch_size, image_size, image_size), IMAGE_DTYPES[image_dtype]),
             "input_ids": ((batch_size, text_length), np.int32),
             "attention_mask": ((batch_size, text_length), np.int32),
             "pair_ids": ((batch_size,), np.int32)}
@@ -66,7 +78,8 @@ def train_batch_shapes(batch_size: int, image_size: int, text_length: int, sever
 
 
 class LoadPair(grain.transforms.RandomMap):
-  """record -> {images, input_ids, attention_mask, pair_ids}; None (skipped) for a bad file under skip_bad."""
+  """record -> {images (S, S) one channel, input_ids, attention_mask, pair_ids}; None (skipped) for a bad file
+  under skip_bad."""
 
   def __init__(self, spec: ImageSpec, source: str, skip_bad: bool = False):
     self.spec, self.source, self.skip_bad = spec, source, skip_bad
@@ -81,10 +94,11 @@ class LoadPair(grain.transforms.RandomMap):
   def load_image(self, record, rng: np.random.Generator):
     try:
       pixels = read_image(record["image"], record.get("slice"))
-      image = preprocess(pixels, self.spec.image_size, self.spec.backbone, self.spec.intensity,
-                         rng if self.spec.augment else None, dict(self.spec.augment_kw))
+      image = preprocess_gray(pixels, self.spec.image_size, self.spec.intensity,
+                              rng if self.spec.augment else None, dict(self.spec.augment_kw))
       if not np.isfinite(image).all():
         raise ImageError("non_finite", f"{record['image']}: not finite after preprocessing")
+      image = image.astype(IMAGE_DTYPES[self.spec.image_dtype], copy=False)
     except Exception as e:  # noqa: BLE001 - any failure to load one file is that record's problem: named below.
       if not isinstance(e, ImageError):
         e = ImageError("undecodable", f"{record['image']}: {type(e).__name__}: {e}")
@@ -173,10 +187,15 @@ def train_dataset(records, spec: ImageSpec, batch_size: int, seed: int, source: 
   ds = grain.MapDataset.source(list(records)).shuffle(seed=seed).repeat(None)
   ds = ds.random_map((LoadImage if images_only else LoadPair)(spec, source, skip_bad), seed=seed)
   ds = ProcessShare(ds, batch_size, process_index, process_count)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2 if num_workers == 0 else 1, prefetch_buffer_size=4))
-  # Workers load single examples (interleaved back in stream order); batching after them keeps the batches
-  # the same for any worker count.
-  return _with_workers(ds, num_workers).batch(batch_size // process_count, drop_remainder=True)
+  options = grain.ReadOptions(num_threads=2 if num_workers == 0 else 1, prefetch_buffer_size=4)
+  local = batch_size // process_count
+  if skip_bad:
+    # A skipped record's place goes to the next one, so rows are gathered one at a time: workers load single
+    # examples (interleaved back in stream order) and the batches are stacked after them.
+    return _with_workers(ds.to_iter_dataset(options), num_workers).batch(local, drop_remainder=True)
+  # Batch k is the stream's positions k*L ... (k+1)*L - 1 whatever the worker count; each worker loads and stacks
+  # whole batches, so this process receives one array per batch instead of one per image.
+  return _with_workers(ds.batch(local, drop_remainder=True).to_iter_dataset(options), num_workers)
 
 
 class LocalEvalBatch(grain.transforms.Map):

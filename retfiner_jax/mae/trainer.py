@@ -31,6 +31,7 @@ from retfiner_jax.data import pipeline
 from retfiner_jax.data.manifest import Columns, read_manifest, tfds_split
 from retfiner_jax.mae.masking import sample_patch_masks
 from retfiner_jax.errors import ConfigError, MissingInput, NonFiniteLoss
+from retfiner_jax.models.common import model_images
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.mae import MaeSettings, MaskedAutoencoder, reconstruction_loss, sincos_pos_embed
 from retfiner_jax.runs import sharding
@@ -167,6 +168,7 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int):
 
 def make_train_step(model: MaskedAutoencoder, s: MaeSettings, tx, schedule, seed: int, patch: int):
   def step(state, images):
+    images = model_images(images, model.cfg.backbone)  # The pipeline's one channel: the target is normalised too.
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
     mask_rng, dropout_rng = jax.random.split(rng)
     patches = model.cfg.grid_size ** 2

@@ -1,4 +1,5 @@
-"""Layer helpers shared by the ViT and BERT: compute dtype, float32 LayerNorm, exact GELU, remat, layer stacks.
+"""Layer helpers shared by the ViT and BERT: the ViT's input, compute dtype, float32 LayerNorm, exact GELU, remat,
+layer stacks.
 
 A stack of identical layers runs either as a Python loop over separately named layers (`blocks_0`, `blocks_1`,
 ... as the PyTorch checkpoints count them) or, with `ModelConfig.scan_layers`, as one `nn.scan` over a single
@@ -13,9 +14,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from retfiner_jax.data.images import NORMALISATION
 from retfiner_jax.models.config import ModelConfig
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
+
+
+def model_images(images, backbone: str):
+  """The ViT's input, (B, S, S, 3) normalised: given as such (the probe, the text side, the reference bundles),
+  or made here, on the device, from the (B, S, S) one-channel images in [0, 1] that the training pipeline ships
+  (float32 or bfloat16; a third of the bytes or less): the channel repeated to three and normalised with the
+  backbone's mean and std in float32, as data/images.py normalise does it on the host."""
+  if images.ndim == 4:
+    return images
+  if images.ndim != 3:
+    raise ValueError(f"expected (B, S, S, 3) normalised or (B, S, S) one-channel images, got shape {images.shape}")
+  mean, std = (jnp.asarray(v, jnp.float32) for v in NORMALISATION[backbone])
+  return (images.astype(jnp.float32)[..., None] - mean) / std
 
 
 def compute_dtype(cfg: ModelConfig):

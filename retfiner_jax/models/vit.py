@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from retfiner_jax.models.attention import attention
-from retfiner_jax.models.common import apply_stack, compute_dtype, gelu, layer_norm, stack, torch_linear
+from retfiner_jax.models.common import apply_stack, compute_dtype, gelu, layer_norm, model_images, stack, torch_linear
 from retfiner_jax.models.config import ModelConfig
 
 VIT_LN_EPS = 1e-6
@@ -95,9 +95,10 @@ class VisionTransformer(nn.Module):
     """`visible` (B, K) patch indices: only those patches (and the class token) go through the blocks, as
     MAE's encoder takes them."""
     cfg = self.cfg
-    if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
-      raise ValueError(f"expected NHWC images of shape (B, {cfg.image_size}, {cfg.image_size}, 3), "
-                       f"got {images.shape}")
+    images = model_images(images, cfg.backbone)
+    if images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
+      raise ValueError(f"expected NHWC images of shape (B, {cfg.image_size}, {cfg.image_size}, 3) (or one channel, "
+                       f"(B, {cfg.image_size}, {cfg.image_size})), got {images.shape}")
     x = self.patch_embed(images.astype(compute_dtype(cfg)))
     x = x.reshape(x.shape[0], -1, cfg.vision_dim)
     cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, cfg.vision_dim)).astype(x.dtype)

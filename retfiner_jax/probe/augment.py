@@ -15,7 +15,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from retfiner_jax.data.images import NORMALISATION
 
 FLIP_P = 0.5
 INTENSITY = (0.8, 1.2)
@@ -82,9 +81,3 @@ def augment(key, images, fill: float = 0.0):
   """(B, H, W) floats in [0, 1] -> the same, each image augmented with its own parameters."""
   params = sample_params(key, images.shape[0], images.shape[1], images.shape[2])
   return jax.vmap(lambda im, p: augment_one(im, p, fill))(images, params)
-
-
-def to_model_input(gray01, backbone: str):
-  """(B, H, W) in [0, 1] -> (B, H, W, 3) with the FM's normalisation (ToRGB, then Normalize)."""
-  mean, std = (jnp.asarray(v, jnp.float32) for v in NORMALISATION[backbone])
-  return (gray01[..., None] - mean) / std

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from sklearn.metrics import balanced_accuracy_score
 
+from retfiner_jax.models.common import model_images
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.vit import VisionTransformer
 from retfiner_jax.probe import augment, rules
@@ -51,7 +52,7 @@ def make_encoder_fn(cfg: ModelConfig, train: bool, fill: float = 0.0):
     key_augment, key_drop = jax.random.split(key)
     if train:
       gray = augment.augment(key_augment, gray, fill)
-    images = augment.to_model_input(gray, cfg.backbone)
+    images = model_images(gray, cfg.backbone)
     rngs = {"dropout": key_drop} if train else {}
     return vit.apply({"params": params}, images, train, method=paper_features, rngs=rngs)
   return jax.jit(encode)

@@ -86,7 +86,8 @@ def lower_step(config, devices, cfg, settings):
     raise ConfigError(f"config.mesh: {e}") from None
   check_batch_divides(config, mesh)
   built = sharded_train_step(config, cfg, settings, mesh)
-  args = built.abstract_args(config.train.batch_size, cfg.max_text_length, cfg.image_size)
+  args = built.abstract_args(config.train.batch_size, cfg.max_text_length, cfg.image_size,
+                             image_dtype=config.data.image_dtype)
   started = time.perf_counter()
   lowered = built.step_fn.lower(*args)
   return built, lowered, args, time.perf_counter() - started

@@ -67,7 +67,8 @@ def setup_data(config, cfg: ModelConfig, mesh, log, workdir=None):
   batch_size = config.train.batch_size
   train_records, train_source = load_split(config, "train", log, workdir)
   val_records, val_source = load_split(config, "val", log, workdir)
-  spec = pipeline.ImageSpec(cfg.image_size, cfg.backbone, config.data.intensity, config.data.augment)
+  spec = pipeline.ImageSpec(cfg.image_size, cfg.backbone, config.data.intensity, config.data.augment,
+                            image_dtype=config.data.image_dtype)
   steps_per_epoch = len(train_records) // batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f"{train_source}: {len(train_records)} pairs, fewer than one batch of {batch_size}")

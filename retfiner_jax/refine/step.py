@@ -134,13 +134,14 @@ class ShardedStep:
   def init_state(self, params):
     return init_state(self.tx, params)
 
-  def abstract_args(self, batch_size: int, text_length: int, image_size: int, several_processes: bool = False):
+  def abstract_args(self, batch_size: int, text_length: int, image_size: int, several_processes: bool = False,
+                    image_dtype: str = "float32"):
     """ShapeDtypeStructs of (state, global batch), with their shardings: what `step_fn.lower` takes to compile
     the step without any array."""
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state,
                          self.state_shardings)
     batch_sh = sharding.batch_sharding(self.mesh)
-    shapes = train_batch_shapes(batch_size, image_size, text_length, several_processes)
+    shapes = train_batch_shapes(batch_size, image_size, text_length, several_processes, image_dtype)
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in shapes.items()}
     return state, batch
 

@@ -12,6 +12,7 @@ validation loss stops the run naming the step; nothing non-finite is ever saved.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -34,7 +35,7 @@ from retfiner_jax.refine.step import (check_batch_divides, model_config, objecti
 from retfiner_jax.refine.validation import evaluate, make_embed_fn
 from retfiner_jax.runs import sharding, targets
 from retfiner_jax.runs.checkpoints import RunCheckpoints
-from retfiner_jax.runs.run_log import RunLog, plot_run
+from retfiner_jax.runs.run_log import RunLog, losses_line, plot_run
 from retfiner_jax.runs.signals import signals_requesting_stop
 from retfiner_jax.runs.workdir import check_resume_config, prepare_workdir
 from retfiner_jax.runs.workdir_lock import WorkdirLock
@@ -68,6 +69,9 @@ def check_settings(config):
   exports.parse_formats(config.export.formats, config.tokenizer or config.weights.text or config.weights.retfiner)
   if not config.train.learning_rate > 0:
     raise ConfigError(f"config.train.learning_rate must be above 0, got {config.train.learning_rate}")
+  if config.data.image_dtype not in pipeline.IMAGE_DTYPES:
+    raise ConfigError(f"config.data.image_dtype must be one of {sorted(pipeline.IMAGE_DTYPES)}, got "
+                      f"{config.data.image_dtype!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -124,34 +128,42 @@ class Run:
 
 # Settings a resumed run may change: how long it runs, how it reports and saves, how it reads and shards.
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.log_every", "train.patience", "checkpoint.",
-                     "data.num_workers", "compile_cache", "compiled_step", "mesh.", "eval.recall_at", "export.")
+                     "data.num_workers", "data.image_dtype", "compile_cache", "compiled_step", "mesh.", "eval.recall_at", "export.")
 
 
-def setup(config, workdir, log=print, explicit_model_keys=()) -> Run:
+def setup(config, workdir, log=print, explicit_model_keys=(), timings: Timings | None = None) -> Run:
+  """Builds the run (data, sharded step, parameters or the checkpoint's state); each part timed as a start-up
+  phase when `timings` is given."""
+  phase = timings.phase if timings is not None else lambda name: contextlib.nullcontext()
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   weight_sizes.resolve_model_sizes(config, explicit_model_keys, log)  # Before the config is saved or compared.
   check_resume_config(config, workdir, RESUMABLE_CHANGES, log)
   cfg, settings = model_config(config), objective_settings(config)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  with phase("backend and mesh"):
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   check_batch_divides(config, mesh)
   log(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
       f"{jax.process_count()} process(es)")
-  data = inputs.setup_data(config, cfg, mesh, log, workdir)  # Data first: the pipeline's checks are fast and fail early.
-
-  built = sharded_train_step(config, cfg, settings, mesh)
+  with phase("manifests, checks and tokenising"):  # Data first: the pipeline's checks are fast and fail early.
+    data = inputs.setup_data(config, cfg, mesh, log, workdir)
+  with phase("the sharded step's shapes"):
+    built = sharded_train_step(config, cfg, settings, mesh)
   log(f"random bits of the step (dropout, drop-path, masks, negatives): {built.prng} (config.train.prng="
       f"{config.train.prng})")
   model, abstract_params, param_sh = built.model, built.abstract_params, built.param_shardings
   abstract_state, state_sh = built.abstract_state, built.state_shardings
-  checkpoints = RunCheckpoints(workdir, config.checkpoint.keep, log)
+  with phase("checkpoint manager"):
+    checkpoints = RunCheckpoints(workdir, config.checkpoint.keep, log)
   if checkpoints.latest_step() is None:
     for tower in randomly_initialised(config):
       log(RANDOM_TOWER_WARNINGS[tower])
-    params = jax.device_put(initial_params(config, cfg, log), param_sh)
-    state, progress = jax.jit(built.init_state, out_shardings=state_sh)(params), Progress()
+    with phase("parameters (initialised, pretrained weights loaded)"):
+      params = jax.device_put(initial_params(config, cfg, log), param_sh)
+      state, progress = jax.jit(built.init_state, out_shardings=state_sh)(params), Progress()
   else:
-    state, saved, resume_step = checkpoints.restore(with_shardings(abstract_state, state_sh), data[0])
+    with phase("parameters (restored)"):
+      state, saved, resume_step = checkpoints.restore(with_shardings(abstract_state, state_sh), data[0])
     saved_seed = saved.pop("seed")
     if saved_seed != config.seed:
       raise ConfigError(f"{workdir} was trained with seed {saved_seed}, config.seed is {config.seed}: resume with "
@@ -177,13 +189,27 @@ def initial_params(config, cfg: ModelConfig, log=print) -> dict:
 @dataclasses.dataclass
 class Timings:
   """A run's time, each part under its own name in summary.json (`Timings.summary`)."""
-  launched: float  # When `run` was called.
+  launched: float  # When the command started (main's first line), else when `run` was called.
   compile_seconds: float = 0.0
   first_step_seconds: float | None = None  # From launch to the first step's result.
   steady_from: tuple | None = None  # (time, step) at the end of the first logged interval.
   steady_to: tuple | None = None  # (time, step) when the last step's result was in.
   paused: float = 0.0  # Validation and checkpoint writes after steady_from.
   input: Any = None  # The loop's InputWait.
+  startup: dict = dataclasses.field(default_factory=dict)  # {phase: seconds} up to the first step, in order.
+
+  @contextlib.contextmanager
+  def phase(self, name: str):
+    """Times one start-up phase (logged once, with the others, when the first step is done)."""
+    started = time.time()
+    try:
+      yield
+    finally:
+      self.startup[name] = time.time() - started
+
+  def startup_line(self) -> str:
+    return ("start-up: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.startup.items())
+            + f"; the first step's result {self.first_step_seconds:.1f} s after launch")
 
   @contextlib.contextmanager
   def pause(self):
@@ -196,7 +222,7 @@ class Timings:
 
   def summary(self, batch_size: int) -> dict:
     """time_to_first_step_seconds (launch to the first step's result: set-up, compile and that step),
-    compile_seconds, steady_samples_per_second (from the end of the first logged interval to the last step,
+    compile_seconds, startup_seconds (each start-up phase's seconds, `phase`), steady_samples_per_second (from the end of the first logged interval to the last step,
     validation and checkpoint writes left out; None with fewer than two logged points),
     input_wait_seconds_per_step (the loop's wait for batches, averaged over the steps)."""
     wait = self.input
@@ -205,6 +231,7 @@ class Timings:
       seconds = self.steady_to[0] - self.steady_from[0] - self.paused
       steady = (self.steady_to[1] - self.steady_from[1]) * batch_size / max(seconds, 1e-9)
     return {"time_to_first_step_seconds": self.first_step_seconds, "compile_seconds": self.compile_seconds,
+            "startup_seconds": dict(self.startup),
             "steady_samples_per_second": steady,
             "input_wait_seconds_per_step": wait.total_seconds / max(wait.total_steps, 1) if wait else None}
 
@@ -236,8 +263,17 @@ class InputWait:
     return out
 
 
+def abstract_batch(r: Run) -> dict:
+  """The global training batch as shapes with their sharding (what the pipeline's batches will be)."""
+  c = r.config
+  shapes = pipeline.train_batch_shapes(c.train.batch_size, r.cfg.image_size, r.cfg.max_text_length,
+                                       jax.process_count() > 1, c.data.image_dtype)
+  batch_sharding = sharding.batch_sharding(r.mesh)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in shapes.items()}
+
+
 def compiled_step(r: Run, batch):
-  """The step compiled for this run's first batch, or loaded from `config.compiled_step` (saved by
+  """The step compiled for this run's batches (`batch`: arrays or their shapes), or loaded from `config.compiled_step` (saved by
   `python -m retfiner_jax.aot --save`, refused unless it is this very program for these devices). Running out
   of device memory while compiling is one error with XLA's figures (aot.DeviceMemoryExceeded)."""
   started = time.time()
@@ -283,8 +319,8 @@ def validate(r: Run, step: int, run_log: RunLog, when: str) -> bool:
                  epoch=None if config.eval.fixed_sampling else progress.epoch)
   run_log.write("val", step, val, epoch=progress.epoch)
   # ITC's chance is ln(rows) of the validation batches (the last may be smaller), weighted as the loss is.
-  losses = run_log.losses_line(val, ("loss_itc", "loss_itm"),
-                               {"loss_itc": val.get("chance_loss_itc"), "loss_itm": ITM_PRIOR_LOSS})
+  losses = losses_line(val, ("loss_itc", "loss_itm"),
+                      {"loss_itc": val.get("chance_loss_itc"), "loss_itm": ITM_PRIOR_LOSS})
   r.log(f"validation {when}: loss {val.get('loss', float('nan')):.4f}  {losses}  " +
         "  ".join(f"{k} {v:.3f}" for k, v in val.items() if k.startswith("recall") and k.endswith(("_at_1", "_at_5"))))
   for side in ("text", "image"):
@@ -329,18 +365,24 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
     if several:  # Each row says whether this process was signalled; the step reports the maximum.
       local = dict(local, stop=np.full(len(local["pair_ids"]), stop["signal"] is not None, np.int32))
     return r.global_batch(local)
-  if step < r.total_steps:  # Compiled on the first batch, timed apart from the first step.
-    batch = to_global(next(r.train_iter))
-    started = time.time()
-    r.step_fn = compiled_step(r, batch)
-    timings.compile_seconds = time.time() - started
+  if step < r.total_steps:
+    # Compiled from the batch's shapes while the first batch loads (the workers start) alongside.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="first-batch") as pool:
+      started = time.time()
+      first = pool.submit(lambda: (to_global(next(r.train_iter)), time.time() - started))
+      with timings.phase("compile"):
+        r.step_fn = compiled_step(r, abstract_batch(r))
+      timings.compile_seconds = timings.startup["compile"]
+      batch, timings.startup["first batch (alongside the compile)"] = first.result()
   wait = timings.input = InputWait()  # Waits for the batches of steps (not the one fetched before the compile).
   while step < r.total_steps and not r.progress.stopped_early:
     batch = wait.next(r.train_iter, to_global) if batch is None else batch
     r.state, metrics = r.step_fn(r.state, batch)
     if timings.first_step_seconds is None:  # Waits for the first step alone, once.
-      jax.block_until_ready(metrics["loss"])
+      with timings.phase("first step"):
+        jax.block_until_ready(metrics["loss"])
       timings.first_step_seconds = time.time() - timings.launched
+      r.log(timings.startup_line())
     batch, step, wait.steps = None, step + 1, wait.steps + 1
     r.step_reached = step
     requested = check_finite(r, *pending) if pending is not None else False
@@ -381,15 +423,18 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
   return "finished", step
 
 
-def run(config, workdir, log=print, explicit_model_keys=()) -> dict:
+def run(config, workdir, log=print, explicit_model_keys=(), launched: float | None = None) -> dict:
   """Trains; returns a summary dict (also written to workdir/summary.json). The model's sizes come from the
-  configured weights except the `config.model` keys named in `explicit_model_keys` (the command line's)."""
+  configured weights except the `config.model` keys named in `explicit_model_keys` (the command line's).
+  `launched`: when the command started (time.time()), so that start-up is timed from there."""
   check_settings(config)
   workdir = prepare_workdir(workdir)
   primary = jax.process_index() == 0  # Writes the run's files; every process trains and saves checkpoints.
   with WorkdirLock(workdir, log) if primary else contextlib.nullcontext():
-    timings = Timings(launched=time.time())
-    r = setup(config, workdir, log, explicit_model_keys)
+    timings = Timings(launched=launched or time.time())
+    if launched:
+      timings.startup["launch to set-up (imports, flags, config)"] = time.time() - launched
+    r = setup(config, workdir, log, explicit_model_keys, timings)
     r.timings = timings
     start_step, start_time = int(jax.device_get(r.state["step"])), time.time()
     rows = config.train.batch_size // config.train.micro_batches  # ITC and ITM see a micro-batch at a time.

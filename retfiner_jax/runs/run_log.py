@@ -50,23 +50,24 @@ class RunLog:
       eta = seconds_per_step * max(self.total_steps - step, 0)
       rate = f"  {self.batch_size / seconds_per_step:7.1f} samples/s  ETA {_duration(eta)}"
     self._last_time, self._last_step = now, step
-    losses = self.losses_line(metrics)
+    losses = losses_line(metrics, chance=self.chance)
     if "lr" in metrics:
       losses += f"  lr {float(metrics['lr']):.2e}"
     wait = f"  input wait {100 * metrics['input_wait_fraction']:.0f}%" if "input_wait_fraction" in metrics else ""
     self.print(f"epoch {epoch:3d}  step {step:6d}/{self.total_steps}  {losses}{rate}{wait}")
 
-  def losses_line(self, metrics: dict, keys=("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_gm"),
-                  chance: dict | None = None) -> str:
-    """`name value (chance c)` for each of `keys` in `metrics`; the chance values are the run's unless given."""
-    chance = self.chance if chance is None else chance
-    return "  ".join(f"{k.removeprefix('loss_')} {float(metrics[k]):.4f}"
-                     + (f" (chance {chance[k]:.4f})" if chance.get(k) is not None else "")
-                     for k in keys if k in metrics)
-
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def losses_line(metrics: dict, keys=("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_gm"),
+                chance: dict | None = None) -> str:
+  """`name value (chance c)` for each of `keys` in `metrics`, with the chance value where `chance` has one."""
+  chance = chance or {}
+  return "  ".join(f"{k.removeprefix('loss_')} {float(metrics[k]):.4f}"
+                   + (f" (chance {chance[k]:.4f})" if chance.get(k) is not None else "")
+                   for k in keys if k in metrics)
 
 
 def _step_of(line: str) -> float:

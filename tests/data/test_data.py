@@ -210,7 +210,7 @@ def test_same_batches_for_any_worker_count(tmp_path, vocab):
   for a, b in zip(base, other):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
-  assert base[0]["images"].shape == (4, 16, 16, 3)
+  assert base[0]["images"].shape == (4, 16, 16)
   different, _ = _take(pipeline.train_dataset(records, spec, 4, seed=4), 1)
   assert not np.array_equal(different[0]["images"], base[0]["images"])
 
@@ -238,7 +238,7 @@ def test_eval_keeps_every_example_and_marks_padding(tmp_path, vocab):
   batches = list(pipeline.eval_dataset(records, pipeline.ImageSpec(image_size=16), 4))
   assert len(batches) == 3
   assert [int(b["valid"].sum()) for b in batches] == [4, 4, 2]
-  assert batches[-1]["images"].shape == (4, 16, 16, 3)
+  assert batches[-1]["images"].shape == (4, 16, 16)
   seen = np.concatenate([b["pair_ids"][b["valid"]] for b in batches])
   np.testing.assert_array_equal(seen, [r["pair_id"] for r in records])
 
@@ -318,3 +318,43 @@ def test_the_demo_vocabulary_is_deterministic_and_covers_every_report(tmp_path):
   pieces = sum(1 for t in vocab[106:] if len(t.removeprefix("##")) == 1)  # Characters, alone and as ##c.
   small = build_vocab(reports, 106 + pieces + 2, tmp_path / "small.txt").read_text().splitlines()
   assert small[-2:] == ["fluid", "subretinal"]  # Room for two words: the two most frequent (9 and 6 times).
+
+
+def test_the_shipped_channel_normalised_on_the_device_equals_the_reference_preprocessing(tmp_path, vocab):
+  """The pipeline ships one channel in [0, 1]; the model repeats and normalises it on the device. Against the
+  original's preprocessing written out here with PIL and torch: pixels / 255, a bicubic resize of that float
+  image, the channel repeated to three, Normalize(mean, std)."""
+  torch = pytest.importorskip("torch")
+  import jax.numpy as jnp
+  from retfiner_jax.models.common import model_images
+  records, _ = _pairs(tmp_path, vocab, n=4)
+  shipped = next(iter(pipeline.eval_dataset(records, pipeline.ImageSpec(image_size=16), 4)))["images"]
+  assert shipped.shape == (4, 16, 16) and shipped.dtype == np.float32
+  for backbone in ("retfound", "visionfm"):
+    on_device = np.asarray(model_images(jnp.asarray(shipped), backbone))
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in images.NORMALISATION[backbone])
+    for i, r in enumerate(records):
+      pixels = np.asarray(Image.open(r["image"]).convert("L"), np.float32) / 255.0
+      resized = np.asarray(Image.fromarray(pixels, mode="F").resize((16, 16), Image.BICUBIC), np.float32)
+      np.testing.assert_array_equal(shipped[i], resized)
+      want = ((torch.from_numpy(resized.copy())[None].repeat(3, 1, 1) - mean) / std).permute(1, 2, 0).numpy()
+      np.testing.assert_allclose(on_device[i], want, rtol=1e-6, atol=1e-6)
+      # The host-side path (the probe and the text side) gives the same input.
+      np.testing.assert_allclose(images.preprocess(np.asarray(Image.open(r["image"])), 16, backbone), want,
+                                 rtol=1e-6, atol=1e-6)
+
+
+def test_a_bfloat16_channel_stays_within_its_rounding_of_the_float32_one(tmp_path, vocab):
+  import jax.numpy as jnp
+  from retfiner_jax.models.common import model_images
+  records, _ = _pairs(tmp_path, vocab, n=4)
+  exact, half = (next(iter(pipeline.eval_dataset(records, pipeline.ImageSpec(image_size=16, image_dtype=d), 4)))
+                 ["images"] for d in ("float32", "bfloat16"))
+  assert half.dtype == np.dtype(pipeline.IMAGE_DTYPES["bfloat16"]) and half.nbytes * 2 == exact.nbytes
+  # bfloat16 keeps 8 significant bits: rounded to nearest, a value is off by at most 2^-8 of itself.
+  bound = 2.0 ** -8 * np.abs(exact)
+  assert (np.abs(half.astype(np.float32) - exact) <= bound).all()
+  error = np.abs(np.asarray(model_images(jnp.asarray(half), "retfound") - model_images(jnp.asarray(exact), "retfound")))
+  assert error.max() > 0 and (error <= bound[..., None] / 0.224 * 1.001).all()  # 0.224: the smallest std.
+  with pytest.raises(ValueError, match="config.data.image_dtype must be one of"):
+    pipeline.ImageSpec(image_dtype="uint8")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import minilm_folder
+from retfiner_jax.data.images import NORMALISATION
 from retfiner_jax.models.attention import causal_padding_bias, padding_bias
 from retfiner_jax.models.bert import BertTextEncoder
 from retfiner_jax.models.config import get_variant
@@ -36,6 +37,13 @@ def test_vit_matches_pytorch(tmp_path, variant, proj, scan):
   assert not cfg.vision_projection or not np.allclose(feats[..., :proj], want[..., :proj])
   if not cfg.vision_projection:
     np.testing.assert_allclose(feats, want_features, rtol=1e-4, atol=1e-5)
+  # One channel in [0, 1], as the training pipeline ships it: the ViT repeats and normalises it itself.
+  gray = torch.rand(3, 32, 32)
+  mean, std = (torch.tensor(v)[:, None, None] for v in NORMALISATION[cfg.backbone])
+  with torch.no_grad():
+    want = net((gray[:, None].repeat(1, 3, 1, 1) - mean) / std, final_norm=cfg.apply_final_norm).numpy()
+  np.testing.assert_allclose(vit.apply({"params": params["vision_encoder"]}, jnp.asarray(gray.numpy())), want,
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_pos_embed_resampling_matches_torch_bicubic():

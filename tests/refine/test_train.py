@@ -335,8 +335,22 @@ def test_random_text_tower_start_up_line_chance_values_collapse_warning_and_the_
   import math
   config = tiny_config(corpus, max_steps=4)
   lines = []
-  summary = trainer.run(config, tmp_path / "run", log=lambda line, **_: lines.append(line))
+  launched = time.time() - 1.5  # As main passes it: the command's first line, here 1.5 s before the call.
+  summary = trainer.run(config, tmp_path / "run", log=lambda line, **_: lines.append(line), launched=launched)
   text = "\n".join(lines)
+  # Start-up phases (issue 36): each timed once, in order, logged once at the first step; what runs one after
+  # the other adds up to no more than the time to the first step (the first batch loads alongside the compile).
+  phases = summary["startup_seconds"]
+  assert list(phases) == ["launch to set-up (imports, flags, config)", "backend and mesh",
+                          "manifests, checks and tokenising", "the sharded step's shapes", "checkpoint manager",
+                          "parameters (initialised, pretrained weights loaded)", "compile",
+                          "first batch (alongside the compile)", "first step"]
+  assert phases["launch to set-up (imports, flags, config)"] >= 1.5 and min(phases.values()) >= 0
+  serial = sum(v for k, v in phases.items() if k != "first batch (alongside the compile)")
+  assert serial <= summary["time_to_first_step_seconds"] <= serial + 2.0
+  assert phases["compile"] == summary["compile_seconds"]
+  start_up_lines = [line for line in lines if line.startswith("start-up: ")]
+  assert len(start_up_lines) == 1 and "compile" in start_up_lines[0] and "after launch" in start_up_lines[0]
   # The summary's times, each under its own name (issue 36): the first step comes after the compile and before
   # the end; steady throughput leaves the compile out, so it is above the whole loop's rate.
   assert 0 < summary["compile_seconds"] < summary["time_to_first_step_seconds"] < summary["train_seconds"] + 60

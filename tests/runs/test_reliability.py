@@ -287,7 +287,7 @@ def test_a_file_that_fails_while_loading_is_named_or_skipped(tmp_path, monkeypat
 
   def broken(*a, **k):
     raise RuntimeError("decoder crashed")
-  monkeypatch.setattr(pipeline, "preprocess", broken)
+  monkeypatch.setattr(pipeline, "preprocess_gray", broken)
   with pytest.raises(images.ImageError, match=r"m.csv row 7: .*a.png: RuntimeError: decoder crashed"):
     pipeline.LoadPair(spec, "m.csv").random_map(record, np.random.default_rng(0))
   assert pipeline.LoadPair(spec, "m2.csv", skip_bad=True).random_map(record, np.random.default_rng(0)) is None
