@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one run, at most 6 minutes on one H100/H200 (each phase under its own timeout).
+# Every GPU measurement in one run, at most 580 s of phases on one H100/H200 (each under its own timeout).
 # Each phase writes its JSON lines to $OUT as they happen (a phase that is cut off keeps what it printed);
 # a phase that fails or times out is reported and the script goes on, and the script then exits 1 naming it.
 # Phase 0 asks the AOT tool (python -m retfiner_jax.aot) whether the shipped retfound config fits an H200 and
@@ -26,7 +26,8 @@ if [ "${1:-}" = "--tiny" ]; then
              --config.model.vision_heads=4 --config.model.vision_mlp_dim=128 --config.model.text_dim=48
              --config.model.text_layers=2 --config.model.text_heads=4 --config.model.text_intermediate=96
              --config.model.contrastive_dim=32 --config.model.dtype=float32 --config.train.batch_size=8)
-  IMAGES=120; HEIGHT=64; MAIN_STEPS=6; LIMIT=(180 180 180 60 300 180 240)  # Generous: phases share 2 cores.
+  IMAGES=120; HEIGHT=64; MAIN_STEPS=6; LIMIT=(180 180 180 60 300 180 240 300 120)  # Generous: phases share 2 cores.
+  PIPE=(--images 48 --batch 8 --batches 2 --workers 0,2 --size 32)
   FIT=(--target=cpu "${MAIN_SIZE[@]}")
   # A check of the script, not a measurement: the compile phase fills a cache that the next phase (same
   # program) reads, which saves the test suite one cold compile.
@@ -37,7 +38,8 @@ else
   PROBE=(--vision vit_b16 --images 600 --timed-epochs 1)
   MAIN_SIZE=()
   # 5,600 pairs: the 30 steps of batch 128 stay within the first epoch (no validation, one final checkpoint).
-  IMAGES=5600; HEIGHT=224; MAIN_STEPS=30; LIMIT=(45 110 40 30 100 35 90)  # 450 s in all.
+  IMAGES=5600; HEIGHT=224; MAIN_STEPS=30; LIMIT=(45 110 40 30 100 35 90 70 60)  # 580 s in all.
+  PIPE=(--images 256 --batch 128 --batches 6 --workers 8,14)  # 496x512 PNG, as the 2026-12-04 measurement.
   FIT=(--target=h200)
   COMPILE_CACHE=()  # The compile phase measures a cold compile (step.py: no cache with --compile-only).
 fi
@@ -62,9 +64,15 @@ small_and_probe() {  # 3. ViT-B/16 + BERT-base, bfloat16, ours only. 5. The pape
   phase gpu_step_small "${LIMIT[2]}" "$PY" step.py "${SMALL[@]}" --dtype bfloat16 --no-torch
   phase gpu_probe "${LIMIT[5]}" "$PY" probe.py --protocol paper "${PROBE[@]}"
 }
-main_command() {  # 4. The main command on the synthetic corpus: time to the first step, samples/s, input wait, saves.
+main_command() {  # 4. The main command on the synthetic corpus: start-up phases, time to the first step cold (an
+  # empty compilation cache) then warm (the same cache), steady samples/s, input wait, end-of-run seconds; then
+  # the input pipeline alone with 8 and 14 workers (host CPUs only).
   phase gpu_main_data "${LIMIT[3]}" "$PY" main_run.py prepare --out "$OUT/main_data" --images "$IMAGES" --height "$HEIGHT"
-  phase gpu_main "${LIMIT[4]}" "$PY" main_run.py train --out "$OUT/main_data" --steps "$MAIN_STEPS" -- "${MAIN_SIZE[@]}"
+  phase gpu_main "${LIMIT[4]}" "$PY" main_run.py train --out "$OUT/main_data" --steps "$MAIN_STEPS" \
+    --compile-cache "$OUT/main_cache" -- "${MAIN_SIZE[@]}"
+  phase gpu_main_warm "${LIMIT[7]}" "$PY" main_run.py train --out "$OUT/main_data" --steps "$MAIN_STEPS" \
+    --compile-cache "$OUT/main_cache" -- "${MAIN_SIZE[@]}"
+  phase gpu_pipeline "${LIMIT[8]}" "$PY" pipeline.py "${PIPE[@]}"
 }
 
 "$PY" -c "import jax, json; print(json.dumps({'phase': 'devices', 'devices': [str(d) for d in jax.devices()], 'jax': jax.__version__}))" | tee "$OUT/gpu_devices.jsonl"

@@ -1,8 +1,10 @@
-"""Input-pipeline throughput: PNG B-scans (496x512) -> 224x224x3 normalised, tokenised, batched, for 0/1/2 workers.
+"""Input-pipeline throughput: PNG B-scans (496x512) -> the model's size in one channel (float32 or bfloat16; the
+model normalises it on the device), tokenised, batched, for 0/1/2 workers.
 
-  python benchmarks/pipeline.py [--images 256] [--batches 24] [--batch 32]
+  python benchmarks/pipeline.py [--images 256] [--batches 24] [--batch 32] [--workers 0,1,2] [--size 224]
+                                [--image-dtype float32]
 
-Prints one JSON line per worker count (images/s after a warm-up batch).
+Prints one JSON line per worker count: images/s after a warm-up batch (the workers' start), and a batch's bytes.
 """
 import argparse
 import csv
@@ -24,6 +26,8 @@ def main():
   p.add_argument("--batches", type=int, default=24)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--workers", default="0,1,2")
+  p.add_argument("--size", type=int, default=224)
+  p.add_argument("--image-dtype", default="float32", choices=sorted(pipeline.IMAGE_DTYPES))
   a = p.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
@@ -31,16 +35,18 @@ def main():
     with manifest.open() as f:
       vocab = build_vocab([r["report"] for r in csv.DictReader(f)], 600, tmp / "vocab.txt")
     records, _ = pipeline.load_pairs(manifest, vocab, 30)
-    spec = pipeline.ImageSpec(image_size=224, backbone="retfound")
+    spec = pipeline.ImageSpec(image_size=a.size, backbone="retfound", image_dtype=a.image_dtype)
     for workers in [int(w) for w in a.workers.split(",")]:
       it = iter(pipeline.train_dataset(records, spec, a.batch, seed=0, num_workers=workers))
       next(it)  # Warm-up: worker start and the first batch.
       start = time.perf_counter()
       for _ in range(a.batches):
-        next(it)
+        batch = next(it)
       seconds = time.perf_counter() - start
       print(json.dumps({"benchmark": "pipeline", "workers": workers, "batch": a.batch, "batches": a.batches,
-                        "source": "PNG 496x512 uint8", "output": "224x224x3 float32 + 30 token ids",
+                        "source": "PNG 496x512 uint8",
+                        "output": f"{a.size}x{a.size} one channel {a.image_dtype} + 30 token ids",
+                        "megabytes_per_batch": round(sum(v.nbytes for v in batch.values()) / 1e6, 2),
                         "images_per_second": round(a.batch * a.batches / seconds, 1)}), flush=True)
 
 

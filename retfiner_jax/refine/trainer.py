@@ -480,12 +480,15 @@ def finish(r: Run, status: str, step: int, samples: int, seconds: float) -> dict
   if skipped:
     r.log(f"skipped {skipped} records that failed to load (config.data.skip_bad_records)")
   primary = jax.process_index() == 0
+  end = summary["end_of_run_seconds"] = {}  # Each part after the last step, in order.
   if status == "finished":
     # The final checkpoint is complete before any export starts: a kill during the exports leaves it intact, and
     # a rerun with the same workdir resumes at the last step and writes the exports without training again.
     started = time.time()
     r.checkpoints.wait()
-    r.log(f"final checkpoint written in {time.time() - started:.1f} s")
+    end["final checkpoint"] = time.time() - started
+    r.log(f"final checkpoint written in {end['final checkpoint']:.1f} s")
+    started = time.time()
     best, _ = r.checkpoints.restore_best(with_shardings(r.abstract_params, r.param_shardings))
     final = sharding.to_host(best if best is not None else r.state["params"])  # Every process takes part.
     if primary:
@@ -495,9 +498,11 @@ def finish(r: Run, status: str, step: int, samples: int, seconds: float) -> dict
           weight_files.source_pooler(text_source) if text_source else None, p.epoch, step, r.log,
           formats=r.config.export.formats)
       plot_run(r.workdir)
+    end["exports (best parameters read, every format written)"] = time.time() - started
   started = time.time()
   r.checkpoints.close()  # Waits for the asynchronous checkpoint writes.
-  r.log(f"checkpoint writes finished in {time.time() - started:.1f} s")
+  end["checkpoint writes"] = time.time() - started
+  r.log(f"checkpoint writes finished in {end['checkpoint writes']:.1f} s")
   if primary:
     (r.workdir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
   return summary

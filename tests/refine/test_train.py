@@ -183,7 +183,8 @@ def test_gpu_benchmark_script_fails_when_a_phase_fails(tmp_path):
   assert out.returncode == 1
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   assert summary["phase"] == "summary" and set(summary["failed"].split()) == {
-      "gpu_fit", "gpu_compile", "gpu_step_large", "gpu_step_small", "gpu_probe", "gpu_main_data", "gpu_main"}
+      "gpu_fit", "gpu_compile", "gpu_step_large", "gpu_step_small", "gpu_probe", "gpu_main_data", "gpu_main",
+      "gpu_main_warm", "gpu_pipeline"}
 
 
 def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
@@ -207,7 +208,15 @@ def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
   assert main["summary"]["status"] == "finished" and main["summary"]["steps"] == 6
   assert all(0 <= f < 1 for f in main["input_wait_fraction"])
   milestones = [json.loads(line).get("milestone") for line in (tmp_path / "gpu_main.jsonl").read_text().splitlines()]
-  assert milestones[:3] == ["compile_start", "compile_end", "first_progress_line"]
+  assert milestones[:4] == ["compile_start", "compile_end", "startup_line", "first_progress_line"]
+  # The same command again with the compilation cache the first run filled: a warm start, every phase reported.
+  warm = json.loads((tmp_path / "gpu_main_warm.jsonl").read_text().splitlines()[-1])
+  assert warm["summary"]["status"] == "finished" and warm["compile_cache"] == main["compile_cache"]
+  for run in (main, warm):
+    assert "compile" in run["summary"]["startup_seconds"] and "exports" in " ".join(run["summary"]["end_of_run_seconds"])
+  pipe = [json.loads(line) for line in (tmp_path / "gpu_pipeline.jsonl").read_text().splitlines()]
+  assert [r["workers"] for r in pipe] == [0, 2] and all(r["images_per_second"] > 0 for r in pipe)
+  assert pipe[0]["megabytes_per_batch"] < 8 * 32 * 32 * 4 / 1e6 + 0.01  # One float32 channel, and the tokens.
   probe = json.loads((tmp_path / "gpu_probe.jsonl").read_text().splitlines()[-1])
   assert probe["benchmark"] == "probe_paper" and probe["ours_seconds_per_epoch"] > 0 and probe["speedup"] > 0
 
@@ -349,6 +358,8 @@ def test_random_text_tower_start_up_line_chance_values_collapse_warning_and_the_
   serial = sum(v for k, v in phases.items() if k != "first batch (alongside the compile)")
   assert serial <= summary["time_to_first_step_seconds"] <= serial + 2.0
   assert phases["compile"] == summary["compile_seconds"]
+  assert list(summary["end_of_run_seconds"]) == ["final checkpoint", "exports (best parameters read, every format "
+                                                 "written)", "checkpoint writes"]
   start_up_lines = [line for line in lines if line.startswith("start-up: ")]
   assert len(start_up_lines) == 1 and "compile" in start_up_lines[0] and "after launch" in start_up_lines[0]
   # The summary's times, each under its own name (issue 36): the first step comes after the compile and before
