@@ -366,14 +366,16 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
       local = dict(local, stop=np.full(len(local["pair_ids"]), stop["signal"] is not None, np.int32))
     return r.global_batch(local)
   if step < r.total_steps:
-    # Compiled from the batch's shapes while the first batch loads (the workers start) alongside.
+    # Compiled from the batch's shapes while the first batch loads (the workers start) alongside, on the host
+    # alone: the thread makes no JAX call; the batch goes to the devices after the compile.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="first-batch") as pool:
       started = time.time()
-      first = pool.submit(lambda: (to_global(next(r.train_iter)), time.time() - started))
+      first = pool.submit(lambda: (next(r.train_iter), time.time() - started))
       with timings.phase("compile"):
         r.step_fn = compiled_step(r, abstract_batch(r))
       timings.compile_seconds = timings.startup["compile"]
-      batch, timings.startup["first batch (alongside the compile)"] = first.result()
+      local, timings.startup["first batch (alongside the compile)"] = first.result()
+      batch = to_global(local)
   wait = timings.input = InputWait()  # Waits for the batches of steps (not the one fetched before the compile).
   while step < r.total_steps and not r.progress.stopped_early:
     batch = wait.next(r.train_iter, to_global) if batch is None else batch
