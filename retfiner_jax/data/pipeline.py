@@ -3,8 +3,8 @@
 Reports are tokenised once when the pipeline is built (the fast WordPiece tokeniser does a whole manifest in
 seconds); images are read and preprocessed in the Grain map to one channel at the model's size, in [0, 1]
 (float32, or bfloat16 on request): the model repeats it to three channels and normalises it on the device
-(models/common.py, model_images), so a batch carries a third of the bytes or less, with each record's augmentation seeded by its
-position in the stream, so the batches are the same for any number of worker processes. A training stream
+(models/common.py, model_images), so a batch carries a third of the bytes or less; each record's augmentation is
+seeded by its position in the stream, so the batches are the same for any number of worker processes. A training stream
 is one global shuffled, repeated sequence; process p of P takes elements p, p+P, ...; evaluation keeps every
 example and pads the last batch, marking real rows with `valid`.
 """

@@ -15,7 +15,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
 FLIP_P = 0.5
 INTENSITY = (0.8, 1.2)
 AFFINE_P = 0.9

@@ -140,10 +140,15 @@ class ShardedStep:
     the step without any array."""
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state,
                          self.state_shardings)
-    batch_sh = sharding.batch_sharding(self.mesh)
-    shapes = train_batch_shapes(batch_size, image_size, text_length, several_processes, image_dtype)
-    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in shapes.items()}
-    return state, batch
+    return state, abstract_batch(self.mesh, batch_size, text_length, image_size, several_processes, image_dtype)
+
+
+def abstract_batch(mesh, batch_size: int, text_length: int, image_size: int, several_processes: bool = False,
+                   image_dtype: str = "float32") -> dict:
+  """The global training batch as ShapeDtypeStructs sharded over the batch axes (what the pipeline will give)."""
+  batch_sh = sharding.batch_sharding(mesh)
+  shapes = train_batch_shapes(batch_size, image_size, text_length, several_processes, image_dtype)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in shapes.items()}
 
 
 def check_batch_divides(config, mesh):

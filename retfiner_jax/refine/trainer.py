@@ -30,7 +30,7 @@ from retfiner_jax.models.retfiner import RetFiner, init_params
 from retfiner_jax.refine import aot, inputs
 from retfiner_jax.metrics.embeddings import COLLAPSED_COSINE
 from retfiner_jax.refine.objectives import ITM_PRIOR_LOSS, ObjectiveSettings, chance_values, make_loss_fn
-from retfiner_jax.refine.step import (check_batch_divides, model_config, objective_settings,
+from retfiner_jax.refine.step import (abstract_batch, check_batch_divides, model_config, objective_settings,
                                       sharded_train_step)
 from retfiner_jax.refine.validation import evaluate, make_embed_fn
 from retfiner_jax.runs import sharding, targets
@@ -128,7 +128,8 @@ class Run:
 
 # Settings a resumed run may change: how long it runs, how it reports and saves, how it reads and shards.
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.log_every", "train.patience", "checkpoint.",
-                     "data.num_workers", "data.image_dtype", "compile_cache", "compiled_step", "mesh.", "eval.recall_at", "export.")
+                     "data.num_workers", "data.image_dtype", "compile_cache", "compiled_step", "mesh.", "eval.recall_at",
+                     "export.")
 
 
 def setup(config, workdir, log=print, explicit_model_keys=(), timings: Timings | None = None) -> Run:
@@ -190,7 +191,6 @@ def initial_params(config, cfg: ModelConfig, log=print) -> dict:
 class Timings:
   """A run's time, each part under its own name in summary.json (`Timings.summary`)."""
   launched: float  # When the command started (main's first line), else when `run` was called.
-  compile_seconds: float = 0.0
   first_step_seconds: float | None = None  # From launch to the first step's result.
   steady_from: tuple | None = None  # (time, step) at the end of the first logged interval.
   steady_to: tuple | None = None  # (time, step) when the last step's result was in.
@@ -207,6 +207,10 @@ class Timings:
     finally:
       self.startup[name] = time.time() - started
 
+  @property
+  def compile_seconds(self) -> float:
+    return self.startup.get("compile", 0.0)
+
   def startup_line(self) -> str:
     return ("start-up: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.startup.items())
             + f"; the first step's result {self.first_step_seconds:.1f} s after launch")
@@ -222,7 +226,8 @@ class Timings:
 
   def summary(self, batch_size: int) -> dict:
     """time_to_first_step_seconds (launch to the first step's result: set-up, compile and that step),
-    compile_seconds, startup_seconds (each start-up phase's seconds, `phase`), steady_samples_per_second (from the end of the first logged interval to the last step,
+    compile_seconds, startup_seconds (each start-up phase's seconds, `phase`), steady_samples_per_second (from
+    the end of the first logged interval to the last step,
     validation and checkpoint writes left out; None with fewer than two logged points),
     input_wait_seconds_per_step (the loop's wait for batches, averaged over the steps)."""
     wait = self.input
@@ -263,17 +268,9 @@ class InputWait:
     return out
 
 
-def abstract_batch(r: Run) -> dict:
-  """The global training batch as shapes with their sharding (what the pipeline's batches will be)."""
-  c = r.config
-  shapes = pipeline.train_batch_shapes(c.train.batch_size, r.cfg.image_size, r.cfg.max_text_length,
-                                       jax.process_count() > 1, c.data.image_dtype)
-  batch_sharding = sharding.batch_sharding(r.mesh)
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in shapes.items()}
-
-
 def compiled_step(r: Run, batch):
-  """The step compiled for this run's batches (`batch`: arrays or their shapes), or loaded from `config.compiled_step` (saved by
+  """The step compiled for this run's batches (`batch`: arrays or their shapes), or loaded from
+  `config.compiled_step` (saved by
   `python -m retfiner_jax.aot --save`, refused unless it is this very program for these devices). Running out
   of device memory while compiling is one error with XLA's figures (aot.DeviceMemoryExceeded)."""
   started = time.time()
@@ -372,8 +369,9 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
       started = time.time()
       first = pool.submit(lambda: (next(r.train_iter), time.time() - started))
       with timings.phase("compile"):
-        r.step_fn = compiled_step(r, abstract_batch(r))
-      timings.compile_seconds = timings.startup["compile"]
+        c = r.config
+        r.step_fn = compiled_step(r, abstract_batch(r.mesh, c.train.batch_size, r.cfg.max_text_length,
+                                                    r.cfg.image_size, several, c.data.image_dtype))
       local, timings.startup["first batch (alongside the compile)"] = first.result()
       batch = to_global(local)
   wait = timings.input = InputWait()  # Waits for the batches of steps (not the one fetched before the compile).
