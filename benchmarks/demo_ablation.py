@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,9 +74,21 @@ def run(workdir: Path, arms, seeds: int):
         log("interrupted; rerun the same command to resume")
         return
       record.parent.mkdir(parents=True, exist_ok=True)
-      shutil.copyfile(workdir / f"seed_{k}" / "arms" / arm / "results.json", record)
+      result = json.loads((workdir / f"seed_{k}" / "arms" / arm / "results.json").read_text())
+      result["code_commit"] = _commit()
+      record.write_text(json.dumps(result, indent=1) + "\n")
       log(f"[{arm} seed {k}] done in {time.time() - started:.0f} s: {record}")
   table()
+
+
+def _commit():
+  """The commit the arm ran at, with '+changes' when the work tree differed from it (records name their code)."""
+  def git(*args):
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+  head = git("rev-parse", "--short", "HEAD")
+  if not head:
+    raise RuntimeError(f"{ROOT} is not a git checkout: an ablation record must name the code it ran")
+  return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _ms(values, scale=100.0, digits=1):
@@ -86,7 +98,7 @@ def _ms(values, scale=100.0, digits=1):
 
 def table():
   """Markdown table of every recorded arm (mean ± sample std over its recorded seeds)."""
-  rows = ["| arm | seeds | in-domain gain vs FM (deciding) | in-domain gain vs control | cross-site gain vs FM | "
+  rows = ["| arm | seeds (code) | in-domain gain vs FM (deciding) | in-domain gain vs control | cross-site gain vs FM | "
           "i2t R@1 | t2i R@1 | R@1 chance | final ITC (ln B) | final ITM (prior) | text cosine start → end |",
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for arm in ARMS:
@@ -104,7 +116,8 @@ def table():
     end_cos = _ms([x["alignment_end"]["text_cosine"]["mean"] for x in learnt], 1, 3)
     fmt = lambda key: (_ms([f[key] for f in final], 1, 3) + f" ({chance[key]:.3f})") if key in final[0] else "off"
     rows.append(
-        f"| {arm} | {len(runs)} | {_ms([gain(r, 'indomain', 'after', 'before') for r in runs])} | "
+        f"| {arm} | {len(runs)} ({', '.join(sorted({r.get('code_commit', 'commit not recorded') for r in runs}))}) | "
+        f"{_ms([gain(r, 'indomain', 'after', 'before') for r in runs])} | "
         f"{_ms([gain(r, 'indomain', 'after', 'control') for r in runs])} | "
         f"{_ms([gain(r, 'tasks', 'after', 'before') for r in runs])} | "
         f"{_ms([e['recall']['recall_i2t_at_1'] for e in end])} | {_ms([e['recall']['recall_t2i_at_1'] for e in end])} | "
