@@ -39,7 +39,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from retfiner_jax.models.config import ModelConfig, get_variant  # noqa: E402
+from retfiner_jax.models.attention import ATTENTION_CHOICES, resolve_attention  # noqa: E402
+from retfiner_jax.models.common import resolve_remat  # noqa: E402
+from retfiner_jax.models.config import REMAT_CHOICES, ModelConfig, get_variant  # noqa: E402
 from retfiner_jax.models.retfiner import RetFiner, init_params  # noqa: E402
 from retfiner_jax.refine.flops import step_flops  # noqa: E402
 from retfiner_jax.refine.objectives import ObjectiveSettings  # noqa: E402
@@ -112,8 +114,8 @@ def memory_in_subprocess(args, which: str) -> int:
   """Peak RSS of one steady-state step, in a process that holds only that implementation (CPU)."""
   import subprocess
   cmd = [sys.executable, __file__, "--vision", args.vision, "--text", args.text, "--batch", str(args.batch),
-         "--dtype", args.dtype, "--remat", args.remat, "--malloc", args.malloc, "--memory-of", which,
-         "--compile-cache", args.compile_cache]
+         "--dtype", args.dtype, "--remat", args.remat, "--attention", args.attention, "--malloc", args.malloc,
+         "--memory-of", which, "--compile-cache", args.compile_cache]
   if args.unrolled:
     cmd.append("--unrolled")
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
@@ -169,7 +171,10 @@ def main():
   p.add_argument("--block", type=int, default=1,
                  help="steps of one implementation before switching to the other (1: strict alternation)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+  p.add_argument("--remat", default="auto", choices=list(REMAT_CHOICES),
+                 help="config.model.remat: auto = elementwise (LayerNorm, GELU recomputed) on GPU/TPU, none on CPU")
+  p.add_argument("--attention", default="auto", choices=list(ATTENTION_CHOICES),
+                 help="config.model.attention: auto = cuDNN's fused attention in the ViT on GPU in bfloat16, else xla")
   p.add_argument("--prng", default="auto", choices=PRNG_CHOICES,
                  help="the step's random bits (config.train.prng): auto = threefry on CPU, rbg on GPU/TPU")
   p.add_argument("--no-torch", action="store_true", help="time only this project's step")
@@ -198,10 +203,12 @@ def main():
   if a.malloc == "retain" and backend == "cpu" and not a.compile_only:
     reexec_with_retained_heap()
   compile_cache.enable(a.compile_cache)
-  cfg = model_config(a.vision, a.text, dtype=a.dtype, remat=a.remat, scan_layers=not a.unrolled)
+  cfg = model_config(a.vision, a.text, dtype=a.dtype, scan_layers=not a.unrolled,
+                     remat=resolve_remat(a.remat, backend), attention=resolve_attention(a.attention, backend, a.dtype))
   gpu = backend == "gpu"
   batch = make_batch(a.batch, cfg)
-  setup = {"vision": a.vision, "text": a.text, "batch": a.batch, "dtype": a.dtype, "remat": a.remat,
+  setup = {"vision": a.vision, "text": a.text, "batch": a.batch, "dtype": a.dtype, "remat": cfg.remat,
+           "attention": cfg.attention,
            "scan_layers": cfg.scan_layers, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "prng": prng_impl(a.prng, backend)}
   ours_mem = torch_mem = -1
@@ -337,7 +344,8 @@ def main():
   matmul_rates.append(matmul_rate())
   peak = max(matmul_rates)  # The machine's best rate in this run, measured before and after the timed steps.
   out = {"benchmark": "step", "vision": a.vision, "text": a.text, "batch": a.batch, "dtype": a.dtype,
-         "remat": a.remat, "scan_layers": cfg.scan_layers, "lower_s": lower_s, "compile_s": compile_s,
+         "remat": cfg.remat, "attention": cfg.attention, "scan_layers": cfg.scan_layers, "lower_s": lower_s,
+         "compile_s": compile_s,
          "fused": not a.plain, "block": a.block, "malloc": a.malloc,
          "malloc_env": {k: os.environ.get(k) for k in RETAINED_HEAP}, "device": jax.devices()[0].device_kind,
          "machine": platform.processor() or platform.machine(), "jax": jax.__version__,

@@ -59,6 +59,8 @@ _TARGET = flags.DEFINE_string("target", None, "GPUs: h100, h200, 8xh100 (one hos
                               "or cpu (this machine)")
 _FIT = flags.DEFINE_bool("fit", False, "if it does not fit, try remat, FSDP and micro-batches in order and print "
                          "the first setting that fits")
+_HLO = flags.DEFINE_string("hlo", "", "write XLA's optimised program (text) here: its kernels and buffers (with "
+                           "--fit, the last setting compiled)")
 _SAVE = flags.DEFINE_string("save", "", "write the compiled step (of the setting that fits, with --fit) here")
 _MEMORY_GIB = flags.DEFINE_float("memory_gib", None, "usable memory per device in GiB, instead of the chip's "
                                   "(e.g. a GPU shared with other work)")
@@ -91,7 +93,7 @@ def main(argv):
     say(f"compiling the train step for {target.name}: {len(devices)} x {devices[0].device_kind} "
         f"({target.chip.note}) ...")
     if _FIT.value:
-      report, tried = aot.fit(config, target, devices, say, save=_SAVE.value)
+      report, tried = aot.fit(config, target, devices, say, save=_SAVE.value, hlo=_HLO.value)
       report = dict(report, tried=[{"rung": r["rung"], "fits": r["fits"], "total_gib": r["gib_per_device"]["total"]}
                                    for r in tried])
       if report["fits"]:
@@ -99,7 +101,7 @@ def main(argv):
       else:
         say("no setting of the ladder fits: a smaller batch (config.train.batch_size) or more devices")
     else:
-      report = aot.compile_report(config, target, devices, say, save=_SAVE.value)
+      report = aot.compile_report(config, target, devices, say, save=_SAVE.value, hlo=_HLO.value)
       say(aot.describe(report))
     for line in aot.memory_lines(report):
       say(line)

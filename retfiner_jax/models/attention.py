@@ -1,23 +1,52 @@
-"""The one attention function of the project, and the additive masks it takes."""
+"""The one attention function of the project, the choice of its kernel, and the additive masks it takes."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+# config.model.attention. auto: cuDNN's fused kernel on NVIDIA GPUs in bfloat16, XLA's ops elsewhere (CPU keeps the
+# float32 path the reference bundles are matched with; on TPU XLA's own fusion is used).
+ATTENTION_CHOICES = ("auto", "xla", "fused")
+GPU_PLATFORMS = ("gpu", "cuda")
+# What each resolved choice runs (the run log says it).
+ATTENTION_KERNELS = {
+    "fused": "fused (cuDNN flash attention in the ViT; BERT's attention on XLA's ops, for its masks, dropout and "
+             "attention maps)",
+    "xla": "xla (scores and softmax in float32 by XLA's ops)",
+}
 
 # Added to the scores of keys a query must not see. The original adds -10000; any value this large gives the
 # same float32 softmax, and this one stays finite when two masks are summed.
 MASKED = -1e9
 
 
-def attention(query, key, value, bias=None, on_probs=None):
+def resolve_attention(choice: str, platform: str, dtype: str) -> str:
+  """config.model.attention for a run on `platform` ('cpu', 'gpu'/'cuda', 'tpu') in compute `dtype` -> 'xla' or
+  'fused'. 'fused' is cuDNN's flash attention: NVIDIA GPUs, bfloat16 only; asking for it elsewhere is an error."""
+  if choice not in ATTENTION_CHOICES:
+    raise ValueError(f"config.model.attention must be one of {ATTENTION_CHOICES}, got {choice!r}")
+  usable = platform in GPU_PLATFORMS and dtype != "float32"
+  if choice == "auto":
+    return "fused" if usable else "xla"
+  if choice == "fused" and not usable:
+    raise ValueError(f"config.model.attention='fused' is cuDNN's fused attention, for NVIDIA GPUs in bfloat16; this "
+                     f"run is on {platform!r} in {dtype}: use 'auto' or 'xla'")
+  return choice
+
+
+def attention(query, key, value, bias=None, on_probs=None, fused: bool = False):
   """Scaled dot-product attention over heads.
 
   query: (B, Lq, H, d); key, value: (B, Lk, H, d); bias: additive, broadcastable to (B, H, Lq, Lk), float32.
   The scores, the bias and the softmax are float32 whatever the compute dtype; the weighted sum of the
   values runs in the values' dtype. `on_probs`, if given, maps the attention probabilities (B, H, Lq, Lk) before
   they weight the values (dropout; a Flax perturbation, to take gradients with respect to them).
+  `fused` (a resolve_attention 'fused'): cuDNN's kernel, which never holds the probabilities; it takes no bias
+  and no `on_probs`, so a call with either stays on the path below.
   Returns (B, Lq, H, d).
   """
+  if fused and bias is None and on_probs is None:
+    return fused_attention(query, key, value)
   depth = query.shape[-1]
   # Heads moved ahead of the sequence first: XLA:CPU runs the two batched matmuls 2.4x faster on (B, H, L, d)
   # operands than when the einsums take (B, L, H, d) directly (ViT-S/16, batch 64: 86 vs 207 ms a layer).
@@ -30,6 +59,22 @@ def attention(query, key, value, bias=None, on_probs=None):
   if on_probs is not None:
     probs = on_probs(probs)
   return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(value.dtype), value), 1, 2)
+
+
+def fused_attention(query, key, value, kernel: str = "cudnn"):
+  """The same attention through jax.nn.dot_product_attention (`kernel` 'cudnn' on a GPU; 'xla' runs the same call
+  on any backend, for tests). Odd lengths are padded by one (cuDNN's training kernels take even lengths only,
+  such as ViT's 197 tokens) and the padding is masked out by sequence lengths, so the result is unchanged."""
+  batch, q_len, _, _ = query.shape
+  kv_len = key.shape[1]
+  lengths = {}
+  if q_len % 2 or kv_len % 2:
+    pad = lambda a, n: jnp.pad(a, ((0, 0), (0, n % 2), (0, 0), (0, 0)))
+    query, key, value = pad(query, q_len), pad(key, kv_len), pad(value, kv_len)
+    lengths = dict(query_seq_lengths=jnp.full((batch,), q_len, jnp.int32),
+                   key_value_seq_lengths=jnp.full((batch,), kv_len, jnp.int32))
+  out = jax.nn.dot_product_attention(query, key, value, implementation=kernel, **lengths)
+  return out[:, :q_len]
 
 
 def padding_bias(attention_mask):

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from retfiner_jax.models.attention import attention, padding_bias
-from retfiner_jax.models.common import apply_stack, compute_dtype, gelu, layer_norm, stack
+from retfiner_jax.models.common import apply_stack, compute_dtype, gelu, layer_norm, recomputes_elementwise, stack
 from retfiner_jax.models.config import ModelConfig
 
 BERT_LN_EPS = 1e-12
@@ -33,7 +33,7 @@ class BertAttention(nn.Module):
     self.key = dense(cfg.text_dim, dtype)
     self.value = dense(cfg.text_dim, dtype)
     self.output_dense = dense(cfg.text_dim, dtype)
-    self.output_LayerNorm = layer_norm(BERT_LN_EPS)
+    self.output_LayerNorm = layer_norm(BERT_LN_EPS, recompute=recomputes_elementwise(cfg))
     self.dropout = nn.Dropout(cfg.text_dropout)
 
   def _heads(self, x):
@@ -98,7 +98,7 @@ class BertLayer(nn.Module):
     self.crossattention = BertAttention(cfg)
     self.intermediate_dense = dense(cfg.text_intermediate, dtype)
     self.output_dense = dense(cfg.text_dim, dtype)
-    self.output_LayerNorm = layer_norm(BERT_LN_EPS)
+    self.output_LayerNorm = layer_norm(BERT_LN_EPS, recompute=recomputes_elementwise(cfg))
     self.dropout = nn.Dropout(cfg.text_dropout)
 
   def __call__(self, hidden, self_bias, image_tokens=None, extra_image_index=None, train: bool = False):
@@ -107,7 +107,7 @@ class BertLayer(nn.Module):
     if image_tokens is not None:  # No mask: every image token is visible.
       cross_kv = self.crossattention.keys_values(image_tokens.astype(hidden.dtype))
       hidden = self.crossattention(hidden, cross_kv, extra_index=extra_image_index, train=train)
-    out = self.output_dense(gelu(self.intermediate_dense(hidden)))
+    out = self.output_dense(gelu(self.intermediate_dense(hidden), recomputes_elementwise(self.cfg)))
     out = self.dropout(out, deterministic=not train)
     return self.output_LayerNorm(out + hidden).astype(hidden.dtype), None
 

@@ -15,9 +15,27 @@ import jax
 import jax.numpy as jnp
 
 from retfiner_jax.data.images import NORMALISATION
-from retfiner_jax.models.config import ModelConfig
+from retfiner_jax.models.config import REMAT_CHOICES, ModelConfig
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
+# config.model.remat. none: XLA keeps what the backward pass needs. elementwise: LayerNorm and GELU in the ViT
+# blocks and BERT layers are recomputed from their inputs (no matmul is recomputed; the same values). dots, full:
+# whole layers recomputed but for their matmuls' outputs, or entirely. auto: elementwise on accelerators, none on
+# CPU, where memory is plenty and the recomputation would only cost time.
+
+
+def resolve_remat(choice: str, platform: str) -> str:
+  if choice not in REMAT_CHOICES:
+    raise ValueError(f"config.model.remat must be one of {REMAT_CHOICES}, got {choice!r}")
+  if choice == "auto":
+    return "none" if platform == "cpu" else "elementwise"
+  return choice
+
+
+def recomputes_elementwise(cfg: ModelConfig) -> bool:
+  """Whether the layers' LayerNorm and GELU are recomputed in the backward pass ('auto' left unresolved, in a
+  model built outside a run's step, resolves for the backend it is traced on)."""
+  return resolve_remat(cfg.remat, jax.default_backend()) == "elementwise"
 
 
 def model_images(images, backbone: str):
@@ -37,15 +55,27 @@ def compute_dtype(cfg: ModelConfig):
   return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
-def layer_norm(eps, name=None):
-  """LayerNorm kept in float32 in every precision mode."""
-  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, name=name)
+# remat 'elementwise': LayerNorm and GELU recomputed in the backward pass from their inputs, which the step keeps
+# anyway. Left to itself XLA keeps their float32 and elementwise intermediates for every layer instead: the H200
+# program of the full step held six float32 (B, 197, 1024) and four (B, 197, 4096) buffers per ViT block, about
+# 32 GiB at batch 128. Recomputing them is elementwise work and reductions, no matmul, and gives the same values.
+_RecomputedLayerNorm = nn.remat(nn.LayerNorm)
 
 
-def gelu(x):
-  """Exact GELU written as PyTorch writes it, x/2 (1 + erf(x/sqrt 2)): XLA's erf is one polynomial that fuses
-  into a single loop (its erfc, which jax.nn.gelu uses, costs three passes over the array on CPU)."""
+def layer_norm(eps, name=None, recompute: bool = False):
+  """LayerNorm kept in float32 in every precision mode; `recompute`: recomputed in the backward pass."""
+  return (_RecomputedLayerNorm if recompute else nn.LayerNorm)(epsilon=eps, dtype=jnp.float32, name=name)
+
+
+def _gelu(x):
   return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+
+
+def gelu(x, recompute: bool = False):
+  """Exact GELU written as PyTorch writes it, x/2 (1 + erf(x/sqrt 2)): XLA's erf is one polynomial that fuses
+  into a single loop (its erfc, which jax.nn.gelu uses, costs three passes over the array on CPU). `recompute`:
+  recomputed in the backward pass from x."""
+  return jax.checkpoint(_gelu)(x) if recompute else _gelu(x)
 
 
 def torch_linear(features: int, fan_in: int, dtype, use_bias: bool = True, name=None):
@@ -63,7 +93,8 @@ def torch_linear(features: int, fan_in: int, dtype, use_bias: bool = True, name=
 def maybe_remat(module_cls, policy: str, scanned: bool = False, static_argnums=()):
   """The module class, rematerialised in the backward pass by the named policy ('none': as is).
   `static_argnums` (counting `self` as 0) name the call arguments that are Python values, such as `train`."""
-  if policy == "none":
+  policy = resolve_remat(policy, jax.default_backend())
+  if policy in ("none", "elementwise"):  # elementwise: inside the layers (layer_norm, gelu).
     return module_cls
   # Inside a scan the loop already keeps XLA from merging the recomputation away (Flax's advice).
   return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=not scanned, static_argnums=static_argnums)

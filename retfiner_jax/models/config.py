@@ -9,7 +9,11 @@ import dataclasses
 import json
 from pathlib import Path
 
+from retfiner_jax.models.attention import ATTENTION_CHOICES
+
 BACKBONES = ("retfound", "visionfm", "urfound")
+# Rematerialisation in the backward pass (models/common.py resolve_remat says what each does).
+REMAT_CHOICES = ("auto", "none", "elementwise", "dots", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,19 +46,25 @@ class ModelConfig:
   # Numerics: "bfloat16" (bf16 compute, f32 params, softmax, LayerNorm and losses; the original trains in
   # float16 mixed precision) or "float32" (the parity tests).
   dtype: str = "bfloat16"
-  # Rematerialisation of ViT blocks and BERT layers in the backward pass: none | full | dots.
-  remat: str = "none"
+  # Rematerialisation in the backward pass (REMAT_CHOICES): auto | none | elementwise | dots | full. auto: elementwise (LayerNorm and GELU recomputed, no matmul) on accelerators, none on CPU.
+  remat: str = "auto"
   # Run the ViT blocks and BERT layers as one nn.scan each (parameters stacked on a leading layer axis): one
   # layer compiled instead of all of them. False: a loop of separately named layers (`blocks_0`, `layer_0`).
   scan_layers: bool = True
+  # The attention kernel (models/attention.py resolve_attention): auto | xla | fused. auto: cuDNN's fused attention
+  # in the ViT on NVIDIA GPUs in bfloat16, XLA's ops elsewhere. BERT's attention keeps XLA's ops (its masks,
+  # dropout and the attention maps that `explain` reads need the probabilities).
+  attention: str = "auto"
 
   def __post_init__(self):
     if self.backbone not in BACKBONES:
       raise ValueError(f"model config: backbone must be one of {BACKBONES}, got {self.backbone!r}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"model config: dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-    if self.remat not in ("none", "full", "dots"):
-      raise ValueError(f"model config: remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+    if self.remat not in REMAT_CHOICES:
+      raise ValueError(f"model config: remat must be one of {REMAT_CHOICES}, got {self.remat!r}")
+    if self.attention not in ATTENTION_CHOICES:
+      raise ValueError(f"model config: attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
     if not 0.0 <= self.drop_path < 1.0:
       raise ValueError(f"model config: drop_path must be in [0, 1), got {self.drop_path}")
     if self.vision_dim % self.vision_heads or self.text_dim % self.text_heads:

@@ -10,24 +10,28 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retfiner_jax.models.attention import attention
-from retfiner_jax.models.common import apply_stack, compute_dtype, gelu, layer_norm, model_images, stack, torch_linear
+from retfiner_jax.models.attention import attention, resolve_attention
+from retfiner_jax.models.common import (apply_stack, compute_dtype, gelu, layer_norm, model_images,
+                                       recomputes_elementwise, stack, torch_linear)
 from retfiner_jax.models.config import ModelConfig
 
 VIT_LN_EPS = 1e-6
 
 
 class FusedQKVAttention(nn.Module):
+  """timm's Attention: one qkv projection, attention over heads, the output projection. `fused`: cuDNN's kernel
+  (attention.resolve_attention)."""
   dim: int
   heads: int
   dtype: object = jnp.float32
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x):
     batch, length, _ = x.shape
     qkv = nn.Dense(3 * self.dim, dtype=self.dtype, name="qkv")(x)
     qkv = qkv.reshape(batch, length, 3, self.heads, self.dim // self.heads)
-    out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], fused=self.fused)
     return nn.Dense(self.dim, dtype=self.dtype, name="proj")(out.reshape(batch, length, self.dim))
 
 
@@ -35,10 +39,11 @@ class Mlp(nn.Module):
   hidden: int
   dim: int
   dtype: object = jnp.float32
+  recompute: bool = False  # GELU recomputed in the backward pass (remat 'elementwise').
 
   @nn.compact
   def __call__(self, x):
-    x = gelu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+    x = gelu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x), self.recompute)
     return nn.Dense(self.dim, dtype=self.dtype, name="fc2")(x)
 
 
@@ -47,7 +52,8 @@ def drop_path(x, rate, rng):
   scaled by 1 / (1 - rate)."""
   keep = 1.0 - rate
   mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+  # timm's order, x / keep * mask; a (B, 1, 1) factor, so the backward pass keeps no mask of x's size.
+  return x / keep.astype(x.dtype) * mask.astype(x.dtype)
 
 
 class Block(nn.Module):
@@ -61,10 +67,15 @@ class Block(nn.Module):
     cfg, dtype = self.cfg, compute_dtype(self.cfg)
     dropping = train and cfg.drop_path > 0
     branch = lambda y: drop_path(y, drop_rate, self.make_rng("dropout")) if dropping else y
-    x = x + branch(FusedQKVAttention(cfg.vision_dim, cfg.vision_heads, dtype, name="attn")(
-        layer_norm(VIT_LN_EPS, "norm1")(x).astype(dtype)))
-    x = x + branch(Mlp(cfg.vision_mlp_dim, cfg.vision_dim, dtype, name="mlp")(
-        layer_norm(VIT_LN_EPS, "norm2")(x).astype(dtype)))
+    # A run's step resolves 'auto' for its devices (refine/step.py); a model built elsewhere resolves it for the
+    # backend it is traced on. 'fused' is taken as given: the AOT tool traces on CPU for a GPU.
+    fused = (cfg.attention == "fused" if cfg.attention != "auto"
+             else resolve_attention("auto", jax.default_backend(), cfg.dtype) == "fused")
+    recompute = recomputes_elementwise(cfg)
+    x = x + branch(FusedQKVAttention(cfg.vision_dim, cfg.vision_heads, dtype, fused, name="attn")(
+        layer_norm(VIT_LN_EPS, "norm1", recompute)(x).astype(dtype)))
+    x = x + branch(Mlp(cfg.vision_mlp_dim, cfg.vision_dim, dtype, recompute, name="mlp")(
+        layer_norm(VIT_LN_EPS, "norm2", recompute)(x).astype(dtype)))
     return x, None
 
 

@@ -108,14 +108,16 @@ def fingerprint(lowered, devices) -> dict:
           "jax": jax.__version__}
 
 
-def compile_report(config, target: targets.Target, devices, log=print, save: str = "") -> dict:
+def compile_report(config, target: targets.Target, devices, log=print, save: str = "", hlo: str = "") -> dict:
   """Lowers and compiles the config's train step for `devices`; returns the JSON report (see README: "Where it
-  fits"). A step that XLA refuses for lack of memory is reported as not fitting, with the figures XLA gives."""
+  fits"). A step that XLA refuses for lack of memory is reported as not fitting, with the figures XLA gives.
+  `hlo`: a file for XLA's optimised program (text), to read which kernels and buffers it holds."""
   cfg, settings = model_config(config), objective_settings(config)
   built, lowered, (state, batch), lower_s = lower_step(config, devices, cfg, settings)
   report = {"target": target.name, "devices": target.devices, "device_kind": devices[0].device_kind,
-            "settings": dict(settings_of(config), mesh={k: int(v) for k, v in built.mesh.shape.items()}),
-            "lower_s": round(lower_s, 2)}
+            "settings": dict(settings_of(config), remat=built.model.cfg.remat,  # 'auto' resolved for the target.
+                             mesh={k: int(v) for k, v in built.mesh.shape.items()}),
+            "lower_s": round(lower_s, 2), "attention": built.model.cfg.attention}
   flop = step_flops(cfg, config.train.batch_size, settings=settings)
   report["tflop_per_step"] = round(flop / 1e12, 3)
   if target.chip.peak_bf16_tflops:
@@ -143,6 +145,12 @@ def compile_report(config, target: targets.Target, devices, log=print, save: str
                   error=str(e).strip().splitlines()[0][:400])
     return report
   compile_s = time.perf_counter() - started
+  program = compiled.as_text() or ""
+  if hlo:
+    Path(hlo).write_text(program)
+    report["hlo"] = str(hlo)
+  # cuDNN's fused attention, forward and backward calls (config.model.attention).
+  report["fused_attention_calls"] = program.count('custom_call_target="__cudnn$fmha')
   m = compiled.memory_analysis()
   arguments, temporaries = int(m.argument_size_in_bytes), int(m.temp_size_in_bytes)
   outputs, aliased = int(m.output_size_in_bytes), int(m.alias_size_in_bytes)
@@ -202,7 +210,7 @@ def load_compiled(path, lowered, devices):
                                                    execution_devices=devices)
 
 
-def fit(config, target: targets.Target, devices, log=print, save: str = "") -> tuple[dict, list[dict]]:
+def fit(config, target: targets.Target, devices, log=print, save: str = "", hlo: str = "") -> tuple[dict, list[dict]]:
   """The config as given, then FIT_LADDER's rungs until one fits (each setting compiled once; the one that fits
   is the one saved). Returns (the first report that fits, or the last one tried; every report)."""
   tried = []
@@ -213,7 +221,7 @@ def fit(config, target: targets.Target, devices, log=print, save: str = "") -> t
       log(f"{name}: skipped (batch {candidate.train.batch_size} is not divisible by {target.devices} devices x "
           f"{micro} micro-batches)")
       continue
-    tried.append(dict(compile_report(candidate, target, devices, log, save=save), rung=name))
+    tried.append(dict(compile_report(candidate, target, devices, log, save=save, hlo=hlo), rung=name))
     log(describe(tried[-1]))
     if tried[-1]["fits"]:
       break

@@ -12,6 +12,8 @@ import optax
 
 from retfiner_jax.data.pipeline import train_batch_shapes
 from retfiner_jax.errors import ConfigError
+from retfiner_jax.models.attention import resolve_attention
+from retfiner_jax.models.common import resolve_remat
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.retfiner import SCANNED_STACKS, RetFiner
 from retfiner_jax.refine.objectives import OBJECTIVES, ObjectiveSettings, make_loss_fn, sample_views
@@ -160,8 +162,14 @@ def check_batch_divides(config, mesh):
 def sharded_train_step(config, cfg: ModelConfig, settings: ObjectiveSettings, mesh) -> ShardedStep:
   """config (its train block: optimizer, seed, micro-batches) + model config + mesh -> the ShardedStep. Nothing
   is computed: the parameters are shapes."""
+  platform = mesh.devices.flat[0].platform
+  try:
+    cfg = cfg.replace(attention=resolve_attention(cfg.attention, platform, cfg.dtype),
+                      remat=resolve_remat(cfg.remat, platform))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   model, tx = RetFiner(cfg), make_optimizer(config)
-  prng = prng_impl(config.train.prng, mesh.devices.flat[0].platform)
+  prng = prng_impl(config.train.prng, platform)
   abstract_params = weight_files.abstract_params(cfg)
   param_sh = sharding.tree_shardings(mesh, abstract_params, SCANNED_STACKS)
   abstract_state = jax.eval_shape(lambda p: init_state(tx, p), abstract_params)

@@ -25,6 +25,7 @@ import numpy as np
 
 from retfiner_jax.data import pipeline
 from retfiner_jax.errors import ConfigError, NonFiniteLoss
+from retfiner_jax.models.attention import ATTENTION_KERNELS
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.retfiner import RetFiner, init_params
 from retfiner_jax.refine import aot, inputs
@@ -129,7 +130,7 @@ class Run:
 # Settings a resumed run may change: how long it runs, how it reports and saves, how it reads and shards.
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.log_every", "train.patience", "checkpoint.",
                      "data.num_workers", "data.image_dtype", "compile_cache", "compiled_step", "mesh.", "eval.recall_at",
-                     "export.")
+                     "export.", "model.remat")  # model.remat recomputes the same values.
 
 
 def setup(config, workdir, log=print, explicit_model_keys=(), timings: Timings | None = None) -> Run:
@@ -152,6 +153,9 @@ def setup(config, workdir, log=print, explicit_model_keys=(), timings: Timings |
     built = sharded_train_step(config, cfg, settings, mesh)
   log(f"random bits of the step (dropout, drop-path, masks, negatives): {built.prng} (config.train.prng="
       f"{config.train.prng})")
+  log(f"attention kernel: {ATTENTION_KERNELS[built.model.cfg.attention]} (config.model.attention="
+      f"{config.model.attention}); rematerialisation: {built.model.cfg.remat} (config.model.remat="
+      f"{config.model.remat})")
   model, abstract_params, param_sh = built.model, built.abstract_params, built.param_shardings
   abstract_state, state_sh = built.abstract_state, built.state_shardings
   with phase("checkpoint manager"):

@@ -192,12 +192,35 @@ def compile_only_devices(target: Target, gpu_target_config: str = ""):
       hosts, per_host = target.topology.split("x")
       devices = topologies.get_topology_desc(platform="cuda", topology=f"1x{hosts}x{per_host}",
                                              target_config=text).devices
+      answer_cudnn_checks_for(text)
   except (RuntimeError, ValueError, ImportError) as e:
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ConfigError(f"{target.name}: no compile-only devices: {message}")
   if len(devices) != target.devices:
     raise ConfigError(f"{target.name}: libtpu/XLA describes {len(devices)} devices, expected {target.devices}")
   return devices
+
+
+def answer_cudnn_checks_for(description: str):
+  """Makes JAX's cuDNN fused-attention checks answer for the described GPU instead of this machine, which has
+  none: they ask the local GPU's compute capability and the loaded cuDNN's version while tracing. The answers come
+  from the GpuTargetConfigProto text (cuda_compute_capability, dnn_version_info); XLA then compiles the cuDNN call
+  for that GPU as it compiles everything else. Used only for compile-only GPU devices."""
+  def field(block, name):
+    found = re.search(block + r"\s*\{([^}]*)\}", description)
+    value = found and re.search(name + r":\s*(\d+)", found.group(1))
+    return int(value.group(1)) if value else 0
+  capability = (field("cuda_compute_capability", "major"), field("cuda_compute_capability", "minor"))
+  cudnn = (field("dnn_version_info", "major") * 10000 + field("dnn_version_info", "minor") * 100
+           + field("dnn_version_info", "patch"))
+  if capability[0] == 0 or cudnn == 0:
+    raise ConfigError("the GPU description names no cuda_compute_capability or no dnn_version_info: the fused "
+                      "attention's checks cannot be answered for it")
+  from jax._src.cudnn import fused_attention_stablehlo as checks
+  as_tuple = lambda text: tuple(int(x) for x in text.split("."))
+  checks.check_cudnn_version = lambda: cudnn
+  checks.check_compute_capability = lambda wanted: capability >= as_tuple(wanted)
+  checks.is_cuda_compute_capability_equal = lambda wanted: capability == as_tuple(wanted)
 
 
 # What XLA says when a program does not fit (TPU: at compile time; GPU: the rematerialisation pass's warning or a

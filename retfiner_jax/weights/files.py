@@ -178,7 +178,9 @@ def save_converted(out_dir, cfg: ModelConfig, params: dict, meta: dict, pooler: 
     ckptr.wait_until_finished()
   if pooler:
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in pooler.items()}, str(out_dir / POOLER_FILE))
-  (out_dir / "model.json").write_text(json.dumps({"model_config": cfg.to_dict(), **meta}, indent=1))
+  # The attention kernel is chosen where the model runs, not where it was trained: an export says 'auto'.
+  described = cfg.replace(attention="auto").to_dict()
+  (out_dir / "model.json").write_text(json.dumps({"model_config": described, **meta}, indent=1))
   if vocabulary_from is not None and Path(vocabulary_from).is_dir():
     for name in TOKENIZER_FILES:
       if (Path(vocabulary_from) / name).is_file():

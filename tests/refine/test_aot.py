@@ -7,6 +7,7 @@ too large for a device is reported as not fitting while --fit finds a setting th
 gives the same losses as compiling."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,8 +84,9 @@ def test_tpu_v5e_data_by_fsdp_mesh_compiles_and_reports_its_memory(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   (r,) = reports
   assert KEYS <= set(r) and r["fits"] is True and r["devices"] == 4 and r["device_kind"].startswith("TPU v5")
-  assert r["settings"] == {"batch_size": 8, "remat": "none", "mesh": {"data": 2, "fsdp": 2}, "micro_batches": 1,
-                           "dtype": "float32"}
+  # remat 'auto' resolved for the TPU: LayerNorm and GELU recomputed.
+  assert r["settings"] == {"batch_size": 8, "remat": "elementwise", "mesh": {"data": 2, "fsdp": 2},
+                           "micro_batches": 1, "dtype": "float32"}
   g, split = r["gib_per_device"], r["memory_split_gib"]
   assert g["capacity"] == 15.75 and 0 < g["temporaries"] and g["arguments"] <= g["total"] <= g["capacity"]
   by_hand = split["parameters"] + split["optimizer_state"] + split["batch"]
@@ -119,6 +121,41 @@ def test_two_h100s_with_our_description_compile_as_with_xlas_own(tmp_path):
   assert ours["fits"] and ours["gib_per_device"]["capacity"] == pytest.approx(84942979072 * 0.75 / 2 ** 30,
                                                                               abs=1e-3)
   assert ours["gib_per_device"] == theirs["gib_per_device"]
+
+
+def test_the_h200_step_runs_fused_attention_and_keeps_no_float32_or_elementwise_residuals(tmp_path):
+  """The shipped settings on an H200 (config.model.attention and remat 'auto': cuDNN's fused attention, LayerNorm and
+  GELU recomputed) against the step before them (attention 'xla', remat 'none'), both compiled by XLA for the H200
+  at ViT-L/16's attention shapes (197 tokens, 16 heads) and a small width. What the scanned ViT blocks keep for the
+  backward pass is read from the loop state of XLA's optimised program (the H200 dump of the full step showed the
+  float32 probabilities at 7.6 GB, and six float32 and four 4096-wide buffers per block)."""
+  require_compilers("cuda")
+  config = write_config(tmp_path, extra="\n  ".join((
+      "c.model.image_size = 224",
+      "c.model.vision_dim, c.model.vision_heads, c.model.vision_depth, c.model.vision_mlp_dim = 256, 16, 2, 512",
+      "c.model.dtype = 'bfloat16'", "c.train.batch_size = 2")))
+  scores = re.compile(r"f32\[(?:\d+,)*16,19[78],19[78]\]")
+  runs = {}
+  for name, settings in (("shipped", ("auto", "auto")), ("before", ("xla", "none"))):
+    hlo = tmp_path / f"{name}.hlo"
+    out, (report,) = run_aot(f"--config={config}", "--target=h200", f"--hlo={hlo}",
+                             f"--config.model.attention={settings[0]}", f"--config.model.remat={settings[1]}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    program = hlo.read_text()
+    # The ViT's scan: the loop whose state holds per-block (depth 2, batch 2, 197 tokens) stacks.
+    vit_loop = next(line for line in program.splitlines() if " while(" in line and ",2,197,256]" in line)
+    kept = lambda dtype, width: vit_loop.count(f"{dtype}[2,2,197,{width}]")
+    runs[name] = dict(report=report, program=program, f32_width=kept("f32", 256), mlp=kept("bf16", 512))
+  shipped, before = runs["shipped"], runs["before"]
+  assert shipped["report"]["attention"] == "fused" and shipped["report"]["settings"]["remat"] == "elementwise"
+  assert shipped["report"]["fused_attention_calls"] >= 2  # Forward and backward.
+  assert 'custom_call_target="__cudnn$fmhaSoftmaxBackward"' in shipped["program"]
+  assert not scores.findall(shipped["program"])
+  assert shipped["f32_width"] == 0 and shipped["mlp"] <= 2
+  assert before["report"]["attention"] == "xla" and before["report"]["fused_attention_calls"] == 0
+  assert "f32[2,2,16,197,197]" in scores.findall(before["program"])  # Stacked over the scanned blocks.
+  assert before["f32_width"] >= 4 and before["mlp"] >= 4
+  assert shipped["report"]["gib_per_device"]["temporaries"] < before["report"]["gib_per_device"]["temporaries"]
 
 
 def test_too_large_is_reported_and_fit_finds_a_setting(tmp_path):

@@ -1,6 +1,7 @@
 """The original's training details around the objectives: stochastic depth, PyTorch's init of the new layers,
 gradient accumulation weighted by target tokens, and validation over every row."""
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -148,3 +149,38 @@ def test_validation_uses_every_row_and_redraws_when_asked():
   per_batch = [float(loss_fn(params, to_global(b), jax.random.fold_in(key, i))[1]["loss_itc"])
                for i, b in enumerate(batches)]
   assert fixed["loss_itc"] == pytest.approx((8 * per_batch[0] + 5 * per_batch[1]) / 13, rel=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["elementwise", "dots", "full"])
+def test_every_remat_setting_gives_the_same_losses_and_gradients(remat):
+  """config.model.remat recomputes, it does not change the numbers: training mode (dropout, stochastic depth) with
+  the same keys gives the losses and gradients of remat 'none'. 'elementwise' (the accelerators' 'auto') must put
+  LayerNorm and GELU under a checkpoint, so its program differs from 'none' although its values do not."""
+  base = CFG.replace(drop_path=0.2, text_dropout=0.1)
+  params = init_params(base, jax.random.PRNGKey(1))
+  batch, rng = _batch(8, seed=3, cfg=base), jax.random.PRNGKey(5)
+
+  def run(cfg):
+    loss_fn = make_loss_fn(RetFiner(cfg), ObjectiveSettings(), train=True)
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    (_, metrics), grads = grad_fn(params, batch, rng)
+    forward = str(jax.make_jaxpr(loss_fn)(params, batch, rng))
+    return metrics, grads, len(re.findall(r"= (?:remat2|checkpoint)\[", forward))
+
+  want_metrics, want_grads, plain = run(base.replace(remat="none"))
+  metrics, grads, checkpoints = run(base.replace(remat=remat))
+  assert plain == 0 and checkpoints > 0
+  for key in ("loss_itc", "loss_itm", "loss_mlm", "loss_gm"):
+    np.testing.assert_allclose(metrics[key], want_metrics[key], rtol=1e-6)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want_grads))
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_auto_remat_and_attention_resolve_to_the_cpu_path_the_references_match():
+  from retfiner_jax.models.common import recomputes_elementwise, resolve_remat
+  assert jax.default_backend() == "cpu" and not recomputes_elementwise(CFG.replace(remat="auto"))
+  assert [resolve_remat("auto", p) for p in ("cpu", "gpu", "tpu")] == ["none", "elementwise", "elementwise"]
+  assert recomputes_elementwise(CFG.replace(remat="elementwise"))
+  with pytest.raises(ValueError, match="remat must be one of"):
+    resolve_remat("some", "cpu")
