@@ -347,6 +347,9 @@ def test_random_text_tower_start_up_line_chance_values_collapse_warning_and_the_
   launched = time.time() - 1.5  # As main passes it: the command's first line, here 1.5 s before the call.
   summary = trainer.run(config, tmp_path / "run", log=lambda line, **_: lines.append(line), launched=launched)
   text = "\n".join(lines)
+  # The accelerator settings as resolved for this CPU run (issue 35): written into the run log.
+  assert ("attention kernel: xla (scores and softmax in float32 by XLA's ops) (config.model.attention=auto); "
+          "rematerialisation: none (config.model.remat=auto)") in text
   # Start-up phases (issue 36): each timed once, in order, logged once at the first step; what runs one after
   # the other adds up to no more than the time to the first step (the first batch loads alongside the compile).
   phases = summary["startup_seconds"]
