@@ -178,6 +178,10 @@ def main():
   p.add_argument("--prng", default="auto", choices=PRNG_CHOICES,
                  help="the step's random bits (config.train.prng): auto = threefry on CPU, rbg on GPU/TPU")
   p.add_argument("--no-torch", action="store_true", help="time only this project's step")
+  p.add_argument("--profile", default="", metavar="DIR",
+                 help="after the timed steps, trace --profile-steps more of ours with jax.profiler into DIR and "
+                      "print the costliest kernels (benchmarks/kernels.py)")
+  p.add_argument("--profile-steps", type=int, default=3)
   p.add_argument("--plain", action="store_true", help="our step without the fused cross-attention passes")
   p.add_argument("--unrolled", action="store_true", help="our step with unrolled (not scanned) layers")
   p.add_argument("--compile-only", action="store_true",
@@ -192,7 +196,7 @@ def main():
   p.add_argument("--malloc", default="retain", choices=["retain", "system"],
                  help="CPU: 'retain' keeps freed memory in the process (RETAINED_HEAP); 'system': glibc's defaults")
   a = p.parse_args()
-  for name in ("batch", "steps", "block"):
+  for name in ("batch", "steps", "block", "profile_steps"):
     if getattr(a, name) < 1:
       p.error(f"--{name} must be at least 1, got {getattr(a, name)}")
   if a.warmup < 0:
@@ -330,6 +334,12 @@ def main():
     if torch_step is not None:
       for _ in range(block):
         timed("original", torch_step, torch_records)
+  if a.profile:  # After the timing, so that tracing costs none of it.
+    with jax.profiler.trace(a.profile):
+      for _ in range(a.profile_steps):
+        ours_step()
+    from kernels import kernel_table
+    emit({"phase": "kernels", **kernel_table(a.profile, a.profile_steps)})
   if gpu:
     stats = jax.devices()[0].memory_stats() or {}
     ours_mem = stats.get("peak_bytes_in_use", -1)

@@ -1,5 +1,6 @@
 """Training: sharded steps equal the single-device step, signals with Grain workers, non-finite loss, errors,
 the GPU script (exact resume and other faults: test_reliability.py; each config's smoke run: test_configs.py)."""
+import collections
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -201,6 +203,8 @@ def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
   assert compiled["benchmark"] == "step_compile" and compiled["compile_cache"] == str(tmp_path / "xla_cache")
   large = [json.loads(line) for line in (tmp_path / "gpu_step_large.jsonl").read_text().splitlines()]
   assert [r["compile_s"] for r in large if r.get("phase") == "compile"][0] < compiled["compile_s"]  # A cache hit.
+  (kernels,) = [r for r in large if r.get("phase") == "kernels"]  # The profiled steps' costliest kernels.
+  assert kernels["steps"] == 3 and 0 < len(kernels["top"]) <= 15 and kernels["kernel_ms_per_step"] > 0
   assert compiled["compile_s"] > 0 and compiled["stablehlo_lines"] > 1000 and compiled["scan_layers"]
   phases = [json.loads(line).get("phase") for line in (tmp_path / "gpu_step_small.jsonl").read_text().splitlines()]
   assert phases[:4] == ["lower", "compile", "init", "first_step"] and phases.count("step") == 2
@@ -425,3 +429,42 @@ def test_the_steps_prng_threefry_on_cpu_rbg_on_accelerators_and_rbgs_program_is_
     losses[impl] = float(step(state, batch)[1]["loss"])
   assert all(np.isfinite(v) for v in losses.values()) and losses["rbg"] != losses["threefry2x32"]
   assert lines["rbg"] < lines["threefry2x32"], lines
+
+
+def kernels_benchmark():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import kernels
+  return kernels
+
+
+def test_kernel_table_counts_each_events_own_time_by_hand():
+  """A loop of 100 ns around two kernels (30 and 20 ns, the second holding a 5 ns copy), then a lone 40 ns
+  kernel: own times 50, 30, 15, 5, 40."""
+  event = collections.namedtuple("Event", "name start_ns duration_ns")
+  line = [event("while.1", 0, 100), event("fusion.a", 10, 30), event("fusion.b", 50, 20), event("copy", 55, 5),
+          event("fusion.c", 120, 40)]
+  assert kernels_benchmark().self_times(reversed(line)) == [["while.1", 50], ["fusion.a", 30], ["fusion.b", 15],
+                                                             ["copy", 5], ["fusion.c", 40]]
+
+
+def test_kernel_table_of_a_traced_cpu_program_ranks_its_matmul_first(tmp_path):
+  """A traced program whose one large matmul dwarfs its elementwise work: the table's first row is that matmul's
+  kernel, its time is under the traced wall time, and the per-step figures divide by the steps given."""
+  kernels = kernels_benchmark()
+  f = jax.jit(lambda a, b: jnp.tanh(a @ b).sum())
+  a = jnp.ones((1024, 1024), jnp.float32)
+  f(a, a).block_until_ready()
+  started = time.perf_counter()
+  with jax.profiler.trace(str(tmp_path / "trace")):
+    for _ in range(2):
+      f(a, a).block_until_ready()
+  wall_ms = (time.perf_counter() - started) * 1e3
+  table = kernels.kernel_table(tmp_path / "trace", steps=2, top=3)
+  assert table["source"] == "CPU client threads" and len(table["top"]) <= 3
+  assert 0 < table["kernel_ms_per_step"] * 2 < wall_ms
+  first = table["top"][0]
+  assert first["share"] > 0.5 and first["runs_per_step"] == 1.0, table
+  assert "| 1 |" in kernels.markdown(table)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="no .xplane.pb"):
+    kernels.kernel_table(tmp_path / "empty", steps=1)
