@@ -147,6 +147,77 @@ def _measured(fn):
           "minor_faults": after.ru_minflt - before.ru_minflt}
 
 
+def time_original_only(a):
+  """--original-only: the original-style step alone. JAX is kept to the CPU (it only builds the batch), so the
+  GPU is PyTorch's; the figures go under "original_style" as in the paired run."""
+  jax.config.update("jax_platforms", "cpu")
+  import torch
+  gpu = torch.cuda.is_available()
+  cfg = model_config(a.vision, a.text, dtype=a.dtype)
+  batch = make_batch(a.batch, cfg)
+  torch_step = original_style_step(cfg, batch, gpu)
+  start = time.perf_counter()
+  torch_step()  # Warm-up (also creates AdamW's state).
+  emit({"phase": "first_step", "impl": "original", "seconds": time.perf_counter() - start})
+  for _ in range(a.warmup):
+    torch_step()
+  if gpu:
+    torch.cuda.reset_peak_memory_stats()
+  records = []
+  for _ in range(a.steps):
+    records.append(_measured(torch_step))
+    emit({"phase": "step", "impl": "original", "index": len(records) - 1, **records[-1]})
+  original = summarise(records, 1)
+  flops = step_flops(cfg, a.batch, False, OBJECTIVES)
+  out = {"samples_per_s": a.batch / original["median_s"], **original, "model_flops": flops,
+         "achieved_flops_per_s": flops / original["median_s"], "torch": torch.__version__,
+         "autocast": "float16" if gpu else "none (float32)",
+         "peak_memory_bytes": int(torch.cuda.max_memory_allocated()) if gpu else -1}
+  if gpu:
+    out["mfu"] = out["achieved_flops_per_s"] / (a.peak_tflops * 1e12)
+  emit({"benchmark": "step_original", "vision": a.vision, "text": a.text, "batch": a.batch,
+        "device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
+        "original_style": out})
+
+
+def original_style_step(cfg, batch, gpu: bool):
+  """The original's way of computing the same step in PyTorch (benchmarks/torch_original.py), as a callable
+  that runs one step and returns its loss: float16 autocast with a gradient scaler on a GPU, as Lightning's
+  precision=16 runs it; float32 on the CPU."""
+  import torch
+  from transformers import BertConfig
+  from torch_original import OriginalStyleRetFiner
+  torch.manual_seed(0)
+  dev = "cuda" if gpu else "cpu"
+  bert_cfg = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.text_dim, num_hidden_layers=cfg.text_layers,
+                        num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
+                        is_decoder=True, add_cross_attention=True)
+  vit_kw = dict(image_size=cfg.image_size, dim=cfg.vision_dim, depth=cfg.vision_depth, heads=cfg.vision_heads,
+                mlp=cfg.vision_mlp_dim, proj_dim=cfg.text_dim if cfg.vision_projection else None)
+  net = OriginalStyleRetFiner(vit_kw, bert_cfg).to(dev).train()
+  opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.01)
+  t_images = torch.tensor(batch["images"].transpose(0, 3, 1, 2), device=dev)
+  t_ids = torch.tensor(batch["input_ids"], device=dev).long()
+  t_mask = torch.tensor(batch["attention_mask"], device=dev).long()
+  scaler = torch.amp.GradScaler() if gpu else None
+
+  def torch_step():
+    opt.zero_grad(set_to_none=True)
+    if gpu:
+      with torch.autocast("cuda", dtype=torch.float16):
+        loss = net(t_images, t_ids, t_mask)
+      scaler.scale(loss).backward()
+      scaler.step(opt)
+      scaler.update()
+      torch.cuda.synchronize()
+    else:
+      loss = net(t_images, t_ids, t_mask)
+      loss.backward()
+      opt.step()
+    return float(loss.detach())
+  return torch_step
+
+
 def summarise(records, block):
   """Medians over all timed steps, over the steady steps and over the first step of each block."""
   def med(rows, key):
@@ -178,6 +249,9 @@ def main():
   p.add_argument("--prng", default="auto", choices=PRNG_CHOICES,
                  help="the step's random bits (config.train.prng): auto = threefry on CPU, rbg on GPU/TPU")
   p.add_argument("--no-torch", action="store_true", help="time only this project's step")
+  p.add_argument("--original-only", action="store_true",
+                 help="time only the original-style PyTorch step, in a process where JAX stays on the CPU (on a "
+                      "GPU, JAX's memory pool and PyTorch's do not share one device well)")
   p.add_argument("--profile", default="", metavar="DIR",
                  help="after the timed steps, trace --profile-steps more of ours with jax.profiler into DIR and "
                       "print the costliest kernels (benchmarks/kernels.py)")
@@ -203,6 +277,8 @@ def main():
     p.error(f"--warmup must be 0 or more, got {a.warmup}")
   if a.compile_cache is None:
     a.compile_cache = compile_cache.OFF if a.compile_only else ""
+  if a.original_only:
+    return time_original_only(a)
   backend = jax.default_backend()
   if a.malloc == "retain" and backend == "cpu" and not a.compile_only:
     reexec_with_retained_heap()
@@ -276,37 +352,7 @@ def main():
 
   torch_step = None
   if not a.no_torch or a.memory_of == "original":
-    import torch
-    from transformers import BertConfig
-    from torch_original import OriginalStyleRetFiner
-    torch.manual_seed(0)
-    dev = "cuda" if gpu else "cpu"
-    bert_cfg = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.text_dim, num_hidden_layers=cfg.text_layers,
-                          num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
-                          is_decoder=True, add_cross_attention=True)
-    vit_kw = dict(image_size=cfg.image_size, dim=cfg.vision_dim, depth=cfg.vision_depth, heads=cfg.vision_heads,
-                  mlp=cfg.vision_mlp_dim, proj_dim=cfg.text_dim if cfg.vision_projection else None)
-    net = OriginalStyleRetFiner(vit_kw, bert_cfg).to(dev).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.01)
-    t_images = torch.tensor(batch["images"].transpose(0, 3, 1, 2), device=dev)
-    t_ids = torch.tensor(batch["input_ids"], device=dev).long()
-    t_mask = torch.tensor(batch["attention_mask"], device=dev).long()
-    scaler = torch.amp.GradScaler() if gpu else None
-
-    def torch_step():
-      opt.zero_grad(set_to_none=True)
-      if gpu:
-        with torch.autocast("cuda", dtype=torch.float16):
-          loss = net(t_images, t_ids, t_mask)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        torch.cuda.synchronize()
-      else:
-        loss = net(t_images, t_ids, t_mask)
-        loss.backward()
-        opt.step()
-      return float(loss.detach())
+    torch_step = original_style_step(cfg, batch, gpu)
     start = time.perf_counter()
     torch_step()  # Warm-up (also creates AdamW's state).
     emit({"phase": "first_step", "impl": "original", "seconds": time.perf_counter() - start})
