@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one run, at most 580 s of phases on one H100/H200 (each under its own timeout).
+# Every GPU measurement in one run, at most 480 s of phases on one H100/H200 (each under its own timeout).
 # Each phase writes its JSON lines to $OUT as they happen (a phase that is cut off keeps what it printed);
 # a phase that fails or times out is reported and the script goes on, and the script then exits 1 naming it.
 # Phase 0 asks the AOT tool (python -m retfiner_jax.aot) whether the shipped retfound config fits an H200 and
@@ -15,18 +15,21 @@ OUT="${OUT:-.}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python3}"
+BUNDLE="$(cd .. && realpath -m "${BUNDLE:-../shared/reference/tiny-retfound}")"
 export PYTHONUNBUFFERED=1
 TINY=""
 if [ "${1:-}" = "--tiny" ]; then
   TINY=1
   LARGE=(--vision tiny --text tiny --batch 8 --steps 2 --warmup 0)
-  SMALL=(--vision tiny --text tiny --batch 4 --steps 2 --warmup 0 --no-memory)
+  VISION=(--vision tiny --text tiny --batch 4 --steps 2 --warmup 0 --no-memory)
   PROBE=(--vision tiny --images 60 --timed-epochs 1)
   MAIN_SIZE=(--config.model.image_size=32 --config.model.vision_dim=64 --config.model.vision_depth=2
              --config.model.vision_heads=4 --config.model.vision_mlp_dim=128 --config.model.text_dim=48
              --config.model.text_layers=2 --config.model.text_heads=4 --config.model.text_intermediate=96
              --config.model.contrastive_dim=32 --config.model.dtype=float32 --config.train.batch_size=8)
-  IMAGES=120; HEIGHT=64; MAIN_STEPS=6; LIMIT=(180 180 180 60 300 180 240 300 120 180)  # Generous: 2 shared cores.
+  IMAGES=120; HEIGHT=64; MAIN_STEPS=6
+  declare -A LIMIT=([fit]=240 [compile]=180 [large]=180 [original]=180 [vision]=180 [probe]=180 [parity]=180
+                    [main_data]=60 [main]=300 [main_warm]=300 [pipeline]=120)  # Generous: phases share 2 cores.
   PIPE=(--images 48 --batch 8 --batches 2 --workers 0,2 --size 32)
   FIT=(--target=cpu "${MAIN_SIZE[@]}")
   # A check of the script, not a measurement: the compile phase fills a cache that the next phase (same
@@ -35,11 +38,13 @@ if [ "${1:-}" = "--tiny" ]; then
   TRACE="$OUT/step_trace"
 else
   LARGE=(--vision vit_l16 --text bert_base --batch 128 --steps 3 --warmup 1)
-  SMALL=(--vision vit_b16 --text bert_base --batch 128 --steps 3 --warmup 1)
+  VISION=(--vision vit_l16 --text tiny --batch 128 --steps 3 --warmup 1)  # The vision tower alone.
   PROBE=(--vision vit_b16 --images 600 --timed-epochs 1)
   MAIN_SIZE=()
   # 5,600 pairs: the 30 steps of batch 128 stay within the first epoch (no validation, one final checkpoint).
-  IMAGES=5600; HEIGHT=224; MAIN_STEPS=30; LIMIT=(45 70 40 30 100 35 90 70 60 40)  # 580 s in all.
+  IMAGES=5600; HEIGHT=224; MAIN_STEPS=30
+  declare -A LIMIT=([fit]=55 [compile]=45 [large]=65 [original]=40 [vision]=30 [probe]=25 [parity]=30
+                    [main_data]=25 [main]=80 [main_warm]=50 [pipeline]=35)  # 480 s in all.
   PIPE=(--images 256 --batch 128 --batches 6 --workers 8,14)  # 496x512 PNG, as the 2026-12-04 measurement.
   FIT=(--target=h200)
   COMPILE_CACHE=()  # The compile phase measures a cold compile (step.py: no cache with --compile-only).
@@ -60,10 +65,10 @@ rm -f "$OUT/failed_phases"
 steps() {  # 1-2. The full-size step: its cold compile, then ViT-L/16 + BERT-base, batch 128, bfloat16 (then 3
   # more steps traced: the 15 costliest kernels); the original's way in float16 autocast in a process of its own
   # (JAX's memory pool and PyTorch's do not share one GPU: batch 128 ran out of memory in one process); the ratio.
-  phase gpu_compile "${LIMIT[0]}" "$PY" step.py "${LARGE[@]}" --dtype bfloat16 --compile-only "${COMPILE_CACHE[@]}"
-  phase gpu_step_large "${LIMIT[1]}" "$PY" step.py "${LARGE[@]}" --dtype bfloat16 "${COMPILE_CACHE[@]}" \
+  phase gpu_compile "${LIMIT[compile]}" "$PY" step.py "${LARGE[@]}" --dtype bfloat16 --compile-only "${COMPILE_CACHE[@]}"
+  phase gpu_step_large "${LIMIT[large]}" "$PY" step.py "${LARGE[@]}" --dtype bfloat16 "${COMPILE_CACHE[@]}" \
     --no-torch --profile "$TRACE"
-  phase gpu_step_original "${LIMIT[9]}" "$PY" step.py "${LARGE[@]}" --original-only
+  phase gpu_step_original "${LIMIT[original]}" "$PY" step.py "${LARGE[@]}" --original-only
   "$PY" -c "import json, sys
 last = lambda name: json.loads(open(f'$OUT/{name}.jsonl').read().splitlines()[-1])
 ours, original = last('gpu_step_large')['ours'], last('gpu_step_original')['original_style']
@@ -71,28 +76,35 @@ print(json.dumps({'phase': 'comparison', 'ours_samples_per_s': ours['samples_per
                   'original_samples_per_s': original['samples_per_s'],
                   'speedup': ours['samples_per_s'] / original['samples_per_s']}))" | tee "$OUT/gpu_comparison.jsonl"
 }
-small_and_probe() {  # 3. ViT-B/16 + BERT-base, bfloat16, ours only. 5. The paper probe (5 seeds) vs the original's way.
-  phase gpu_step_small "${LIMIT[2]}" "$PY" step.py "${SMALL[@]}" --dtype bfloat16 --no-torch
-  phase gpu_probe "${LIMIT[5]}" "$PY" probe.py --protocol paper "${PROBE[@]}"
+vision_probe_parity() {  # 3. The vision tower alone (ViT-L/16 with a tiny text tower), bfloat16, ours only.
+  # 5. The paper probe (5 seeds) vs the original's way. 6. A reference bundle of the original's numbers, checked
+  # on this device in float32 ($BUNDLE, default ../shared/reference/tiny-retfound; a line says when it is absent).
+  phase gpu_step_vision "${LIMIT[vision]}" "$PY" step.py "${VISION[@]}" --dtype bfloat16 --no-torch
+  phase gpu_probe "${LIMIT[probe]}" "$PY" probe.py --protocol paper "${PROBE[@]}"
+  if [ -d "$BUNDLE" ]; then
+    phase gpu_parity "${LIMIT[parity]}" "$PY" ../tools/check_reference.py "$BUNDLE"
+  else
+    echo "{\"phase\": \"gpu_parity\", \"skipped\": \"no reference bundle at $BUNDLE (set BUNDLE=)\"}" | tee "$OUT/gpu_parity.jsonl"
+  fi
 }
 main_command() {  # 4. The main command on the synthetic corpus: start-up phases, time to the first step cold (an
   # empty compilation cache) then warm (the same cache), steady samples/s, input wait, end-of-run seconds; then
   # the input pipeline alone with 8 and 14 workers (host CPUs only).
-  phase gpu_main_data "${LIMIT[3]}" "$PY" main_run.py prepare --out "$OUT/main_data" --images "$IMAGES" --height "$HEIGHT"
-  phase gpu_main "${LIMIT[4]}" "$PY" main_run.py train --out "$OUT/main_data" --steps "$MAIN_STEPS" \
+  phase gpu_main_data "${LIMIT[main_data]}" "$PY" main_run.py prepare --out "$OUT/main_data" --images "$IMAGES" --height "$HEIGHT"
+  phase gpu_main "${LIMIT[main]}" "$PY" main_run.py train --out "$OUT/main_data" --steps "$MAIN_STEPS" \
     --compile-cache "$OUT/main_cache" -- "${MAIN_SIZE[@]}"
-  phase gpu_main_warm "${LIMIT[7]}" "$PY" main_run.py train --out "$OUT/main_data" --steps "$MAIN_STEPS" \
+  phase gpu_main_warm "${LIMIT[main_warm]}" "$PY" main_run.py train --out "$OUT/main_data" --steps "$MAIN_STEPS" \
     --compile-cache "$OUT/main_cache" -- "${MAIN_SIZE[@]}"
-  phase gpu_pipeline "${LIMIT[8]}" "$PY" pipeline.py "${PIPE[@]}"
+  phase gpu_pipeline "${LIMIT[pipeline]}" "$PY" pipeline.py "${PIPE[@]}"
 }
 
 "$PY" -c "import jax, json; print(json.dumps({'phase': 'devices', 'devices': [str(d) for d in jax.devices()], 'jax': jax.__version__}))" | tee "$OUT/gpu_devices.jsonl"
 # 0. Where the shipped config fits (compile-only; the GPU's own JAX needs no TPU or CUDA plugin beyond its own).
-(cd .. && export JAX_PLATFORMS=cpu && phase gpu_fit "${LIMIT[6]}" "$PY" -m retfiner_jax.aot --config=retfound "${FIT[@]}" --fit)
+(cd .. && export JAX_PLATFORMS=cpu && phase gpu_fit "${LIMIT[fit]}" "$PY" -m retfiner_jax.aot --config=retfound "${FIT[@]}" --fit)
 if [ -n "$TINY" ]; then  # A check of the script: the three independent groups at once (wall time, not figures).
-  steps & small_and_probe & main_command & wait
+  steps & vision_probe_parity & main_command & wait
 else  # Measurements: one phase at a time on the GPU.
-  steps; small_and_probe; main_command
+  steps; vision_probe_parity; main_command
 fi
 if [ -s "$OUT/failed_phases" ]; then
   echo "{\"phase\": \"summary\", \"failed\": \"$(tr '\n' ' ' < "$OUT/failed_phases" | sed 's/ $//')\"}"

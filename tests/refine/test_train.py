@@ -181,17 +181,18 @@ def test_data_parallel_and_fsdp_steps_equal_the_single_device_step():
 def test_gpu_benchmark_script_fails_when_a_phase_fails(tmp_path):
   """A phase that fails is reported, the others still run, and the script exits 1 naming every failed phase."""
   out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny"], capture_output=True, text=True,
-                       timeout=120, env=dict(os.environ, OUT=str(tmp_path), PYTHON="false"))
+                       timeout=120, env=dict(os.environ, OUT=str(tmp_path), PYTHON="false", BUNDLE=str(tmp_path)))
   assert out.returncode == 1
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   assert summary["phase"] == "summary" and set(summary["failed"].split()) == {
-      "gpu_fit", "gpu_compile", "gpu_step_large", "gpu_step_original", "gpu_step_small", "gpu_probe",
-      "gpu_main_data", "gpu_main", "gpu_main_warm", "gpu_pipeline"}
+      "gpu_fit", "gpu_compile", "gpu_step_large", "gpu_step_original", "gpu_step_vision", "gpu_probe",
+      "gpu_parity", "gpu_main_data", "gpu_main", "gpu_main_warm", "gpu_pipeline"}
 
 
 def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
+  bundle = shared_path("reference", "tiny-retfound")  # Checked on "the device" (here the CPU) by gpu_parity.
   out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny"], capture_output=True, text=True,
-                       timeout=900, env=dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable))
+                       timeout=900, env=dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, BUNDLE=str(bundle)))
   assert out.returncode == 0, out.stderr[-3000:]
   fit = json.loads((tmp_path / "gpu_fit.jsonl").read_text().splitlines()[-1])  # Phase 0: the AOT tool's answer.
   assert fit["fits"] and fit["target"] == "cpu" and fit["tried"][0]["rung"] == "as configured"
@@ -210,8 +211,10 @@ def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
   (kernels,) = [r for r in large if r.get("phase") == "kernels"]  # The profiled steps' costliest kernels.
   assert kernels["steps"] == 3 and 0 < len(kernels["top"]) <= 15 and kernels["kernel_ms_per_step"] > 0
   assert compiled["compile_s"] > 0 and compiled["stablehlo_lines"] > 1000 and compiled["scan_layers"]
-  phases = [json.loads(line).get("phase") for line in (tmp_path / "gpu_step_small.jsonl").read_text().splitlines()]
+  phases = [json.loads(line).get("phase") for line in (tmp_path / "gpu_step_vision.jsonl").read_text().splitlines()]
   assert phases[:4] == ["lower", "compile", "init", "first_step"] and phases.count("step") == 2
+  # The reference bundle of the original's numbers, checked on the device the script runs on (here the CPU).
+  assert "PASS (losses within" in (tmp_path / "gpu_parity.jsonl").read_text()
   main = json.loads((tmp_path / "gpu_main.jsonl").read_text().splitlines()[-1])
   assert main["summary"]["status"] == "finished" and main["summary"]["steps"] == 6
   assert all(0 <= f < 1 for f in main["input_wait_fraction"])
