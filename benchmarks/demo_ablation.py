@@ -127,15 +127,41 @@ def table():
   return text
 
 
+def ceiling(workdir: Path):
+  """Recall@K that a model reading every labelled finding perfectly from both sides, and nothing else, would reach
+  on the clinic's validation pairs: the pairs fall into groups with the same findings, and within a group such a
+  model can only guess. Written after the ablation's runs, to read them; it changes nothing in the plan."""
+  import collections
+  import csv
+  data = workdir / "data" / "refinement"
+  val = list(csv.DictReader((data / "manifest_val.csv").open()))
+  labels = {row["image"]: row for row in csv.DictReader((data / "labels.csv").open())}
+  findings = [k for k in next(iter(labels.values())) if k not in ("image", "split")]
+  out = {}
+  for name, keys in (("every labelled finding", findings), ("the diagnosis alone", ["condition"])):
+    groups = [tuple(labels[row["image"]][k] for k in keys) for row in val]
+    size = collections.Counter(groups)
+    out[name] = {"groups": len(size), "largest": size.most_common(1)[0][1],
+                 **{f"recall_at_{k}": float(np.mean([min(1.0, k / size[g]) for g in groups])) for k in (1, 5, 10)}}
+  print(json.dumps({"pairs": len(val), "findings": findings, "ceiling": out}, indent=1))
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", default="runs/ablation")
   parser.add_argument("--arms", default=",".join(ARMS))
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--table", action="store_true", help="print the table of the recorded runs and stop")
+  parser.add_argument("--ceiling", action="store_true",
+                      help="print the recall@K a perfect reader of the labelled findings would reach on the "
+                           "validation pairs of --workdir's corpus, and stop")
   args = parser.parse_args()
   if args.table:
     table()
+    return
+  if args.ceiling:
+    ceiling(Path(args.workdir))
     return
   arms = [a for a in args.arms.split(",") if a]
   unknown = [a for a in arms if a not in ARMS]

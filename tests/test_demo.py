@@ -4,6 +4,7 @@ randomness, and the spread over seeds is computed as by hand. (The whole demo ru
 import json
 import re
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -150,3 +151,24 @@ def test_the_spread_over_seeds_is_the_sample_std_by_hand():
   assert gains["average"]["after_vs_control"]["std"] == pytest.approx(np.std([0.05, 0.03, 0.02], ddof=1))
   one_tasks, one_gains = demo.aggregate(runs[:1], ("a", "b"))
   assert one_tasks["a"]["after"]["bacc_std"] is None and one_gains["a"]["after_vs_before"]["std"] is None
+
+
+def test_the_ablations_recall_ceiling_by_hand(tmp_path):
+  """benchmarks/demo_ablation.py --ceiling: 6 validation pairs in finding groups of 3, 2 and 1. A perfect reader of
+  the findings ranks its own group first, in random order: recall@1 = mean of 1/3, 1/3, 1/3, 1/2, 1/2, 1 = 1/2;
+  recall@5 = 1. By diagnosis alone (groups of 5 and 1): recall@1 = (5 * 1/5 + 1) / 6 = 1/3."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("demo_ablation", Path(__file__).resolve().parents[1] / "benchmarks" / "demo_ablation.py")
+  ablation = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ablation)
+  data = tmp_path / "data" / "refinement"
+  data.mkdir(parents=True)
+  findings = [("amd", 1), ("amd", 1), ("amd", 1), ("amd", 0), ("amd", 0), ("dme", 0)]
+  (data / "manifest_val.csv").write_text("image,report\n" + "".join(f"i{k}.png,r{k}\n" for k in range(6)))
+  (data / "labels.csv").write_text("image,split,condition,drusen\n" + "".join(
+      f"i{k}.png,val,{c},{d}\n" for k, (c, d) in enumerate(findings)) + "other.png,train,dme,1\n")
+  out = ablation.ceiling(tmp_path)
+  assert out["every labelled finding"]["groups"] == 3 and out["every labelled finding"]["largest"] == 3
+  assert out["every labelled finding"]["recall_at_1"] == pytest.approx(0.5)
+  assert out["every labelled finding"]["recall_at_5"] == 1.0
+  assert out["the diagnosis alone"]["recall_at_1"] == pytest.approx(1 / 3)
