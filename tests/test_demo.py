@@ -158,7 +158,8 @@ def test_the_ablations_recall_ceiling_by_hand(tmp_path):
   the findings ranks its own group first, in random order: recall@1 = mean of 1/3, 1/3, 1/3, 1/2, 1/2, 1 = 1/2;
   recall@5 = 1. By diagnosis alone (groups of 5 and 1): recall@1 = (5 * 1/5 + 1) / 6 = 1/3."""
   import importlib.util
-  spec = importlib.util.spec_from_file_location("demo_ablation", Path(__file__).resolve().parents[1] / "benchmarks" / "demo_ablation.py")
+  script = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_ablation.py"
+  spec = importlib.util.spec_from_file_location("demo_ablation", script)
   ablation = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(ablation)
   data = tmp_path / "data" / "refinement"
