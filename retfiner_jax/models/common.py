@@ -18,13 +18,13 @@ from retfiner_jax.data.images import NORMALISATION
 from retfiner_jax.models.config import REMAT_CHOICES, ModelConfig
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
-# config.model.remat. none: XLA keeps what the backward pass needs. elementwise: LayerNorm and GELU in the ViT
-# blocks and BERT layers are recomputed from their inputs (no matmul is recomputed; the same values). dots, full:
-# whole layers recomputed but for their matmuls' outputs, or entirely. auto: elementwise on accelerators, none on
-# CPU, where memory is plenty and the recomputation would only cost time.
 
 
 def resolve_remat(choice: str, platform: str) -> str:
+  """config.model.remat for a run on `platform`. none: XLA keeps what the backward pass needs. elementwise:
+  LayerNorm and GELU in the ViT blocks and BERT layers are recomputed from their inputs (no matmul is recomputed;
+  the same values). dots, full: whole layers recomputed but for their matmuls' outputs, or entirely. auto:
+  elementwise on accelerators, none on CPU, where memory is plenty and recomputing would only cost time."""
   if choice not in REMAT_CHOICES:
     raise ValueError(f"config.model.remat must be one of {REMAT_CHOICES}, got {choice!r}")
   if choice == "auto":

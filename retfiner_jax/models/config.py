@@ -46,7 +46,8 @@ class ModelConfig:
   # Numerics: "bfloat16" (bf16 compute, f32 params, softmax, LayerNorm and losses; the original trains in
   # float16 mixed precision) or "float32" (the parity tests).
   dtype: str = "bfloat16"
-  # Rematerialisation in the backward pass (REMAT_CHOICES): auto | none | elementwise | dots | full. auto: elementwise (LayerNorm and GELU recomputed, no matmul) on accelerators, none on CPU.
+  # Rematerialisation in the backward pass (REMAT_CHOICES): auto | none | elementwise | dots | full. auto:
+  # elementwise (LayerNorm and GELU recomputed, no matmul) on accelerators, none on CPU.
   remat: str = "auto"
   # Run the ViT blocks and BERT layers as one nn.scan each (parameters stacked on a leading layer axis): one
   # layer compiled instead of all of them. False: a loop of separately named layers (`blocks_0`, `layer_0`).
