@@ -167,17 +167,25 @@ def time_original_only(a):
   for _ in range(a.steps):
     records.append(_measured(torch_step))
     emit({"phase": "step", "impl": "original", "index": len(records) - 1, **records[-1]})
-  original = summarise(records, 1)
-  flops = step_flops(cfg, a.batch, False, OBJECTIVES)
-  out = {"samples_per_s": a.batch / original["median_s"], **original, "model_flops": flops,
-         "achieved_flops_per_s": flops / original["median_s"], "torch": torch.__version__,
-         "autocast": "float16" if gpu else "none (float32)",
-         "peak_memory_bytes": int(torch.cuda.max_memory_allocated()) if gpu else -1}
-  if gpu:
-    out["mfu"] = out["achieved_flops_per_s"] / (a.peak_tflops * 1e12)
+  peak_memory = int(torch.cuda.max_memory_allocated()) if gpu else -1
   emit({"benchmark": "step_original", "vision": a.vision, "text": a.text, "batch": a.batch,
         "device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
-        "original_style": out})
+        "original_style": original_style_figures(records, 1, step_flops(cfg, a.batch, False, OBJECTIVES), a, gpu,
+                                                  peak_memory)})
+
+
+def original_style_figures(records, block, flops: float, a, gpu: bool, peak_memory: int) -> dict:
+  """The original-style step's timings as reported, paired with ours or alone: samples/s, FLOP/s (of its `flops`
+  model FLOPs a step), MFU on a GPU."""
+  import torch
+  original = summarise(records, block)
+  median = original["steady_median_s"] or original["median_s"]
+  out = {**original, "samples_per_s": a.batch / median, "peak_memory_bytes": int(peak_memory),
+         "model_flops": flops, "achieved_flops_per_s": flops / median, "torch": torch.__version__,
+         "autocast": "float16" if gpu else "none (float32)"}
+  if gpu:
+    out["mfu"] = out["achieved_flops_per_s"] / (a.peak_tflops * 1e12)
+  return out
 
 
 def original_style_step(cfg, batch, gpu: bool):
@@ -414,14 +422,9 @@ def main():
     out["peak_flops_per_s"] = a.peak_tflops * 1e12
     out["ours"]["mfu"] = out["ours"]["achieved_flops_per_s"] / out["peak_flops_per_s"]
   if torch_records:
-    original = summarise(torch_records, a.block)
+    out["original_style"] = original_style_figures(torch_records, a.block, orig_flops, a, gpu, torch_mem)
+    original = out["original_style"]
     tmed = original["steady_median_s"] or original["median_s"]
-    import torch
-    out["original_style"] = {**original, "samples_per_s": a.batch / tmed, "peak_memory_bytes": int(torch_mem),
-                             "model_flops": orig_flops, "achieved_flops_per_s": orig_flops / tmed,
-                             "torch": torch.__version__, "autocast": "float16" if gpu else "none (float32)"}
-    if gpu:
-      out["original_style"]["mfu"] = out["original_style"]["achieved_flops_per_s"] / out["peak_flops_per_s"]
     out["speedup"] = tmed / med  # Of the steady medians when blocks are longer than one step.
     if a.block > 1:
       out["speedup_all_steps"] = original["median_s"] / ours["median_s"]

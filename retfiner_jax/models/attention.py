@@ -34,6 +34,15 @@ def resolve_attention(choice: str, platform: str, dtype: str) -> str:
   return choice
 
 
+def fused_where_traced(choice: str, dtype: str) -> bool:
+  """Whether a model's attention takes the fused kernel: a run's step resolves 'auto' for its devices
+  (refine/step.py); a model built elsewhere resolves it for the backend it is traced on. 'fused' is taken as given
+  (the AOT tool traces on the CPU for a GPU)."""
+  if choice == "auto":
+    return resolve_attention(choice, jax.default_backend(), dtype) == "fused"
+  return choice == "fused"
+
+
 def attention(query, key, value, bias=None, on_probs=None, fused: bool = False):
   """Scaled dot-product attention over heads.
 

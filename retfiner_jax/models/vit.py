@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retfiner_jax.models.attention import attention, resolve_attention
+from retfiner_jax.models.attention import attention, fused_where_traced
 from retfiner_jax.models.common import (apply_stack, compute_dtype, gelu, layer_norm, model_images,
                                        recomputes_elementwise, stack, torch_linear)
 from retfiner_jax.models.config import ModelConfig
@@ -67,10 +67,7 @@ class Block(nn.Module):
     cfg, dtype = self.cfg, compute_dtype(self.cfg)
     dropping = train and cfg.drop_path > 0
     branch = lambda y: drop_path(y, drop_rate, self.make_rng("dropout")) if dropping else y
-    # A run's step resolves 'auto' for its devices (refine/step.py); a model built elsewhere resolves it for the
-    # backend it is traced on. 'fused' is taken as given: the AOT tool traces on CPU for a GPU.
-    fused = (cfg.attention == "fused" if cfg.attention != "auto"
-             else resolve_attention("auto", jax.default_backend(), cfg.dtype) == "fused")
+    fused = fused_where_traced(cfg.attention, cfg.dtype)
     recompute = recomputes_elementwise(cfg)
     x = x + branch(FusedQKVAttention(cfg.vision_dim, cfg.vision_heads, dtype, fused, name="attn")(
         layer_norm(VIT_LN_EPS, "norm1", recompute)(x).astype(dtype)))
