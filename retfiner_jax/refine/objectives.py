@@ -116,36 +116,47 @@ def itm_loss(itm_logits, valid=None):
   return loss, {"itm_accuracy": _masked_mean(itm_logits.argmax(-1) == labels, rows)}
 
 
-def token_prediction_losses(logits_fn, parts):
+def token_prediction_losses(logits_fn, parts, groups: int = 1):
   """Cross-entropy averaged over the target positions (labels != -100) of each part's whole batch.
 
   parts: [(hidden (B, L, D), labels (B, L), target_fraction)], e.g. MLM and GM. `logits_fn` maps hidden states
-  (n, D) to vocabulary logits (n, V); it runs once for all parts, and only on the first sum(fraction x B x L)
+  (..., D) to vocabulary logits (..., V); it runs once for all parts, and only on the first sum(fraction x B x L)
   positions after sorting targets first. A batch with more targets than that takes the exact all-positions path,
   so the results never depend on the fractions. Returns [(loss, accuracy over targets)] per part.
+
+  `groups`: the batch's rows as that many equal consecutive blocks (the devices the batch is sharded over), each
+  choosing its own target positions (room for its share of them), so that on a mesh every device computes the
+  logits of its own rows only instead of the whole batch's. The results are the same for any number of groups;
+  the all-positions path is taken when any group has more targets than its room.
   """
-  flat_hidden = jnp.concatenate([h.reshape(-1, h.shape[-1]) for h, _, _ in parts])
-  flat_labels = jnp.concatenate([lab.reshape(-1) for _, lab, _ in parts])
-  part = jnp.concatenate([jnp.full(lab.size, i) for i, (_, lab, _) in enumerate(parts)])
-  is_target = flat_labels != IGNORE_LABEL
+  batch = parts[0][1].shape[0]
+  if batch % groups:
+    raise ValueError(f"token_prediction_losses: a batch of {batch} rows does not split into {groups} groups")
+  grouped = lambda x: x.reshape((groups, -1) + x.shape[2:])  # (B, L, ...) -> (groups, B / groups x L, ...)
+  hidden = jnp.concatenate([grouped(h) for h, _, _ in parts], axis=1)
+  labels = jnp.concatenate([grouped(lab) for _, lab, _ in parts], axis=1)
+  part = jnp.concatenate([jnp.full(grouped(lab).shape, i) for i, (_, lab, _) in enumerate(parts)], axis=1)
+  is_target = labels != IGNORE_LABEL
   counts = [jnp.maximum((is_target & (part == i)).sum(), 1) for i in range(len(parts))]
 
-  def losses_at(rows):
-    logits = logits_fn(flat_hidden[rows]).astype(jnp.float32)
-    lab, of = flat_labels[rows], part[rows]
+  def losses_at(rows):  # rows (groups, n): positions within each group.
+    pick = lambda x: jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
+    logits = logits_fn(pick(hidden)).astype(jnp.float32)
+    lab, of = pick(labels), pick(part)
     valid = lab != IGNORE_LABEL
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, lab, 0))
     correct = (logits.argmax(-1) == lab) & valid
     return [(jnp.where(valid & (of == i), ce, 0.0).sum() / n, (correct & (of == i)).sum() / n)
             for i, n in enumerate(counts)]
 
-  total = flat_labels.shape[0]
-  capacity = sum(int(round(fraction * lab.size)) for _, lab, fraction in parts)
-  every_row = jnp.arange(total)
-  if capacity >= total:
+  per_group = labels.shape[1]
+  room = sum(int(round(fraction * lab.size / groups)) for _, lab, fraction in parts)
+  every_row = jnp.broadcast_to(jnp.arange(per_group), labels.shape)
+  if room >= per_group:
     return losses_at(every_row)
-  targets_first = jnp.argsort(~is_target, stable=True)[:capacity]
-  return jax.lax.cond(is_target.sum() <= capacity, lambda: losses_at(targets_first), lambda: losses_at(every_row))
+  targets_first = jnp.argsort(~is_target, axis=1, stable=True)[:, :room]
+  fits = jnp.all(is_target.sum(axis=1) <= room)
+  return jax.lax.cond(fits, lambda: losses_at(targets_first), lambda: losses_at(every_row))
 
 
 def _concatenated(passes):
@@ -187,7 +198,8 @@ def run_text_passes(m, passes, image_tokens, fused: bool, train: bool):
 
 
 def compute_objectives(model: RetFiner, params, batch, views, settings: ObjectiveSettings = ObjectiveSettings(),
-                       negatives=None, negative_rng=None, train: bool = False, dropout_rng=None, loss_scale=None):
+                       negatives=None, negative_rng=None, train: bool = False, dropout_rng=None, loss_scale=None,
+                       token_groups: int = 1):
   """All enabled objectives for given masked views and (optionally) given ITM negatives.
 
   batch: images (B, S, S, 3) NHWC, input_ids and attention_mask (B, L), optional pair_ids (B,) and valid (B,)
@@ -195,7 +207,9 @@ def compute_objectives(model: RetFiner, params, batch, views, settings: Objectiv
   views: mlm_input_ids, mlm_labels, gm_input_ids, gm_labels (B, L).
   negatives: (neg_image_idx, neg_text_idx), each (B,); if None they are sampled with `negative_rng` from the
   ITC similarities. `train`: dropout and stochastic depth on, drawn from `dropout_rng`. `loss_scale` ({objective: factor}) multiplies each loss inside the total (gradient
-  accumulation weights micro-batches with it); the metrics report the losses as computed.
+  accumulation weights micro-batches with it); the metrics report the losses as computed. `token_groups`: the
+  devices the batch is sharded over, so that each computes the MLM/GM vocabulary logits of its own rows
+  (token_prediction_losses; the numbers do not depend on it).
   Returns (total_loss, metrics).
   """
   if train and dropout_rng is None:
@@ -236,7 +250,7 @@ def compute_objectives(model: RetFiner, params, batch, views, settings: Objectiv
   if token_objectives:  # One vocabulary-logit computation for both.
     fractions = {"mlm": settings.mlm_target_fraction, "gm": settings.gm_target_fraction}
     results = token_prediction_losses(m.mlm_logits, [(hidden[k], views[f"{k}_labels"], fractions[k])
-                                                     for k in token_objectives])
+                                                     for k in token_objectives], token_groups)
     for k, (loss, accuracy) in zip(token_objectives, results):
       losses[k], metrics[f"{k}_accuracy"] = loss, accuracy
   if on("itm"):
@@ -259,13 +273,15 @@ def sample_views(rng, input_ids, vocab_size, settings: ObjectiveSettings):
   return {"mlm_input_ids": mlm_ids, "mlm_labels": mlm_labels, "gm_input_ids": gm_ids, "gm_labels": gm_labels}
 
 
-def make_loss_fn(model: RetFiner, settings: ObjectiveSettings = ObjectiveSettings(), train: bool = False):
+def make_loss_fn(model: RetFiner, settings: ObjectiveSettings = ObjectiveSettings(), train: bool = False,
+                 token_groups: int = 1):
   """(params, batch, rng[, views, loss_scale]) -> (total_loss, metrics): samples the MLM/GM views (unless given)
-  and the ITM negatives, then the losses; `train` switches dropout and stochastic depth on."""
+  and the ITM negatives, then the losses; `train` switches dropout and stochastic depth on; `token_groups`: the
+  devices the batch is sharded over (compute_objectives)."""
   def loss_fn(params, batch, rng, views=None, loss_scale=None):
     key_views, key_negatives, key_dropout = jax.random.split(rng, 3)
     if views is None:
       views = sample_views(key_views, batch["input_ids"], model.cfg.vocab_size, settings)
     return compute_objectives(model, params, batch, views, settings, negative_rng=key_negatives, train=train,
-                              dropout_rng=key_dropout, loss_scale=loss_scale)
+                              dropout_rng=key_dropout, loss_scale=loss_scale, token_groups=token_groups)
   return loss_fn

@@ -83,8 +83,9 @@ def prng_impl(choice: str, platform: str) -> str:
 
 
 def make_train_step(model: RetFiner, settings: ObjectiveSettings, tx, seed: int, micro_batches: int,
-                    prng: str = "threefry2x32"):
-  loss_fn = make_loss_fn(model, settings, train=True)
+                    prng: str = "threefry2x32", token_groups: int = 1):
+  """(state, batch) -> (state, metrics). `token_groups`: the devices the batch is sharded over (make_loss_fn)."""
+  loss_fn = make_loss_fn(model, settings, train=True, token_groups=token_groups)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   # threefry as a raw key: the very program (and streams) of every earlier run.
   base_key = jax.random.PRNGKey(seed) if prng == "threefry2x32" else jax.random.key(seed, impl=prng)
@@ -174,7 +175,8 @@ def sharded_train_step(config, cfg: ModelConfig, settings: ObjectiveSettings, me
   param_sh = sharding.tree_shardings(mesh, abstract_params, SCANNED_STACKS)
   abstract_state = jax.eval_shape(lambda p: init_state(tx, p), abstract_params)
   state_sh = sharding.tree_shardings(mesh, abstract_state, SCANNED_STACKS)
-  step_fn = jax.jit(make_train_step(model, settings, tx, config.seed, config.train.micro_batches, prng),
+  step_fn = jax.jit(make_train_step(model, settings, tx, config.seed, config.train.micro_batches, prng,
+                                    token_groups=sharding.batch_shards(mesh)),
                     in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   return ShardedStep(model, tx, mesh, prng, abstract_params, param_sh, abstract_state, state_sh, step_fn)

@@ -29,6 +29,11 @@ def batch_sharding(mesh):
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def batch_shards(mesh) -> int:
+  """How many blocks of rows a batch is split into (batch_sharding): one per device."""
+  return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
+
+
 def replicated(mesh):
   return NamedSharding(mesh, P())
 

@@ -14,7 +14,8 @@ from conftest import random_batch
 from retfiner_jax.models.config import get_variant
 from retfiner_jax.models.retfiner import RetFiner, init_params
 from retfiner_jax.models.vit import drop_path
-from retfiner_jax.refine.objectives import ObjectiveSettings, compute_objectives, make_loss_fn, sample_views
+from retfiner_jax.refine.objectives import (ObjectiveSettings, compute_objectives, make_loss_fn, sample_views,
+                                           token_prediction_losses)
 from retfiner_jax.refine.sampling import sample_hard_negatives
 from retfiner_jax.refine.step import accumulated_gradients, make_train_step
 from retfiner_jax.refine.validation import evaluate, make_embed_fn
@@ -106,6 +107,50 @@ def test_accumulated_mlm_gm_gradients_equal_the_full_batch():
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(full))
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def _hand_token_losses(hidden, labels, weights):
+  """Mean cross-entropy and accuracy over a part's targets, in numpy (float64) with a linear logits map."""
+  hidden, labels = np.asarray(hidden, np.float64), np.asarray(labels)
+  at = labels != -100
+  logits = hidden[at] @ weights
+  logits -= logits.max(-1, keepdims=True)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  target = labels[at]
+  return -logp[np.arange(len(target)), target].mean(), (logits.argmax(-1) == target).mean()
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+def test_token_losses_are_the_same_for_any_number_of_row_groups(groups):
+  """MLM/GM logits per block of rows (one per device on a mesh) give the hand-computed losses, whichever path
+  each room size takes: every group within its room, some groups over it (all positions), or no room needed."""
+  rng = np.random.default_rng(0)
+  batch, length, dim, vocab = 8, 12, 6, 11
+  weights = rng.normal(size=(dim, vocab))
+  hidden = [rng.normal(size=(batch, length, dim)).astype(np.float32) for _ in range(2)]
+  labels = []
+  for p in (0.15, 0.6):
+    lab = rng.integers(0, vocab, (batch, length))
+    lab[rng.random((batch, length)) >= p] = -100
+    lab[0, :8] = rng.integers(0, vocab, 8)  # Row 0 mostly targets: its group needs more room than the others.
+    labels.append(lab)
+  want = [_hand_token_losses(h, lab, weights) for h, lab in zip(hidden, labels)]
+  logits_fn = lambda h: h @ jnp.asarray(weights, jnp.float32)
+  # Each group's targets (both parts), and the room a fraction f (for both parts) gives each group.
+  counts = sum((lab != -100).reshape(groups, -1).sum(1) for lab in labels)
+  room = lambda f: 2 * int(round(f * batch * length / groups))
+  grid = np.arange(0.01, 1.0, 0.01)
+  within = next(f for f in grid if room(f) >= counts.max())  # The gathered path in every group.
+  over = next(f for f in grid if room(f) >= counts.min()) if groups > 1 else 0.05  # Group 0 over its room.
+  assert room(within) < 2 * batch * length / groups and room(over) < counts.max(), (within, over, counts)
+  for f in (within, over, 1.0):
+    got = jax.jit(lambda h0, h1: token_prediction_losses(
+        logits_fn, [(h0, labels[0], f), (h1, labels[1], f)], groups))(*hidden)
+    for (loss, accuracy), (want_loss, want_accuracy) in zip(got, want):
+      np.testing.assert_allclose(loss, want_loss, rtol=1e-5, err_msg=str(f))
+      np.testing.assert_allclose(accuracy, want_accuracy, rtol=1e-6, err_msg=str(f))
+  with pytest.raises(ValueError, match="does not split into 3 groups"):
+    token_prediction_losses(logits_fn, [(hidden[0], labels[0], 0.3)], 3)
 
 
 def test_padding_rows_are_masked_out_of_every_loss():

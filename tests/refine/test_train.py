@@ -115,7 +115,7 @@ def test_unknown_config_key_is_an_error(tmp_path):
 
 
 SHARDED_SCRIPT = r"""
-import os, sys
+import os, re, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -147,10 +147,18 @@ for name, devices, data, fsdp in (("single", jax.devices()[:1], 1, 1), ("fsdp", 
   state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
   state_sh = sharding.tree_shardings(mesh, jax.eval_shape(lambda: state), SCANNED_STACKS)
   state = jax.device_put(state, state_sh)
-  step = jax.jit(make_train_step(RetFiner(cfg), ObjectiveSettings(), tx, 0, 1),
+  step = jax.jit(make_train_step(RetFiner(cfg), ObjectiveSettings(), tx, 0, 1,
+                                 token_groups=sharding.batch_shards(mesh)),
                  in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, sharding.replicated(mesh)))
-  new_state, metrics = step(state, sharding.global_batch(mesh, batch))
+  global_batch = sharding.global_batch(mesh, batch)
+  compiled = step.lower(state, global_batch).compile()
+  new_state, metrics = compiled(state, global_batch)
   if name == "fsdp":
+    # Each device computes the MLM/GM vocabulary logits of its own 2 rows only: at most 2 x 30 positions for
+    # each of MLM and GM (the whole batch's 16 rows would be 504 gathered or 960 positions).
+    rows = [int(np.prod([int(d) for d in dims.split(",")])) for dims in
+            re.findall(r"f32\[([0-9,]+),%d\]" % cfg.vocab_size, compiled.as_text())]
+    assert rows and max(rows) <= 2 * 2 * 30, sorted(set(rows))
     kernel = new_state["params"]["vision_encoder"]["blocks"]["mlp"]["fc1"]["kernel"]
     assert len(kernel.sharding.device_set) == 8 and kernel.addressable_shards[0].data.shape != kernel.shape
   results[name] = (jax.device_get(metrics), jax.device_get(new_state["params"]))
