@@ -164,7 +164,7 @@ def setup(config, workdir, log=print, explicit_model_keys=(), timings: Timings |
     for tower in randomly_initialised(config):
       log(RANDOM_TOWER_WARNINGS[tower])
     with phase("parameters (initialised, pretrained weights loaded)"):
-      params = jax.device_put(initial_params(config, cfg, log), param_sh)
+      params = initial_params(config, cfg, log, shardings=param_sh)
       state, progress = jax.jit(built.init_state, out_shardings=state_sh)(params), Progress()
   else:
     with phase("parameters (restored)"):
@@ -181,11 +181,14 @@ def setup(config, workdir, log=print, explicit_model_keys=(), timings: Timings |
              embed_fn=make_embed_fn(model), param_shardings=param_sh, abstract_params=abstract_params, log=log)
 
 
-def initial_params(config, cfg: ModelConfig, log=print) -> dict:
-  """The parameters a fresh run starts from (numpy): the model's initialisation from config.seed, with the
-  configured pretrained weights put in (weights/files.py, load_pretrained)."""
-  params = jax.tree.map(np.asarray, jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(config.seed)))
-  return weight_files.load_pretrained(config, cfg, params, log)
+def initial_params(config, cfg: ModelConfig, log=print, shardings=None) -> dict:
+  """The parameters a fresh run starts from, on the devices (`shardings`: the run's parameter shardings; None:
+  JAX's default device): the model's initialisation from config.seed, made where it will live (no copy through
+  the host; the values do not depend on the sharding), with the configured pretrained weights put in
+  (weights/files.py, load_pretrained), which alone travel from the host."""
+  params = jax.jit(lambda r: init_params(cfg, r), out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+  params = weight_files.load_pretrained(config, cfg, params, log)
+  return jax.device_put(params, shardings)  # The loaded leaves (numpy); the others are already in place.
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -278,7 +278,8 @@ def overlay(params: dict, loaded: dict, where: str, cfg: ModelConfig) -> dict:
 
 
 def load_pretrained(config, cfg: ModelConfig, params: dict, log=print) -> dict:
-  """Puts the configured pretrained weights (FM, BERT, or a whole RetFiner model) into `params` (numpy)."""
+  """Puts the configured pretrained weights (FM, BERT, or a whole RetFiner model) into `params` (their leaves
+  replaced by numpy arrays; the others kept as they are)."""
   fmt = config.weights.format or None
   sources = ([("retfiner", config.weights.retfiner, None)] if config.weights.retfiner else
              [(n, p, n) for n, p in (("vision", config.weights.vision), ("text", config.weights.text)) if p])

@@ -140,6 +140,21 @@ params = init_params(cfg, jax.random.PRNGKey(0))
 # parameters whose gradient is near zero into differences of the order of lr.)
 tx = optax.sgd(1.0)
 results = {}
+# A run's initial parameters, made on the devices of an 8-way FSDP mesh, equal those made on one device.
+import configs
+from retfiner_jax.config_defaults import tiny_model
+from retfiner_jax.refine.step import model_config
+from retfiner_jax.refine.trainer import initial_params
+run_config = tiny_model(configs.load("retfound"))
+run_cfg = model_config(run_config)
+mesh = sharding.make_mesh(1, 8)
+placed = initial_params(run_config, run_cfg, shardings=sharding.tree_shardings(
+    mesh, weight_files.abstract_params(run_cfg), SCANNED_STACKS))
+kernel = placed["vision_encoder"]["blocks"]["mlp"]["fc1"]["kernel"]
+assert len(kernel.sharding.device_set) == 8 and kernel.addressable_shards[0].data.shape != kernel.shape
+for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(initial_params(run_config, run_cfg))):
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+print("initial parameters ok")
 # data 2 x fsdp 4 shards the batch over all 8 devices and the parameters over 4 (pure data parallelism over
 # processes: test_multihost.py).
 for name, devices, data, fsdp in (("single", jax.devices()[:1], 1, 1), ("fsdp", jax.devices(), 2, 4)):
@@ -183,7 +198,7 @@ def test_data_parallel_and_fsdp_steps_equal_the_single_device_step():
   out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "fsdp ok" in out.stdout
+  assert "fsdp ok" in out.stdout and "initial parameters ok" in out.stdout
 
 
 def test_gpu_benchmark_script_fails_when_a_phase_fails(tmp_path):
