@@ -2,7 +2,9 @@
 collectives, one CPU device each) train as one process with two devices does, step for step; a SIGTERM to one
 of them, then to the other 3 s later (a preemption reaching the hosts seconds apart), stops both at the same step
 and both exit 0; the restarted pair resumes to the losses of the uninterrupted run (a resume
-with another number of processes is refused: test_reliability.py)."""
+with another number of processes is refused: test_reliability.py). Both tests compare with one single-process
+run on two devices (the `single` fixture): the first checks that two processes reproduce it, so the second uses it
+as its uninterrupted run."""
 import os
 import signal
 import socket
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import shared_path
 from retfiner_jax.data import synthetic
@@ -79,17 +82,24 @@ def _pair(config, workdir, logs, sigterm_after_step=None, then_process_0_after=N
   return [p.wait() for p in procs], [(logs / f"p{i}.log").read_text() for i in (0, 1)]
 
 
-def test_two_processes_train_as_one_process_with_two_devices_and_resume_after_a_sigterm(tmp_path):
-  synthetic.generate(tmp_path / "corpus", count=48, seed=0, height=64, width=64, workers=1, log=lambda *a: None)
-  config = tmp_path / "tiny.py"
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+  """(config file, metrics of its run by one process with two devices)."""
+  folder = tmp_path_factory.mktemp("multihost")
+  synthetic.generate(folder / "corpus", count=48, seed=0, height=64, width=64, workers=1, log=lambda *a: None)
+  config = folder / "tiny.py"
   config.write_text(CONFIG.format(vocab=str(shared_path("reference", "vocab.txt")),
-                                  train=str(tmp_path / "corpus" / "manifest.csv"),
-                                  val=str(tmp_path / "corpus" / "manifest_val.csv")))
-  one = subprocess.run(_command(config, tmp_path / "one"), cwd=ROOT, env=_env(2), capture_output=True, text=True,
+                                  train=str(folder / "corpus" / "manifest.csv"),
+                                  val=str(folder / "corpus" / "manifest_val.csv")))
+  one = subprocess.run(_command(config, folder / "one"), cwd=ROOT, env=_env(2), capture_output=True, text=True,
                        timeout=400)
   assert one.returncode == 0, one.stderr[-3000:]
   assert "mesh {'data': 2, 'fsdp': 1} on 2 cpu device(s), 1 process(es)" in one.stdout
+  return config, read_metrics(folder / "one" / "metrics.jsonl")
 
+
+def test_two_processes_train_as_one_process_with_two_devices_and_resume_after_a_sigterm(single, tmp_path):
+  config, single = single
   logs = tmp_path / "logs"
   logs.mkdir()
   codes, (out0, out1) = _pair(config, tmp_path / "two", logs, sigterm_after_step=3, then_process_0_after=3)
@@ -108,7 +118,7 @@ def test_two_processes_train_as_one_process_with_two_devices_and_resume_after_a_
   assert codes == [0, 0], (out0[-3000:], out1[-3000:])
   assert f"resumed from {tmp_path / 'two' / 'checkpoints'} at step {stopped}" in out0
 
-  single, pair = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+  pair = read_metrics(tmp_path / "two" / "metrics.jsonl")
   assert [(r["kind"], r["step"]) for r in pair] == [(r["kind"], r["step"]) for r in single]
   assert [r["step"] for r in pair if r["kind"] == "train"] == list(range(1, 13))
   for a, b in zip(single, pair):
@@ -119,21 +129,18 @@ def test_two_processes_train_as_one_process_with_two_devices_and_resume_after_a_
   assert (tmp_path / "two" / "export" / "retfiner_flax" / "model.json").exists()
 
 
-def test_a_lost_host_stops_the_survivor_within_30_s_with_one_line_and_both_resume_to_the_same_losses(tmp_path):
+def test_a_lost_host_stops_the_survivor_within_30_s_with_one_line_and_both_resume_to_the_same_losses(single,
+                                                                                                    tmp_path):
   """Issue 37: SIGKILL of process 1 mid-run. Process 0 exits within 30 s with status 1 (no core dump, no
   shutdown-barrier wait), its stderr is a few lines whose last names the lost process, the step, the last
   complete checkpoint and the command to resume; both processes rerun with that command resume from that
-  checkpoint and end with the losses of an uninterrupted two-process run."""
-  synthetic.generate(tmp_path / "corpus", count=48, seed=0, height=64, width=64, workers=1, log=lambda *a: None)
+  checkpoint and end with the losses of an uninterrupted run (`single`: two processes train as it does, the test
+  above; how often a run saves does not change its losses)."""
+  single_config, single = single
   config = tmp_path / "tiny.py"
-  config.write_text(CONFIG.format(vocab=str(shared_path("reference", "vocab.txt")),
-                                  train=str(tmp_path / "corpus" / "manifest.csv"),
-                                  val=str(tmp_path / "corpus" / "manifest_val.csv"))
-                    .replace("epochs=2)", "epochs=2)\n  c.checkpoint.every_steps = 2"))
+  config.write_text(single_config.read_text().replace("epochs=2)", "epochs=2)\n  c.checkpoint.every_steps = 2"))
   logs = tmp_path / "logs"
   logs.mkdir()
-  codes, _ = _pair(config, tmp_path / "whole", logs)
-  assert codes == [0, 0]
 
   port, procs = _free_port(), []
   for i in (0, 1):
@@ -171,8 +178,8 @@ def test_a_lost_host_stops_the_survivor_within_30_s_with_one_line_and_both_resum
   codes, (out0, _) = _pair(config, tmp_path / "lost", logs)
   assert codes == [0, 0]
   assert f"resumed from {tmp_path / 'lost' / 'checkpoints'} at step {checkpoint}" in out0
-  whole = {r["step"]: r for r in read_metrics(tmp_path / "whole" / "metrics.jsonl") if r["kind"] == "train"}
+  whole = {r["step"]: r for r in single if r["kind"] == "train"}
   resumed = {r["step"]: r for r in read_metrics(tmp_path / "lost" / "metrics.jsonl") if r["kind"] == "train"}
   assert sorted(resumed) == list(range(1, 13))
-  for step in range(1, 13):
-    np.testing.assert_allclose(resumed[step]["loss"], whole[step]["loss"], rtol=1e-5, err_msg=f"step {step}")
+  for step in range(1, 13):  # The tolerance of two processes against one (the test above).
+    np.testing.assert_allclose(resumed[step]["loss"], whole[step]["loss"], rtol=1e-4, err_msg=f"step {step}")
