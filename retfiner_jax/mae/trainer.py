@@ -268,7 +268,8 @@ def _run(config, workdir: Path, log) -> dict:
     log(f"resumed from {workdir / 'checkpoints'} step {step}")
   else:
     state = jax.device_put(_state(tx, starting_params(config, cfg, s, log)), replicated)
-  step_fn = jax.jit(make_train_step(model, s, tx, schedule, config.seed, cfg.patch_size), donate_argnums=0)
+  step_fn = jax.jit(sharding.traced_on(mesh, make_train_step(model, s, tx, schedule, config.seed, cfg.patch_size)),
+                    donate_argnums=0)
   step = start = int(state["step"])
   run_log = RunLog(workdir, total_steps, batch_size, log, start_step=step)
   started, status = time.time(), "finished"

@@ -73,7 +73,15 @@ def attention(query, key, value, bias=None, on_probs=None, fused: bool = False):
 def fused_attention(query, key, value, kernel: str = "cudnn"):
   """The same attention through jax.nn.dot_product_attention (`kernel` 'cudnn' on a GPU; 'xla' runs the same call
   on any backend, for tests). Odd lengths are padded by one (cuDNN's training kernels take even lengths only,
-  such as ViT's 197 tokens) and the padding is masked out by sequence lengths, so the result is unchanged."""
+  such as ViT's 197 tokens) and the padding is masked out by sequence lengths, so the result is unchanged.
+
+  Traced on a mesh (a run's step sets it: runs/sharding.py traced_on), the operands are first laid out as the run
+  lays out its batches, rows split over every device: XLA's sharding propagation can otherwise hand the kernel's
+  partitioner a layout it cannot express on the mesh (seen for 8 GPUs: an error at compile time)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    rows = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+    query, key, value = (jax.lax.with_sharding_constraint(a, rows) for a in (query, key, value))
   batch, q_len, _, _ = query.shape
   kv_len = key.shape[1]
   lengths = {}

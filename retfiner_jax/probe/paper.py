@@ -43,8 +43,9 @@ def paper_features(module: VisionTransformer, images, train: bool = False):
   return representation(tokens, "concat")
 
 
-def make_encoder_fn(cfg: ModelConfig, train: bool, fill: float = 0.0):
-  """(params, uint8 grey images (B, S, S), key) -> features (B, F). Train mode: augmentation + stochastic depth."""
+def make_encoder_fn(cfg: ModelConfig, train: bool, fill: float = 0.0, mesh=None):
+  """(params, uint8 grey images (B, S, S), key) -> features (B, F). Train mode: augmentation + stochastic depth.
+  `mesh`: the one the batches are sharded on (sharding.traced_on)."""
   vit = VisionTransformer(cfg)
 
   def encode(params, gray_u8, key):
@@ -55,7 +56,7 @@ def make_encoder_fn(cfg: ModelConfig, train: bool, fill: float = 0.0):
     images = model_images(gray, cfg.backbone)
     rngs = {"dropout": key_drop} if train else {}
     return vit.apply({"params": params}, images, train, method=paper_features, rngs=rngs)
-  return jax.jit(encode)
+  return jax.jit(encode if mesh is None else sharding.traced_on(mesh, encode))
 
 
 def _padded(rows: np.ndarray, size: int):
@@ -123,8 +124,8 @@ def probe(cfg: ModelConfig, params, data: dict, num_classes: int, settings: Prob
   batch = settings.batch_size or rules.batch_size(n_train)
   padded_batch = -(-batch // mesh.size) * mesh.size
   iterations = -(-n_train // batch)  # The last, partial batch is kept.
-  train_encode = make_encoder_fn(cfg.replace(drop_path=settings.drop_path), True, settings.fill)
-  eval_encode = make_encoder_fn(cfg, False)
+  train_encode = make_encoder_fn(cfg.replace(drop_path=settings.drop_path), True, settings.fill, mesh)
+  eval_encode = make_encoder_fn(cfg, False, mesh=mesh)
   val_feats = jnp.asarray(features_once(eval_encode, params, data["gray_val"], padded_batch, mesh))
   test_feats = jnp.asarray(features_once(eval_encode, params, data["gray_test"], padded_batch, mesh))
   y_val, y_test = np.asarray(data["y_val"]), np.asarray(data["y_test"])

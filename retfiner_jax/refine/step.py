@@ -175,8 +175,9 @@ def sharded_train_step(config, cfg: ModelConfig, settings: ObjectiveSettings, me
   param_sh = sharding.tree_shardings(mesh, abstract_params, SCANNED_STACKS)
   abstract_state = jax.eval_shape(lambda p: init_state(tx, p), abstract_params)
   state_sh = sharding.tree_shardings(mesh, abstract_state, SCANNED_STACKS)
-  step_fn = jax.jit(make_train_step(model, settings, tx, config.seed, config.train.micro_batches, prng,
-                                    token_groups=sharding.batch_shards(mesh)),
+  step_fn = jax.jit(sharding.traced_on(mesh, make_train_step(model, settings, tx, config.seed,
+                                                              config.train.micro_batches, prng,
+                                                              token_groups=sharding.batch_shards(mesh))),
                     in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   return ShardedStep(model, tx, mesh, prng, abstract_params, param_sh, abstract_state, state_sh, step_fn)

@@ -177,8 +177,9 @@ def setup(config, workdir, log=print, explicit_model_keys=(), timings: Timings |
     log(f"resumed from {workdir / 'checkpoints'} at step {resume_step} (epoch {progress.epoch})")
 
   return Run(config, workdir, cfg, settings, mesh, model, *data, state=state, progress=progress,
-             checkpoints=checkpoints, step_fn=built.step_fn, eval_loss_fn=jax.jit(make_loss_fn(model, settings, token_groups=sharding.batch_shards(mesh))),
-             embed_fn=make_embed_fn(model), param_shardings=param_sh, abstract_params=abstract_params, log=log)
+             checkpoints=checkpoints, step_fn=built.step_fn, eval_loss_fn=jax.jit(sharding.traced_on(
+                 mesh, make_loss_fn(model, settings, token_groups=sharding.batch_shards(mesh)))),
+             embed_fn=make_embed_fn(model, mesh), param_shardings=param_sh, abstract_params=abstract_params, log=log)
 
 
 def initial_params(config, cfg: ModelConfig, log=print, shardings=None) -> dict:

@@ -8,16 +8,19 @@ from retfiner_jax.metrics.embeddings import mean_pairwise_cosine
 from retfiner_jax.metrics.ranking import retrieval_recall
 from retfiner_jax.models.retfiner import RetFiner
 from retfiner_jax.refine.objectives import ObjectiveSettings, make_loss_fn
+from retfiner_jax.runs import sharding
 from retfiner_jax.runs.sharding import to_host
 
 
-def make_embed_fn(model: RetFiner):
+def make_embed_fn(model: RetFiner, mesh=None):
+  """(params, images, input_ids, attention_mask) -> (image, text) contrastive embeddings; `mesh`: the run's, on
+  which the batches are sharded (sharding.traced_on)."""
   def embed(params, images, input_ids, attention_mask):
     m = model.bind({"params": params})
     image = m.image_embedding(m.image_tokens(images))
     text = m.text_embedding(m.text_only(input_ids, attention_mask)[:, 0])
     return image, text
-  return jax.jit(embed)
+  return jax.jit(embed if mesh is None else sharding.traced_on(mesh, embed))
 
 
 def evaluate(model: RetFiner, params, batches, settings: ObjectiveSettings, seed: int, to_global, ks=(1, 5, 10),

@@ -5,6 +5,8 @@ divisible dimension). Batches are sharded over both axes on their first dimensio
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -32,6 +34,16 @@ def batch_sharding(mesh):
 def batch_shards(mesh) -> int:
   """How many blocks of rows a batch is split into (batch_sharding): one per device."""
   return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
+
+
+def traced_on(mesh, fn):
+  """`fn`, traced with `mesh` as the ambient (abstract) mesh, so that code inside it which has no mesh of its own
+  can lay out what it computes as the run lays out its batches (models/attention.py fused_attention)."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def replicated(mesh):

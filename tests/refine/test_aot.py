@@ -158,6 +158,21 @@ def test_the_h200_step_runs_fused_attention_and_keeps_no_float32_or_elementwise_
   assert shipped["report"]["gib_per_device"]["temporaries"] < before["report"]["gib_per_device"]["temporaries"]
 
 
+def test_the_fused_attention_compiles_for_eight_gpus(tmp_path):
+  """The shipped settings' cuDNN attention on an 8-GPU data-parallel mesh. Without the operands laid out as the
+  batch (models/attention.py), XLA handed the kernel's partitioner a layout it could not express on the (8, 1)
+  mesh and the compile failed, although one GPU and two compiled."""
+  require_compilers("cuda")
+  config = write_config(tmp_path, extra="\n  ".join((
+      "c.model.image_size = 224",
+      "c.model.vision_dim, c.model.vision_heads, c.model.vision_depth, c.model.vision_mlp_dim = 256, 16, 2, 512",
+      "c.model.dtype = 'bfloat16'", "c.train.batch_size = 16")))
+  out, reports = run_aot(f"--config={config}", "--target=8xh100")
+  assert out.returncode == 0 and len(reports) == 1, out.stderr[-3000:]
+  assert reports[0]["settings"]["mesh"] == {"data": 8, "fsdp": 1}
+  assert reports[0]["attention"] == "fused" and reports[0]["fused_attention_calls"] >= 2, reports[0]
+
+
 def test_too_large_is_reported_and_fit_finds_a_setting(tmp_path):
   """Batch 64 on two H100s given 0.08 GiB each: the step as configured needs about 0.1 GiB and does not fit;
   --fit tries remat dots first, which needs about 0.06 GiB: it fits, exit 0, and the JSON names what was tried."""
