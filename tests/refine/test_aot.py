@@ -44,6 +44,15 @@ def write_config(folder: Path, extra: str = "") -> Path:
   return path
 
 
+def write_vit_l_attention_config(folder: Path, batch_size: int) -> Path:
+  """The tiny config at ViT-L/16's attention shapes (224 px: 197 tokens; 16 heads), a small width, in bfloat16:
+  what the fused-attention checks compile."""
+  return write_config(folder, extra="\n  ".join((
+      "c.model.image_size = 224",
+      "c.model.vision_dim, c.model.vision_heads, c.model.vision_depth, c.model.vision_mlp_dim = 256, 16, 2, 512",
+      "c.model.dtype = 'bfloat16'", f"c.train.batch_size = {batch_size}")))
+
+
 def run_aot(*args):
   """The command, with the compilers of requirements-aot.txt on its path; its JSON lines."""
   env = aot_environment(JAX_DEFAULT_MATMUL_PRECISION="highest")  # This process's matmul precision (conftest).
@@ -130,10 +139,7 @@ def test_the_h200_step_runs_fused_attention_and_keeps_no_float32_or_elementwise_
   backward pass is read from the loop state of XLA's optimised program (the H200 dump of the full step showed the
   float32 probabilities at 7.6 GB, and six float32 and four 4096-wide buffers per block)."""
   require_compilers("cuda")
-  config = write_config(tmp_path, extra="\n  ".join((
-      "c.model.image_size = 224",
-      "c.model.vision_dim, c.model.vision_heads, c.model.vision_depth, c.model.vision_mlp_dim = 256, 16, 2, 512",
-      "c.model.dtype = 'bfloat16'", "c.train.batch_size = 2")))
+  config = write_vit_l_attention_config(tmp_path, batch_size=2)
   scores = re.compile(r"f32\[(?:\d+,)*16,19[78],19[78]\]")
   runs = {}
   for name, settings in (("shipped", ("auto", "auto")), ("before", ("xla", "none"))):
@@ -163,10 +169,7 @@ def test_the_fused_attention_compiles_for_eight_gpus(tmp_path):
   batch (models/attention.py), XLA handed the kernel's partitioner a layout it could not express on the (8, 1)
   mesh and the compile failed, although one GPU and two compiled."""
   require_compilers("cuda")
-  config = write_config(tmp_path, extra="\n  ".join((
-      "c.model.image_size = 224",
-      "c.model.vision_dim, c.model.vision_heads, c.model.vision_depth, c.model.vision_mlp_dim = 256, 16, 2, 512",
-      "c.model.dtype = 'bfloat16'", "c.train.batch_size = 16")))
+  config = write_vit_l_attention_config(tmp_path, batch_size=16)
   out, reports = run_aot(f"--config={config}", "--target=8xh100")
   assert out.returncode == 0 and len(reports) == 1, out.stderr[-3000:]
   assert reports[0]["settings"]["mesh"] == {"data": 8, "fsdp": 1}
