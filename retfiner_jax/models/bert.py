@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from retfiner_jax.models.attention import attention, padding_bias
-from retfiner_jax.models.common import apply_stack, compute_dtype, gelu, layer_norm, recomputes_elementwise, stack
+from retfiner_jax.models.common import (Dropout, apply_stack, compute_dtype, gelu, layer_norm, recomputes_elementwise,
+                                        stack)
 from retfiner_jax.models.config import ModelConfig
 
 BERT_LN_EPS = 1e-12
@@ -34,7 +35,7 @@ class BertAttention(nn.Module):
     self.value = dense(cfg.text_dim, dtype)
     self.output_dense = dense(cfg.text_dim, dtype)
     self.output_LayerNorm = layer_norm(BERT_LN_EPS, recompute=recomputes_elementwise(cfg))
-    self.dropout = nn.Dropout(cfg.text_dropout)
+    self.dropout = Dropout(cfg.text_dropout)
 
   def _heads(self, x):
     return x.reshape(x.shape[:2] + (self.cfg.text_heads, self.cfg.text_dim // self.cfg.text_heads))
@@ -99,7 +100,7 @@ class BertLayer(nn.Module):
     self.intermediate_dense = dense(cfg.text_intermediate, dtype)
     self.output_dense = dense(cfg.text_dim, dtype)
     self.output_LayerNorm = layer_norm(BERT_LN_EPS, recompute=recomputes_elementwise(cfg))
-    self.dropout = nn.Dropout(cfg.text_dropout)
+    self.dropout = Dropout(cfg.text_dropout)
 
   def __call__(self, hidden, self_bias, image_tokens=None, extra_image_index=None, train: bool = False):
     """One layer; returns (hidden, None) (a scan step). Cross-attention runs when `image_tokens` is given."""
@@ -121,7 +122,7 @@ class BertEmbeddings(nn.Module):
     self.position_embeddings = nn.Embed(cfg.max_position_embeddings, cfg.text_dim, embedding_init=init_normal)
     self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.text_dim, embedding_init=init_normal)
     self.LayerNorm = layer_norm(BERT_LN_EPS)
-    self.dropout = nn.Dropout(cfg.text_dropout)
+    self.dropout = Dropout(cfg.text_dropout)
 
   def __call__(self, input_ids, train: bool = False):
     length = input_ids.shape[-1]

@@ -78,6 +78,25 @@ def gelu(x, recompute: bool = False):
   return jax.checkpoint(_gelu)(x) if recompute else _gelu(x)
 
 
+class Dropout(nn.Module):
+  """Inverted dropout with flax.linen.Dropout's values: the same key (make_rng('dropout') in a submodule of the same
+  name) and the same keep mask, which is drawn as one flat vector and reshaped. JAX's bits of a shape are those of
+  the flat shape in row-major order (every key implementation), so only the program changes: XLA's CPU compiler
+  takes about a fifth of the time over the flat hash (0.2 s against 1.1 s for a (640, 12, 30, 30) probability
+  mask), and the full step has eight such masks."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if self.rate == 0.0 or deterministic:
+      return x
+    if self.rate == 1.0:  # As Flax: zeros, without 0 * inf in the gradient.
+      return jnp.zeros_like(x)
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.size,)).reshape(x.shape)
+    return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
+
+
 def torch_linear(features: int, fan_in: int, dtype, use_bias: bool = True, name=None):
   """nn.Dense initialised as a new torch.nn.Linear is: weight kaiming_uniform(a=sqrt(5)) and bias, both
   U(+-1/sqrt(fan_in)). For the layers the original creates afresh (RETFound's `proj`, the contrastive and ITM

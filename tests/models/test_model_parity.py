@@ -126,3 +126,30 @@ def test_text_only_parity_on_real_minilm():
                    padding_bias(jnp.asarray(tok["attention_mask"])))
   valid = tok["attention_mask"].astype(bool)
   np.testing.assert_allclose(np.asarray(got)[valid], want[valid], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_bert_dropout_draws_flax_dropouts_masks(monkeypatch, impl, scan):
+  """Our Dropout draws its keep mask flat (a smaller program) but must give flax.linen.Dropout's values: the same
+  outputs of a training-mode BERT pass (embeddings, self- and cross-attention probabilities, hidden states) with
+  the same 'dropout' key, for the CPU's key implementation and the accelerators'."""
+  import jax
+  import flax.linen as nn
+  from retfiner_jax.models import bert as bert_module
+  cfg = get_variant("tiny-retfound").replace(scan_layers=scan, dtype="float32", text_dropout=0.3)
+  ids, mask, image = (jnp.asarray(x.numpy()) for x in _batch())
+  image = jnp.tile(image, (1, 1, cfg.vision_dim // image.shape[-1] + 1))[..., :cfg.vision_dim]
+  bias = padding_bias(mask)
+  ids = ids % cfg.vocab_size
+
+  def run(model, params=None):
+    params = params or model.init(jax.random.PRNGKey(0), ids, bias, image)
+    out = model.apply(params, ids, bias, image, train=True, rngs={"dropout": jax.random.key(7, impl=impl)})
+    return params, np.asarray(out), np.asarray(model.apply(params, ids, bias, image))
+
+  params, ours, deterministic = run(BertTextEncoder(cfg))
+  monkeypatch.setattr(bert_module, "Dropout", nn.Dropout)
+  _, flax_dropout, _ = run(bert_module.BertTextEncoder(cfg), params)
+  np.testing.assert_array_equal(ours, flax_dropout)
+  assert not np.allclose(ours, deterministic, atol=1e-3)  # Dropout was on.
