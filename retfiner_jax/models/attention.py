@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from retfiner_jax.models.layout import rows_over_devices
+
 # config.model.attention. auto: cuDNN's fused kernel on NVIDIA GPUs in bfloat16, XLA's ops elsewhere (CPU keeps the
 # float32 path the reference bundles are matched with; on TPU XLA's own fusion is used).
 ATTENTION_CHOICES = ("auto", "xla", "fused")
@@ -75,13 +77,10 @@ def fused_attention(query, key, value, kernel: str = "cudnn"):
   on any backend, for tests). Odd lengths are padded by one (cuDNN's training kernels take even lengths only,
   such as ViT's 197 tokens) and the padding is masked out by sequence lengths, so the result is unchanged.
 
-  Traced on a mesh (a run's step sets it: runs/sharding.py traced_on), the operands are first laid out as the run
-  lays out its batches, rows split over every device: XLA's sharding propagation can otherwise hand the kernel's
-  partitioner a layout it cannot express on the mesh (seen for 8 GPUs: an error at compile time)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty:
-    rows = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
-    query, key, value = (jax.lax.with_sharding_constraint(a, rows) for a in (query, key, value))
+  Traced on a mesh, the operands are first laid out as the run lays out its batches (layout.rows_over_devices):
+  XLA's sharding propagation can otherwise hand the kernel's partitioner a layout it cannot express on the mesh
+  (seen for 8 GPUs: an error at compile time)."""
+  query, key, value = (rows_over_devices(a) for a in (query, key, value))
   batch, q_len, _, _ = query.shape
   kv_len = key.shape[1]
   lengths = {}

@@ -15,6 +15,7 @@ from retfiner_jax.models.attention import attention, padding_bias
 from retfiner_jax.models.common import (Dropout, apply_stack, compute_dtype, gelu, layer_norm, recomputes_elementwise,
                                         stack)
 from retfiner_jax.models.config import ModelConfig
+from retfiner_jax.models.layout import rows_over_devices
 
 BERT_LN_EPS = 1e-12
 init_normal = nn.initializers.normal(0.02)  # BERT's initializer_range.
@@ -77,10 +78,11 @@ class BertAttention(nn.Module):
     else:
       if bias is not None:
         raise ValueError("attention: grouped rows take no mask (cross-attention sees every image token)")
+      # Regrouped by image, each device keeps its own images' rows (rows_over_devices), as in the keys/values.
       grouped = query[:groups * images].reshape(groups, images, length, heads, depth).swapaxes(0, 1)
-      context = attention(grouped.reshape(images, groups * length, heads, depth), key, value, None,
-                          on_probs("probs"))
-      context = context.reshape(images, groups, length, heads, depth).swapaxes(0, 1)
+      grouped = rows_over_devices(grouped.reshape(images, groups * length, heads, depth))
+      context = attention(grouped, rows_over_devices(key), rows_over_devices(value), None, on_probs("probs"))
+      context = rows_over_devices(context).reshape(images, groups, length, heads, depth).swapaxes(0, 1)
       context = context.reshape(groups * images, length, heads, depth)
     if extra:
       context = jnp.concatenate([context, attention(query[groups * images:], key[extra_index], value[extra_index],
@@ -104,6 +106,7 @@ class BertLayer(nn.Module):
 
   def __call__(self, hidden, self_bias, image_tokens=None, extra_image_index=None, train: bool = False):
     """One layer; returns (hidden, None) (a scan step). Cross-attention runs when `image_tokens` is given."""
+    hidden = rows_over_devices(hidden)
     hidden = self.attention(hidden, self.attention.keys_values(hidden), self_bias, train=train)
     if image_tokens is not None:  # No mask: every image token is visible.
       cross_kv = self.crossattention.keys_values(image_tokens.astype(hidden.dtype))

@@ -14,6 +14,7 @@ from retfiner_jax.models.attention import attention, fused_where_traced
 from retfiner_jax.models.common import (apply_stack, compute_dtype, gelu, layer_norm, model_images,
                                        recomputes_elementwise, stack, torch_linear)
 from retfiner_jax.models.config import ModelConfig
+from retfiner_jax.models.layout import rows_over_devices
 
 VIT_LN_EPS = 1e-6
 
@@ -69,6 +70,7 @@ class Block(nn.Module):
     branch = lambda y: drop_path(y, drop_rate, self.make_rng("dropout")) if dropping else y
     fused = fused_where_traced(cfg.attention, cfg.dtype)
     recompute = recomputes_elementwise(cfg)
+    x = rows_over_devices(x)
     x = x + branch(FusedQKVAttention(cfg.vision_dim, cfg.vision_heads, dtype, fused, name="attn")(
         layer_norm(VIT_LN_EPS, "norm1", recompute)(x).astype(dtype)))
     x = x + branch(Mlp(cfg.vision_mlp_dim, cfg.vision_dim, dtype, recompute, name="mlp")(

@@ -162,8 +162,9 @@ for name, devices, data, fsdp in (("single", jax.devices()[:1], 1, 1), ("fsdp", 
   state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
   state_sh = sharding.tree_shardings(mesh, jax.eval_shape(lambda: state), SCANNED_STACKS)
   state = jax.device_put(state, state_sh)
-  step = jax.jit(make_train_step(RetFiner(cfg), ObjectiveSettings(), tx, 0, 1,
-                                 token_groups=sharding.batch_shards(mesh)),
+  # Traced with the mesh as the ambient one, as a run's step is (the layers lay out their rows by it).
+  step = jax.jit(sharding.traced_on(mesh, make_train_step(RetFiner(cfg), ObjectiveSettings(), tx, 0, 1,
+                                                          token_groups=sharding.batch_shards(mesh))),
                  in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, sharding.replicated(mesh)))
   global_batch = sharding.global_batch(mesh, batch)
   compiled = step.lower(state, global_batch).compile()
