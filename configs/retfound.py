@@ -2,10 +2,9 @@
 RETFound built with stochastic depth 0.1 as the original builds it (RetFiner/util_funcs.py,
 `load_vision_backbone`: `vit_large_patch16(drop_path_rate=0.1)`, active while Lightning trains).
 
-Where it fits as shipped (python -m retfiner_jax.aot; README, "Where it fits"): one H200 or one H100 (41.9 GiB
-with the fused attention and remat 'auto' at 9ef8eca), a v4-8 (29.9 of 32 GiB), and by the older table a v5p-8,
-v6e-8 and eight H100s. Not a v5e-8: `python -m retfiner_jax.aot --config=retfound --topology=v5e:2x4 --fit` names
-the setting (the older table: `--config.model.remat=full`).
+Where it fits as shipped (python -m retfiner_jax.aot; README, "Where it fits"): every target of the README's table:
+one H200 or one H100 (41.9 GiB), eight H100s, a v4-8, v5p-8 or v6e-8, and a v5e-8 with little to spare (15.5 of
+15.75 GiB a chip).
 
   python -m retfiner_jax.main --config=configs/retfound.py --workdir=runs/retfound \
       --config.weights.vision=weights/retfound --config.weights.text=bert-base-uncased \

@@ -5,7 +5,7 @@ Stochastic depth stays off (`model.drop_path` 0): the original's snapshot has no
 UrFound's ViT is timm's like RETFound's, and `--config.model.drop_path=0.1` builds it as RETFound is built.
 
 Where it fits as shipped (python -m retfiner_jax.aot; README, "Where it fits"): every target of the README's
-table but a v5e-8, where `--config.model.remat=dots` fits.
+table (a v5e-8 in 10.0 of 15.75 GiB a chip).
 
   python -m retfiner_jax.main --config=configs/urfound.py --workdir=runs/urfound \
       --config.weights.vision=weights/urfound --config.weights.text=bert-base-uncased \

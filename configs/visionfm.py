@@ -8,7 +8,7 @@ without stochastic depth (RetFiner/util_funcs.py: `VisionTransformer(return_all_
 drop_path_rate 0 by default), so `model.drop_path` stays 0.
 
 Where it fits as shipped (python -m retfiner_jax.aot; README, "Where it fits"): every target of the README's
-table but a v5e-8, where `--config.model.remat=dots` fits.
+table (a v5e-8 in 10.0 of 15.75 GiB a chip).
 
   python -m retfiner_jax.main --config=configs/visionfm.py --workdir=runs/visionfm \
       --config.weights.vision=weights/visionfm --config.weights.text=bert-base-uncased \
