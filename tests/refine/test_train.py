@@ -256,6 +256,97 @@ def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
   assert probe["benchmark"] == "probe_paper" and probe["ours_seconds_per_epoch"] > 0 and probe["speedup"] > 0
 
 
+# A stand-in for a checkout of the original (github.com/ronnief1/RetFiner, not vendored): the names, file formats
+# and defect that benchmarks/original_rfm.py relies on, with small modules. The real original at e0e089f was timed
+# with it by hand (benchmarks/README.md); this checks the harness's side of the contract.
+STAND_IN_ORIGINAL = {
+    "util_funcs.py": """
+from functools import partial
+import torch
+DOMAIN_CONF = {"bscan": {"input_adapter": partial(PatchedInputAdapter, num_channels=1)}}  # As published.
+
+def load_vision_backbone(path):
+  assert "retfound" in path.lower(), path
+  from vit import vit_large_patch16
+  model = vit_large_patch16(img_size=224, num_classes=2, drop_path_rate=0.1, global_pool=False)
+  model.load_state_dict(torch.load(path, map_location="cpu")["model"])
+  return model
+""",
+    "vit.py": """
+import torch
+def vit_large_patch16(**kw):
+  assert kw == dict(img_size=224, num_classes=2, drop_path_rate=0.1, global_pool=False), kw
+  return torch.nn.Linear(3, 8)
+""",
+    "model/__init__.py": "",
+    "model/bert.py": """
+import json, os, torch
+from transformers import BertConfig
+class BertForMaskedLM(torch.nn.Module):
+  def __init__(self, config):
+    super().__init__()
+    assert config.add_cross_attention and config.is_decoder
+    self.config, self.embed = config, torch.nn.Embedding(config.vocab_size, 8)
+  def save_pretrained(self, folder, safe_serialization=True):
+    os.makedirs(folder)
+    self.config.to_json_file(os.path.join(folder, "config.json"))
+    torch.save(self.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+  @classmethod
+  def from_pretrained(cls, folder):
+    model = cls(BertConfig.from_json_file(os.path.join(folder, "config.json")))
+    model.load_state_dict(torch.load(os.path.join(folder, "pytorch_model.bin")))
+    return model
+""",
+    "RFM.py": """
+import os, torch
+from model.bert import BertForMaskedLM
+from util_funcs import load_vision_backbone
+class RFM(torch.nn.Module):
+  def __init__(self, vision_weights_path, bert_weights, tokenizer_weights):
+    super().__init__()
+    print("the original prints as it builds")
+    self.vision_encoder = load_vision_backbone(vision_weights_path)
+    self.multimodal_encoder = BertForMaskedLM.from_pretrained(bert_weights)
+    assert len(open(os.path.join(tokenizer_weights, "vocab.txt")).read().split()) == 30522
+  def forward(self, samples):
+    images = samples["images"].mean(dim=(2, 3))
+    words = torch.tensor([len(text) for text in samples["texts"]])
+    return (self.vision_encoder(images) ** 2).mean() + (self.multimodal_encoder.embed(words) ** 2).mean()
+""",
+}
+
+
+def test_the_real_originals_step_is_timed_from_a_checkout_of_it(tmp_path):
+  checkout = tmp_path / "RetFiner-checkout"
+  for name, text in STAND_IN_ORIGINAL.items():
+    (checkout / "RetFiner" / name).parent.mkdir(parents=True, exist_ok=True)
+    (checkout / "RetFiner" / name).write_text(text)
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("\n".join(["[PAD]"] + [f"piece{i}" for i in range(30521)]) + "\n")  # bert-base-uncased's size.
+  out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step.py"), "--vision", "vit_l16", "--text",
+                        "bert_base", "--batch", "4", "--steps", "2", "--warmup", "1", "--original", str(checkout),
+                        "--original-vocab", str(vocab)], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = [json.loads(line) for line in out.stdout.splitlines()]  # JSON only: the original's prints go to stderr.
+  assert "the original prints as it builds" in out.stderr
+  assert lines[0]["placeholders_for_the_originals_undefined_names"] == ["PatchedInputAdapter", "SpatialOutputAdapter"]
+  assert [r.get("phase") for r in lines[1:-1]] == ["import", "build", "first_step", "step", "step"]
+  summary = lines[-1]
+  assert summary["benchmark"] == "step_original_real" and summary["fm"] == "retfound" and summary["batch"] == 4
+  assert summary["samples_per_s"] == pytest.approx(4 / summary["median_s"])
+  assert summary["original"] == str((checkout / "RetFiner").resolve()) and summary["precision"] == "float32"
+  ours = step_benchmark()
+  flops = ours.step_flops(ours.model_config("vit_l16", "bert_base"), 4, True, ours.OBJECTIVES)
+  assert summary["model_flops"] == flops and summary["achieved_flops_per_s"] == pytest.approx(flops / summary["median_s"])
+  # A folder without the original, and sizes the original does not have, are refused by name.
+  missing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "original_rfm.py"), "--original", str(tmp_path)],
+                           capture_output=True, text=True, timeout=120)
+  assert missing.returncode != 0 and f"--original {tmp_path}: no RFM.py" in missing.stderr
+  tiny = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step.py"), "--vision", "tiny", "--original",
+                         str(checkout)], capture_output=True, text=True, timeout=120)
+  assert tiny.returncode == 2 and "--original runs the original's own sizes" in tiny.stderr
+
+
 def step_benchmark():
   """benchmarks/step.py as a module (importing it runs nothing)."""
   sys.path.insert(0, str(ROOT / "benchmarks"))
