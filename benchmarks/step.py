@@ -314,6 +314,8 @@ def main():
     p.error(f"--warmup must be 0 or more, got {a.warmup}")
   if a.compile_cache is None:
     a.compile_cache = compile_cache.OFF if a.compile_only else ""
+  if a.original_only and a.original:
+    p.error("--original-only (the original-style step) and --original (the real original) are separate runs")
   if a.original_only:
     return time_original_only(a)
   if a.original:
