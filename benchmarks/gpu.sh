@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one run, at most 480 s of phases on one H100/H200 (525 with ORIGINAL=) (each under its own timeout).
+# Every GPU measurement in one run, at most 480 s of phases on one H100/H200 (525 s with ORIGINAL=), each under
+# its own timeout.
 # Each phase writes its JSON lines to $OUT as they happen (a phase that is cut off keeps what it printed);
 # a phase that fails or times out is reported and the script goes on, and the script then exits 1 naming it.
 # Phase 0 asks the AOT tool (python -m retfiner_jax.aot) whether the shipped retfound config fits an H200 and
