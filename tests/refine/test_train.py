@@ -274,6 +274,7 @@ def load_vision_backbone(path):
 """,
     "vit.py": """
 import torch
+import torchvision.transforms  # As timm 0.4.12 does on import; torchvision is not installed for the tests.
 def vit_large_patch16(**kw):
   assert kw == dict(img_size=224, num_classes=2, drop_path_rate=0.1, global_pool=False), kw
   return torch.nn.Linear(3, 8)
@@ -323,14 +324,17 @@ def test_the_real_originals_step_is_timed_from_a_checkout_of_it(tmp_path):
     (checkout / "RetFiner" / name).write_text(text)
   vocab = tmp_path / "vocab.txt"
   vocab.write_text("\n".join(["[PAD]"] + [f"piece{i}" for i in range(30521)]) + "\n")  # bert-base-uncased's size.
-  out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step.py"), "--vision", "vit_l16", "--text",
-                        "bert_base", "--batch", "4", "--steps", "2", "--warmup", "1", "--original", str(checkout),
-                        "--original-vocab", str(vocab)], capture_output=True, text=True, timeout=300)
+  command = [sys.executable, str(ROOT / "benchmarks" / "step.py"), "--vision", "vit_l16", "--text", "bert_base",
+             "--batch", "4", "--steps", "2", "--warmup", "1", "--original", str(checkout), "--original-vocab", str(vocab)]
+  without = subprocess.run(command, capture_output=True, text=True, timeout=300)
+  assert without.returncode != 0 and "No module named 'torchvision'" in without.stderr
+  out = subprocess.run(command + ["--original-torchvision-stand-in"], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = [json.loads(line) for line in out.stdout.splitlines()]  # JSON only: the original's prints go to stderr.
   assert "the original prints as it builds" in out.stderr
-  assert lines[0]["placeholders_for_the_originals_undefined_names"] == ["PatchedInputAdapter", "SpatialOutputAdapter"]
-  assert [r.get("phase") for r in lines[1:-1]] == ["import", "build", "first_step", "step", "step"]
+  assert lines[0] == {"phase": "note", "torchvision": "an empty stand-in module (--torchvision-stand-in)"}
+  assert lines[1]["placeholders_for_the_originals_undefined_names"] == ["PatchedInputAdapter", "SpatialOutputAdapter"]
+  assert [r.get("phase") for r in lines[2:-1]] == ["import", "build", "first_step", "step", "step"]
   summary = lines[-1]
   assert summary["benchmark"] == "step_original_real" and summary["fm"] == "retfound" and summary["batch"] == 4
   assert summary["samples_per_s"] == pytest.approx(4 / summary["median_s"])
