@@ -8,6 +8,16 @@ import pytest
 
 from retfiner_jax.runs import compile_cache
 
+# The suite's programs are small and many, so XLA:CPU spends most of the suite's time compiling them, and most of
+# that in LLVM's optimisation of each kernel. At LLVM's level 0 two compile-bound tests took a third less time and
+# the whole suite 18 % less (benchmarks/README.md, "The test suite's time"); the programs (HLO) are XLA's either
+# way, only the machine code is less optimised. Set here, before JAX starts its backend, so that the subprocesses
+# the tests start (the commands, the tutorial's kernel) inherit it. A level already in XLA_FLAGS is kept:
+# XLA_FLAGS=--xla_backend_optimization_level=3 runs the suite at XLA's default.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""),
+                                                  "--xla_backend_optimization_level=0") if f)
+
 jax.config.update("jax_default_matmul_precision", "highest")
 # One persistent compilation cache for the session, fresh every time: the many runs of the same tiny models in
 # different tests compile once (JAX's in-memory cache does not outlive a jitted function object).

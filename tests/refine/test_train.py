@@ -116,7 +116,7 @@ def test_unknown_config_key_is_an_error(tmp_path):
 
 SHARDED_SCRIPT = r"""
 import os, re, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
 from retfiner_jax.models.config import get_variant

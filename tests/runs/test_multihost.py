@@ -49,10 +49,11 @@ def _command(config, workdir, *extra):
 
 
 def _env(devices: int):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["PYTHONPATH"] = str(ROOT)
+  # The suite's XLA flags (conftest.py) without any device count, then this test's.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
   if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=" ".join(flags))
   return env
 
 
