@@ -20,8 +20,11 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # One persistent compilation cache for the session, fresh every time: the many runs of the same tiny models in
-# different tests compile once (JAX's in-memory cache does not outlive a jitted function object).
-compile_cache.enable(tempfile.mkdtemp(prefix="retfiner-tests-xla-"))
+# different tests compile once (JAX's in-memory cache does not outlive a jitted function object). It is the
+# default folder under a fresh XDG_CACHE_HOME, so that the commands the tests start share it and nothing is
+# written to (or found in) the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="retfiner-tests-cache-")
+compile_cache.enable()
 # Decoded device makers' volumes (data/vendor.py) go to a fresh folder too, not the user's ~/.cache; subprocesses
 # and the tutorial's kernel inherit it.
 os.environ["RETFINER_VOLUME_CACHE"] = tempfile.mkdtemp(prefix="retfiner-tests-volumes-")
