@@ -10,7 +10,7 @@ from retfiner_jax.runs import compile_cache
 
 # The suite's programs are small and many, so XLA:CPU spends most of the suite's time compiling them, and most of
 # that in LLVM's optimisation of each kernel. At LLVM's level 0 two compile-bound tests took a third less time and
-# the whole suite 18 % less (benchmarks/README.md, "The test suite's time"); the programs (HLO) are XLA's either
+# the whole suite 13-18 % less (benchmarks/README.md, "The test suite's time"); the programs (HLO) are XLA's either
 # way, only the machine code is less optimised. Set here, before JAX starts its backend, so that the subprocesses
 # the tests start (the commands, the tutorial's kernel) inherit it. A level already in XLA_FLAGS is kept:
 # XLA_FLAGS=--xla_backend_optimization_level=3 runs the suite at XLA's default.
