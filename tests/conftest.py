@@ -15,8 +15,7 @@ from retfiner_jax.runs import compile_cache
 # the tests start (the commands, the tutorial's kernel) inherit it. A level already in XLA_FLAGS is kept:
 # XLA_FLAGS=--xla_backend_optimization_level=3 runs the suite at XLA's default.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""),
-                                                  "--xla_backend_optimization_level=0") if f)
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # One persistent compilation cache for the session, fresh every time: the many runs of the same tiny models in

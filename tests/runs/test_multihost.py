@@ -53,8 +53,7 @@ def _env(devices: int):
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
   if devices > 1:
     flags.append(f"--xla_force_host_platform_device_count={devices}")
-  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=" ".join(flags))
-  return env
+  return dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=" ".join(flags))
 
 
 def _pair(config, workdir, logs, sigterm_after_step=None, then_process_0_after=None):
