@@ -21,8 +21,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # One persistent compilation cache for the session, fresh every time: the many runs of the same tiny models in
 # different tests compile once (JAX's in-memory cache does not outlive a jitted function object). It is the
 # default folder under a fresh XDG_CACHE_HOME, so that the commands the tests start share it and nothing is
-# written to (or found in) the user's ~/.cache.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="retfiner-tests-cache-")
+# written to (or found in) the user's ~/.cache. pytest-xdist's workers (pytest.ini: -n 2) inherit the folder the
+# controlling process made here before it started them, so the workers share one cache too.
+if "RETFINER_TESTS_CACHE_HOME" not in os.environ:
+  os.environ["RETFINER_TESTS_CACHE_HOME"] = tempfile.mkdtemp(prefix="retfiner-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = os.environ["RETFINER_TESTS_CACHE_HOME"]
 compile_cache.enable()
 # Decoded device makers' volumes (data/vendor.py) go to a fresh folder too, not the user's ~/.cache; subprocesses
 # and the tutorial's kernel inherit it.
