@@ -113,7 +113,7 @@ def compile_report(config, target: targets.Target, devices, log=print, save: str
   fits"). A step that XLA refuses for lack of memory is reported as not fitting, with the figures XLA gives.
   `hlo`: a file for XLA's optimised program (text), to read which kernels and buffers it holds."""
   cfg, settings = model_config(config), objective_settings(config)
-  built, lowered, (state, batch), lower_s = lower_step(config, devices, cfg, settings)
+  built, lowered, (state, batch, _), lower_s = lower_step(config, devices, cfg, settings)
   report = {"target": target.name, "devices": target.devices, "device_kind": devices[0].device_kind,
             "settings": dict(settings_of(config), remat=built.model.cfg.remat,  # 'auto' resolved for the target.
                              mesh={k: int(v) for k, v in built.mesh.shape.items()}),
@@ -200,7 +200,7 @@ def load_compiled(path, lowered, devices):
   want, have = fingerprint(lowered, devices), record["fingerprint"]
   differs = [k for k in want if want[k] != have.get(k)]
   if differs:
-    named = {"program_sha256": "the program (model, batch, mesh, micro-batches, optimizer or seed)"}
+    named = {"program_sha256": "the program (model, batch, mesh, micro-batches or optimizer)"}
     detail = "; ".join(named.get(k, f"{k}: {have.get(k)!r} there, {want[k]!r} here") for k in differs)
     raise ConfigError(f"config.compiled_step = {path} was compiled for another step ({detail}). It was saved for "
                       f"{record['target']} with {json.dumps(record['settings'])}: compile it again with "

@@ -82,15 +82,17 @@ def prng_impl(choice: str, platform: str) -> str:
   return {"threefry": "threefry2x32"}.get(choice, choice)
 
 
-def make_train_step(model: RetFiner, settings: ObjectiveSettings, tx, seed: int, micro_batches: int,
+def make_train_step(model: RetFiner, settings: ObjectiveSettings, tx, micro_batches: int,
                     prng: str = "threefry2x32", token_groups: int = 1):
-  """(state, batch) -> (state, metrics). `token_groups`: the devices the batch is sharded over (make_loss_fn)."""
+  """(state, batch, seed) -> (state, metrics); `seed`: the run's seed (config.seed) as an int32 scalar, an input
+  rather than a constant, so that one compiled program (and the persistent compilation cache's entry) serves every
+  seed. `token_groups`: the devices the batch is sharded over (make_loss_fn)."""
   loss_fn = make_loss_fn(model, settings, train=True, token_groups=token_groups)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  # threefry as a raw key: the very program (and streams) of every earlier run.
-  base_key = jax.random.PRNGKey(seed) if prng == "threefry2x32" else jax.random.key(seed, impl=prng)
 
-  def train_step(state, batch):
+  def train_step(state, batch, seed):
+    # threefry as a raw key: the streams of every earlier run (the same bits as from a constant seed).
+    base_key = jax.random.PRNGKey(seed) if prng == "threefry2x32" else jax.random.key(seed, impl=prng)
     batch = dict(batch)
     stop = batch.pop("stop", None)  # Several processes: which of them were signalled (trainer.train_loop).
     rng = jax.random.fold_in(base_key, state["step"])
@@ -132,18 +134,24 @@ class ShardedStep:
   param_shardings: Any
   abstract_state: Any
   state_shardings: Any
-  step_fn: Callable  # (state, batch) -> (state, metrics)
+  step_fn: Callable  # (state, batch, seed) -> (state, metrics)
 
   def init_state(self, params):
     return init_state(self.tx, params)
 
+  def seed(self, value: int):
+    """The step's `seed` argument: `value` as an int32 scalar replicated over the mesh (made by a jitted function,
+    so that every process of a multi-host run holds the same global array)."""
+    return jax.jit(lambda: jnp.asarray(value, jnp.int32), out_shardings=sharding.replicated(self.mesh))()
+
   def abstract_args(self, batch_size: int, text_length: int, image_size: int, several_processes: bool = False,
                     image_dtype: str = "float32"):
-    """ShapeDtypeStructs of (state, global batch), with their shardings: what `step_fn.lower` takes to compile
-    the step without any array."""
+    """ShapeDtypeStructs of (state, global batch, seed), with their shardings: what `step_fn.lower` takes to
+    compile the step without any array."""
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state,
                          self.state_shardings)
-    return state, abstract_batch(self.mesh, batch_size, text_length, image_size, several_processes, image_dtype)
+    return (state, abstract_batch(self.mesh, batch_size, text_length, image_size, several_processes, image_dtype),
+            abstract_seed(self.mesh))
 
 
 def abstract_batch(mesh, batch_size: int, text_length: int, image_size: int, several_processes: bool = False,
@@ -154,6 +162,11 @@ def abstract_batch(mesh, batch_size: int, text_length: int, image_size: int, sev
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in shapes.items()}
 
 
+def abstract_seed(mesh):
+  """The step's `seed` argument as a ShapeDtypeStruct (ShardedStep.seed)."""
+  return jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+
+
 def check_batch_divides(config, mesh):
   if config.train.batch_size % (mesh.size * config.train.micro_batches):
     raise ConfigError(f"config.train.batch_size {config.train.batch_size} must be divisible by the {mesh.size} "
@@ -161,8 +174,8 @@ def check_batch_divides(config, mesh):
 
 
 def sharded_train_step(config, cfg: ModelConfig, settings: ObjectiveSettings, mesh) -> ShardedStep:
-  """config (its train block: optimizer, seed, micro-batches) + model config + mesh -> the ShardedStep. Nothing
-  is computed: the parameters are shapes."""
+  """config (its train block: optimizer, micro-batches) + model config + mesh -> the ShardedStep. Nothing is
+  computed: the parameters are shapes. The seed is the step's argument (ShardedStep.seed(config.seed))."""
   platform = mesh.devices.flat[0].platform
   try:
     cfg = cfg.replace(attention=resolve_attention(cfg.attention, platform, cfg.dtype),
@@ -175,9 +188,8 @@ def sharded_train_step(config, cfg: ModelConfig, settings: ObjectiveSettings, me
   param_sh = sharding.tree_shardings(mesh, abstract_params, SCANNED_STACKS)
   abstract_state = jax.eval_shape(lambda p: init_state(tx, p), abstract_params)
   state_sh = sharding.tree_shardings(mesh, abstract_state, SCANNED_STACKS)
-  step_fn = jax.jit(sharding.traced_on(mesh, make_train_step(model, settings, tx, config.seed,
-                                                              config.train.micro_batches, prng,
+  step_fn = jax.jit(sharding.traced_on(mesh, make_train_step(model, settings, tx, config.train.micro_batches, prng,
                                                               token_groups=sharding.batch_shards(mesh))),
-                    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                    in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   return ShardedStep(model, tx, mesh, prng, abstract_params, param_sh, abstract_state, state_sh, step_fn)

@@ -110,7 +110,8 @@ class Run:
   state: dict
   progress: Progress
   checkpoints: RunCheckpoints
-  step_fn: Callable  # (state, batch) -> (state, metrics), jitted and sharded.
+  step_fn: Callable  # (state, batch, seed) -> (state, metrics), jitted and sharded.
+  seed: Any  # The step's seed argument: config.seed on the devices (ShardedStep.seed).
   eval_loss_fn: Callable
   embed_fn: Callable
   param_shardings: Any
@@ -177,7 +178,7 @@ def setup(config, workdir, log=print, explicit_model_keys=(), timings: Timings |
     log(f"resumed from {workdir / 'checkpoints'} at step {resume_step} (epoch {progress.epoch})")
 
   return Run(config, workdir, cfg, settings, mesh, model, *data, state=state, progress=progress,
-             checkpoints=checkpoints, step_fn=built.step_fn, eval_loss_fn=jax.jit(sharding.traced_on(
+             checkpoints=checkpoints, step_fn=built.step_fn, seed=built.seed(config.seed), eval_loss_fn=jax.jit(sharding.traced_on(
                  mesh, make_loss_fn(model, settings, token_groups=sharding.batch_shards(mesh)))),
              embed_fn=make_embed_fn(model, mesh), param_shardings=param_sh, abstract_params=abstract_params, log=log)
 
@@ -282,7 +283,7 @@ def compiled_step(r: Run, batch):
   `python -m retfiner_jax.aot --save`, refused unless it is this very program for these devices). Running out
   of device memory while compiling is one error with XLA's figures (aot.DeviceMemoryExceeded)."""
   started = time.time()
-  lowered = r.step_fn.lower(r.state, batch)
+  lowered = r.step_fn.lower(r.state, batch, r.seed)
   devices = list(r.mesh.devices.flat)
   if r.config.compiled_step:
     step_fn = aot.load_compiled(r.config.compiled_step, lowered, devices)
@@ -385,7 +386,7 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
   wait = timings.input = InputWait()  # Waits for the batches of steps (not the one fetched before the compile).
   while step < r.total_steps and not r.progress.stopped_early:
     batch = wait.next(r.train_iter, to_global) if batch is None else batch
-    r.state, metrics = r.step_fn(r.state, batch)
+    r.state, metrics = r.step_fn(r.state, batch, r.seed)
     if timings.first_step_seconds is None:  # Waits for the first step alone, once.
       with timings.phase("first step"):
         jax.block_until_ready(metrics["loss"])

@@ -56,9 +56,10 @@ def test_refinement_step_with_drop_path_is_deterministic_for_a_key():
   tx = optax.sgd(0.1)
 
   def make(model_cfg):
-    step = jax.jit(make_train_step(RetFiner(model_cfg), ObjectiveSettings(), tx, 0, 1))
+    step = jax.jit(make_train_step(RetFiner(model_cfg), ObjectiveSettings(), tx, 1))
     # The step's key is fold_in(seed, step): another step number, another key.
-    return lambda at: float(step({"params": params, "opt": tx.init(params), "step": jnp.int32(at)}, batch)[1]["loss"])
+    return lambda at: float(step({"params": params, "opt": tx.init(params), "step": jnp.int32(at)}, batch,
+                                 jnp.int32(0))[1]["loss"])
   dropping, plain = make(cfg), make(cfg.replace(drop_path=0.0))
   assert dropping(0) == dropping(0)
   assert dropping(0) != dropping(1)  # Another key, other blocks dropped.

@@ -163,12 +163,13 @@ for name, devices, data, fsdp in (("single", jax.devices()[:1], 1, 1), ("fsdp", 
   state_sh = sharding.tree_shardings(mesh, jax.eval_shape(lambda: state), SCANNED_STACKS)
   state = jax.device_put(state, state_sh)
   # Traced with the mesh as the ambient one, as a run's step is (the layers lay out their rows by it).
-  step = jax.jit(sharding.traced_on(mesh, make_train_step(RetFiner(cfg), ObjectiveSettings(), tx, 0, 1,
+  step = jax.jit(sharding.traced_on(mesh, make_train_step(RetFiner(cfg), ObjectiveSettings(), tx, 1,
                                                           token_groups=sharding.batch_shards(mesh))),
-                 in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, sharding.replicated(mesh)))
+                 in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                 out_shardings=(state_sh, sharding.replicated(mesh)))
   global_batch = sharding.global_batch(mesh, batch)
-  compiled = step.lower(state, global_batch).compile()
-  new_state, metrics = compiled(state, global_batch)
+  compiled = step.lower(state, global_batch, jnp.int32(0)).compile()
+  new_state, metrics = compiled(state, global_batch, jnp.int32(0))
   if name == "fsdp":
     # Each device computes the MLM/GM vocabulary logits of its own 2 rows only: at most 2 x 30 positions for
     # each of MLM and GM (the whole batch's 16 rows would be 504 gathered or 960 positions).
@@ -549,13 +550,47 @@ def test_the_steps_prng_threefry_on_cpu_rbg_on_accelerators_and_rbgs_program_is_
   tx = optax.adamw(1e-4)
   lines, losses = {}, {}
   for impl in ("threefry2x32", "rbg"):
-    step = jax.jit(make_train_step(RetFiner(cfg), ObjectiveSettings(), tx, 0, 1, impl))
+    step = jax.jit(make_train_step(RetFiner(cfg), ObjectiveSettings(), tx, 1, impl))
     state = init_state(tx, params)
-    lines[impl] = len(step.lower(state, batch).as_text().splitlines())
-    losses[impl] = float(step(state, batch)[1]["loss"])
+    lines[impl] = len(step.lower(state, batch, jnp.int32(0)).as_text().splitlines())
+    losses[impl] = float(step(state, batch, jnp.int32(0))[1]["loss"])
   assert all(np.isfinite(v) for v in losses.values()) and losses["rbg"] != losses["threefry2x32"]
   assert lines["rbg"] < lines["threefry2x32"], lines
 
+
+
+def test_one_compiled_step_serves_every_seed_with_the_bits_of_a_constant_seed(corpus):
+  """The run's seed is the step's argument: the configs of seeds 0 and 7 lower to the same program (so one
+  compiled step, and one persistent-cache entry, serves both), and each seed's losses are exactly those of the
+  step with that seed written in as a constant, as it was before (the same threefry bits)."""
+  import optax
+  from conftest import random_batch
+  from retfiner_jax.models.retfiner import RetFiner, init_params
+  from retfiner_jax.refine.step import (init_state, make_train_step, model_config, objective_settings,
+                                        sharded_train_step)
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  programs = {}
+  for seed in (0, 7):
+    config = tiny_config(corpus)
+    config.seed = seed
+    built = sharded_train_step(config, model_config(config), objective_settings(config), mesh)
+    cfg = built.model.cfg
+    programs[seed] = built.step_fn.lower(*built.abstract_args(8, cfg.max_text_length, cfg.image_size)).as_text()
+  assert programs[0] == programs[7]
+  cfg = cfg.replace(drop_path=0.1)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  batch = {k: v for k, v in random_batch(cfg).items() if k != "pair_ids"}
+  tx = optax.sgd(0.1)
+  train_step = make_train_step(RetFiner(cfg), objective_settings(config), tx, 1)
+  seed_as_input, losses = jax.jit(train_step), {}
+  for seed in (0, 7):
+    constant = jax.jit(lambda state, b, s=seed: train_step(state, b, s))  # The seed written into the program.
+    a = seed_as_input(init_state(tx, params), batch, jnp.int32(seed))[1]
+    b = constant(init_state(tx, params), batch)[1]
+    for k in ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_gm"):
+      assert float(a[k]) == float(b[k]), (seed, k, float(a[k]), float(b[k]))
+    losses[seed] = float(a["loss"])
+  assert losses[0] != losses[7]  # Other masks, negatives and dropped paths.
 
 def kernels_benchmark():
   sys.path.insert(0, str(ROOT / "benchmarks"))

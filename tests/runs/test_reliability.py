@@ -220,8 +220,8 @@ def test_non_finite_parameters_are_caught_before_any_checkpoint():
   cfg = get_variant("tiny-retfound").replace(dtype="float32", text_dropout=0.0)
   params = init_params(cfg, jax.random.PRNGKey(0))
   tx = optax.sgd(float("nan"))
-  step = jax.jit(make_train_step(RetFiner(cfg), ObjectiveSettings(), tx, 0, 1))
-  _, metrics = step({"params": params, "opt": tx.init(params), "step": jnp.int32(0)}, random_batch(cfg))
+  step = jax.jit(make_train_step(RetFiner(cfg), ObjectiveSettings(), tx, 1))
+  _, metrics = step({"params": params, "opt": tx.init(params), "step": jnp.int32(0)}, random_batch(cfg), jnp.int32(0))
   assert np.isfinite(float(metrics["loss"])) and float(metrics["params_finite"]) == 0.0
   run = types.SimpleNamespace(workdir=Path("w"), checkpoints=types.SimpleNamespace(latest_step=lambda: 3))
   with pytest.raises(trainer.NonFiniteLoss, match=r"non-finite parameters after step 7 .*last good checkpoint .* 3"):
