@@ -142,6 +142,9 @@ class ShardedStep:
   def seed(self, value: int):
     """The step's `seed` argument: `value` as an int32 scalar replicated over the mesh (made by a jitted function,
     so that every process of a multi-host run holds the same global array)."""
+    if not isinstance(value, int) or not -2 ** 31 <= value < 2 ** 31:
+      raise ConfigError(f"config.seed must be an integer from -2**31 to 2**31 - 1 (the step's int32 seed), got "
+                        f"{value!r}")
     return jax.jit(lambda: jnp.asarray(value, jnp.int32), out_shardings=sharding.replicated(self.mesh))()
 
   def abstract_args(self, batch_size: int, text_length: int, image_size: int, several_processes: bool = False,

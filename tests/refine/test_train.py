@@ -565,6 +565,7 @@ def test_one_compiled_step_serves_every_seed_with_the_bits_of_a_constant_seed(co
   step with that seed written in as a constant, as it was before (the same threefry bits)."""
   import optax
   from conftest import random_batch
+  from retfiner_jax.errors import ConfigError
   from retfiner_jax.models.retfiner import RetFiner, init_params
   from retfiner_jax.refine.step import (init_state, make_train_step, model_config, objective_settings,
                                         sharded_train_step)
@@ -577,6 +578,10 @@ def test_one_compiled_step_serves_every_seed_with_the_bits_of_a_constant_seed(co
     cfg = built.model.cfg
     programs[seed] = built.step_fn.lower(*built.abstract_args(8, cfg.max_text_length, cfg.image_size)).as_text()
   assert programs[0] == programs[7]
+  assert int(built.seed(7)) == 7
+  for wrong in (2 ** 31, -2 ** 31 - 1, 1.5):  # Outside the step's int32, or not an integer: named, not wrapped.
+    with pytest.raises(ConfigError, match="config.seed must be an integer"):
+      built.seed(wrong)
   cfg = cfg.replace(drop_path=0.1)
   params = init_params(cfg, jax.random.PRNGKey(0))
   batch = {k: v for k, v in random_batch(cfg).items() if k != "pair_ids"}
