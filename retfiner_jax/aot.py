@@ -35,6 +35,24 @@ def compilers_folder(argv) -> Path | None:
   return None
 
 
+def check_compilers_match_jaxlib(folder: Path):
+  """The CUDA plugin in the compilers' folder is built for one jaxlib; with another, JAX skips it with a warning and
+  loading the folder's libraries can crash the process. Exits 2 naming both versions and the install line."""
+  import importlib.metadata
+  built = [d.name[len("jax_cuda12_plugin-"):-len(".dist-info")] for d in folder.glob("jax_cuda12_plugin-*.dist-info")]
+  try:
+    jaxlib = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return  # JAX's own import names what is missing.
+  for built_for in built:
+    if built_for == jaxlib:
+      continue
+    print(f"error: {folder} holds the compilers for jaxlib {built_for}, but this Python has jaxlib {jaxlib}: install "
+          f"them again for it (pip install --no-deps --target={folder} -r requirements-aot.txt, with that file's "
+          f"versions matched to jaxlib {jaxlib}), or give --compilers=DIR", file=sys.stderr)
+    sys.exit(2)
+
+
 def prepare_environment(argv):
   """Before JAX is imported (the config file imports it while flags are parsed): the CPU as JAX's only platform,
   since the TPU and GPU devices are compile-only and the CUDA plugin's driver check would fail first, and the
@@ -42,6 +60,8 @@ def prepare_environment(argv):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # Compiling takes no TPU: several processes may.
   folder = compilers_folder(argv)
+  if folder is not None and folder.is_dir():
+    check_compilers_match_jaxlib(folder)
   if folder is not None and str(folder) not in sys.path:
     sys.path.insert(0, str(folder))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)

@@ -5,6 +5,7 @@ The compiled-memory figures are XLA's own for each target; the checks here are t
 (arguments equal the state and batch each device holds, counted by hand from the shardings), that a step made
 too large for a device is reported as not fitting while --fit finds a setting that fits, and that a saved step
 gives the same losses as compiling."""
+import importlib.metadata
 import json
 import os
 import re
@@ -210,6 +211,12 @@ def test_usage_errors_exit_2(tmp_path):
   assert out.returncode == 2 and "exactly one of --topology" in out.stderr
   out, _ = run_aot(f"--config={write_config(tmp_path)}", "--topology=v9:2")
   assert out.returncode == 2 and "--topology=v9:2" in out.stderr
+  # Compilers installed for another jaxlib: one line naming both versions, before JAX loads them.
+  (tmp_path / "other" / "jax_cuda12_plugin-0.0.1.dist-info").mkdir(parents=True)
+  out, _ = run_aot(f"--config={write_config(tmp_path)}", "--target=h100", f"--compilers={tmp_path / 'other'}")
+  jaxlib = importlib.metadata.version("jaxlib")
+  assert out.returncode == 2 and f"holds the compilers for jaxlib 0.0.1, but this Python has jaxlib {jaxlib}" in \
+      out.stderr, out.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------------
