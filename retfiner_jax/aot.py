@@ -39,12 +39,12 @@ def check_compilers_match_jaxlib(folder: Path):
   """The CUDA plugin in the compilers' folder is built for one jaxlib; with another, JAX skips it with a warning and
   loading the folder's libraries can crash the process. Exits 2 naming both versions and the install line."""
   import importlib.metadata
-  built = [d.name[len("jax_cuda12_plugin-"):-len(".dist-info")] for d in folder.glob("jax_cuda12_plugin-*.dist-info")]
   try:
     jaxlib = importlib.metadata.version("jaxlib")
   except importlib.metadata.PackageNotFoundError:
     return  # JAX's own import names what is missing.
-  for built_for in built:
+  prefix, suffix = "jax_cuda12_plugin-", ".dist-info"
+  for built_for in (d.name[len(prefix):-len(suffix)] for d in folder.glob(f"{prefix}*{suffix}")):
     if built_for == jaxlib:
       continue
     print(f"error: {folder} holds the compilers for jaxlib {built_for}, but this Python has jaxlib {jaxlib}: install "

@@ -152,6 +152,7 @@ def setup(config, workdir, log=print, explicit_model_keys=(), timings: Timings |
     data = inputs.setup_data(config, cfg, mesh, log, workdir)
   with phase("the sharded step's shapes"):
     built = sharded_train_step(config, cfg, settings, mesh)
+    seed = built.seed(config.seed)  # Checked here, before any parameter is made or loaded.
   log(f"random bits of the step (dropout, drop-path, masks, negatives): {built.prng} (config.train.prng="
       f"{config.train.prng})")
   log(f"attention kernel: {ATTENTION_KERNELS[built.model.cfg.attention]} (config.model.attention="
@@ -178,7 +179,7 @@ def setup(config, workdir, log=print, explicit_model_keys=(), timings: Timings |
     log(f"resumed from {workdir / 'checkpoints'} at step {resume_step} (epoch {progress.epoch})")
 
   return Run(config, workdir, cfg, settings, mesh, model, *data, state=state, progress=progress,
-             checkpoints=checkpoints, step_fn=built.step_fn, seed=built.seed(config.seed), eval_loss_fn=jax.jit(sharding.traced_on(
+             checkpoints=checkpoints, step_fn=built.step_fn, seed=seed, eval_loss_fn=jax.jit(sharding.traced_on(
                  mesh, make_loss_fn(model, settings, token_groups=sharding.batch_shards(mesh)))),
              embed_fn=make_embed_fn(model, mesh), param_shardings=param_sh, abstract_params=abstract_params, log=log)
 

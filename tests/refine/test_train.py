@@ -558,7 +558,6 @@ def test_the_steps_prng_threefry_on_cpu_rbg_on_accelerators_and_rbgs_program_is_
   assert lines["rbg"] < lines["threefry2x32"], lines
 
 
-
 def test_one_compiled_step_serves_every_seed_with_the_bits_of_a_constant_seed(corpus):
   """The run's seed is the step's argument: the configs of seeds 0 and 7 lower to the same program (so one
   compiled step, and one persistent-cache entry, serves both), and each seed's losses are exactly those of the
