@@ -1,5 +1,6 @@
 """Shared test helpers: the path to ../shared (skip without it, fail under CI) and float32-exact matmuls."""
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,18 +23,29 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # different tests compile once (JAX's in-memory cache does not outlive a jitted function object). It is the
 # default folder under a fresh XDG_CACHE_HOME, so that the commands the tests start share it and nothing is
 # written to (or found in) the user's ~/.cache. pytest-xdist's workers (pytest.ini: -n 2) inherit the folder the
-# controlling process made here before it started them, so the workers share one cache too.
+# controlling process made here before it started them, so the workers share one cache too. The process that made
+# the folder removes it when the session ends (pytest_unconfigure); a folder given in RETFINER_TESTS_CACHE_HOME by
+# the user is used and kept.
+_MADE_CACHE_HOME = None
 if "RETFINER_TESTS_CACHE_HOME" not in os.environ:
-  os.environ["RETFINER_TESTS_CACHE_HOME"] = tempfile.mkdtemp(prefix="retfiner-tests-cache-")
+  _MADE_CACHE_HOME = tempfile.mkdtemp(prefix="retfiner-tests-cache-")
+  os.environ["RETFINER_TESTS_CACHE_HOME"] = _MADE_CACHE_HOME
 os.environ["XDG_CACHE_HOME"] = os.environ["RETFINER_TESTS_CACHE_HOME"]
 compile_cache.enable()
-# Decoded device makers' volumes (data/vendor.py) go to a fresh folder too, not the user's ~/.cache; subprocesses
-# and the tutorial's kernel inherit it.
-os.environ["RETFINER_VOLUME_CACHE"] = tempfile.mkdtemp(prefix="retfiner-tests-volumes-")
+# Decoded device makers' volumes (data/vendor.py) go to the same fresh folder, not the user's ~/.cache or a folder
+# the user's RETFINER_VOLUME_CACHE names; subprocesses and the tutorial's kernel inherit it.
+os.environ["RETFINER_VOLUME_CACHE"] = os.path.join(os.environ["RETFINER_TESTS_CACHE_HOME"], "volumes")
 
 ROOT = Path(__file__).resolve().parents[1]  # The checkout.
 SHARED = ROOT.parent / "shared"
 BUNDLES = ("tiny-retfound", "tiny-visionfm")
+
+
+def pytest_unconfigure(config):
+  """Removes the session's cache folder where this process made it (the controller, or the one process of -n 0)."""
+  del config
+  if _MADE_CACHE_HOME is not None:
+    shutil.rmtree(_MADE_CACHE_HOME, ignore_errors=True)
 
 
 def shared_path(*parts) -> Path:
