@@ -34,7 +34,7 @@ from retfiner_jax.errors import ConfigError, MissingInput, NonFiniteLoss
 from retfiner_jax.models.common import model_images
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.mae import MaeSettings, MaskedAutoencoder, reconstruction_loss, sincos_pos_embed
-from retfiner_jax.runs import sharding
+from retfiner_jax.runs import sharding, step_seed
 from retfiner_jax.runs.checkpoints import RunCheckpoints
 from retfiner_jax.runs.run_log import RunLog, read_metrics
 from retfiner_jax.weights import exports
@@ -166,8 +166,10 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int):
   return tx, lambda step: schedule(step // accum)
 
 
-def make_train_step(model: MaskedAutoencoder, s: MaeSettings, tx, schedule, seed: int, patch: int):
-  def step(state, images):
+def make_train_step(model: MaskedAutoencoder, s: MaeSettings, tx, schedule, patch: int):
+  """(state, images, seed) -> (state, metrics); `seed`: config.seed as an int32 scalar (runs/step_seed.py), so that
+  runs differing only in their seed share one compiled step."""
+  def step(state, images, seed):
     images = model_images(images, model.cfg.backbone)  # The pipeline's one channel: the target is normalised too.
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
     mask_rng, dropout_rng = jax.random.split(rng)
@@ -242,6 +244,8 @@ def run(config, workdir, log=print) -> dict:
 
 def _run(config, workdir: Path, log) -> dict:
   cfg, s = model_config(config), settings(config)
+  mesh = sharding.make_mesh()
+  seed = step_seed.replicated_seed(mesh, config.seed)  # Checked before any image is read or parameter made.
   records = read_images(config, log)
   batch_size = config.train.batch_size
   steps_per_epoch = len(records) // batch_size
@@ -254,7 +258,6 @@ def _run(config, workdir: Path, log) -> dict:
   data = iter(pipeline.train_dataset(records, spec, batch_size, config.seed, source=config.data.train_manifest,
                                      num_workers=config.data.num_workers, skip_bad=config.data.skip_bad_records,
                                      images_only=True))
-  mesh = sharding.make_mesh()
   model = MaskedAutoencoder(cfg, s)
   tx, schedule = make_optimizer(config, total_steps, steps_per_epoch)
   log(f"peak learning rate {peak_learning_rate(config)[1]}, after {config.train.warmup_epochs} warm-up epochs")
@@ -268,7 +271,7 @@ def _run(config, workdir: Path, log) -> dict:
     log(f"resumed from {workdir / 'checkpoints'} step {step}")
   else:
     state = jax.device_put(_state(tx, starting_params(config, cfg, s, log)), replicated)
-  step_fn = jax.jit(sharding.traced_on(mesh, make_train_step(model, s, tx, schedule, config.seed, cfg.patch_size)),
+  step_fn = jax.jit(sharding.traced_on(mesh, make_train_step(model, s, tx, schedule, cfg.patch_size)),
                     donate_argnums=0)
   step = start = int(state["step"])
   run_log = RunLog(workdir, total_steps, batch_size, log, start_step=step)
@@ -289,7 +292,7 @@ def _run(config, workdir: Path, log) -> dict:
     with signals_requesting_stop() as stop:
       while step < total_steps:
         images = sharding.global_batch(mesh, next(data))["images"]
-        state, metrics = step_fn(state, images)
+        state, metrics = step_fn(state, images, seed)
         step += 1
         if step % config.train.log_every == 0 or step == total_steps:
           host = finite(metrics)

@@ -18,7 +18,7 @@ from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.retfiner import SCANNED_STACKS, RetFiner
 from retfiner_jax.refine.objectives import OBJECTIVES, ObjectiveSettings, make_loss_fn, sample_views
 from retfiner_jax.refine.sampling import IGNORE_LABEL
-from retfiner_jax.runs import sharding
+from retfiner_jax.runs import sharding, step_seed
 from retfiner_jax.weights import files as weight_files
 
 
@@ -140,12 +140,8 @@ class ShardedStep:
     return init_state(self.tx, params)
 
   def seed(self, value: int):
-    """The step's `seed` argument: `value` as an int32 scalar replicated over the mesh (made by a jitted function,
-    so that every process of a multi-host run holds the same global array)."""
-    if not isinstance(value, int) or not -2 ** 31 <= value < 2 ** 31:
-      raise ConfigError(f"config.seed must be an integer from -2**31 to 2**31 - 1 (the step's int32 seed), got "
-                        f"{value!r}")
-    return jax.jit(lambda: jnp.asarray(value, jnp.int32), out_shardings=sharding.replicated(self.mesh))()
+    """The step's `seed` argument (runs/step_seed.py): `value` as an int32 scalar replicated over the mesh."""
+    return step_seed.replicated_seed(self.mesh, value)
 
   def abstract_args(self, batch_size: int, text_length: int, image_size: int, several_processes: bool = False,
                     image_dtype: str = "float32"):
@@ -154,7 +150,7 @@ class ShardedStep:
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state,
                          self.state_shardings)
     return (state, abstract_batch(self.mesh, batch_size, text_length, image_size, several_processes, image_dtype),
-            abstract_seed(self.mesh))
+            step_seed.abstract_seed(self.mesh))
 
 
 def abstract_batch(mesh, batch_size: int, text_length: int, image_size: int, several_processes: bool = False,
@@ -163,11 +159,6 @@ def abstract_batch(mesh, batch_size: int, text_length: int, image_size: int, sev
   batch_sh = sharding.batch_sharding(mesh)
   shapes = train_batch_shapes(batch_size, image_size, text_length, several_processes, image_dtype)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in shapes.items()}
-
-
-def abstract_seed(mesh):
-  """The step's `seed` argument as a ShapeDtypeStruct (ShardedStep.seed)."""
-  return jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
 
 
 def check_batch_divides(config, mesh):

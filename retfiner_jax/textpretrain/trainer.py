@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -25,6 +26,7 @@ from retfiner_jax.errors import ConfigError, NonFiniteLoss
 from retfiner_jax.metrics.embeddings import mean_pairwise_cosine
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.retfiner import RetFiner, init_params
+from retfiner_jax.runs import step_seed
 from retfiner_jax.textpretrain.objectives import TextPretrainSettings, make_loss_fn
 from retfiner_jax.weights import files as weight_files
 
@@ -58,6 +60,8 @@ def run(cfg: ModelConfig, train_manifest, val_manifest, tokenizer, out_dir, *, s
   done = out_dir / "summary.json"
   if done.exists():
     return json.loads(done.read_text())
+  # The step's key seed is an input, not a constant (runs/step_seed.py): every seed's tower shares one program.
+  key_seed = jnp.asarray(step_seed.checked(seed + 1), jnp.int32)
   tok = load_tokenizer(tokenizer)
   train = tokenize(tok, read_reports(train_manifest), cfg.max_text_length)
   val = tokenize(tok, read_reports(val_manifest), cfg.max_text_length)
@@ -72,11 +76,9 @@ def run(cfg: ModelConfig, train_manifest, val_manifest, tokenizer, out_dir, *, s
   tx = make_optimizer(learning_rate, weight_decay, total, int(warmup_fraction * total))
   grad_fn = jax.value_and_grad(make_loss_fn(model, settings), has_aux=True)
 
-  base = jax.random.PRNGKey(seed + 1)
-
   @jax.jit
-  def step(text, opt, batch, n):
-    (_, metrics), grads = grad_fn(text, batch, jax.random.fold_in(base, n))
+  def step(text, opt, batch, n, key_seed):
+    (_, metrics), grads = grad_fn(text, batch, jax.random.fold_in(jax.random.PRNGKey(key_seed), n))
     updates, opt = tx.update(grads, opt, text)
     return optax.apply_updates(text, updates), opt, metrics
 
@@ -90,7 +92,7 @@ def run(cfg: ModelConfig, train_manifest, val_manifest, tokenizer, out_dir, *, s
     for s in range(steps_per_epoch):
       rows = order[s * batch_size:(s + 1) * batch_size]
       batch = {k: train[k][rows] for k in ("input_ids", "attention_mask")}
-      text, opt, metrics = step(text, opt, batch, n)
+      text, opt, metrics = step(text, opt, batch, n, key_seed)
       n += 1
       if n % log_every == 0 or n == total:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -19,6 +19,7 @@ from retfiner_jax.mae import masking
 from retfiner_jax.mae import trainer as mae_trainer
 from retfiner_jax.models.config import get_variant
 from retfiner_jax.models.mae import MaeSettings, MaskedAutoencoder, patchify, reconstruction_loss, sincos_pos_embed
+from retfiner_jax.runs import sharding, step_seed
 from retfiner_jax.weights import files as weight_files
 
 CFG = get_variant("tiny-retfound").replace(dtype="float32", image_size=32, patch_size=8)  # 4 x 4 patches.
@@ -252,20 +253,19 @@ def test_gradient_accumulation_updates_every_k_steps_with_the_mean_gradient():
   params = mae_trainer.init_params(CFG, SETTINGS, 0)
   images = jax.random.normal(jax.random.PRNGKey(5), (2, 4, 32, 32, 3))
   tx, lr = mae_trainer.make_optimizer(c, total_steps=20, steps_per_epoch=10)
-  step = jax.jit(mae_trainer.make_train_step(model, SETTINGS, tx, lr, 0, CFG.patch_size))
+  step = jax.jit(mae_trainer.make_train_step(model, SETTINGS, tx, lr, CFG.patch_size))
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-  one, m1 = step(state, images[0])
+  one, m1 = step(state, images[0], 0)
   jax.tree.map(np.testing.assert_array_equal, one["params"], params)  # Accumulating: no update yet.
-  two, m2 = step(one, images[1])
+  two, m2 = step(one, images[1], 0)
   # By hand: plain AdamW (no accumulation) on the mean of the two steps' gradients, at the schedule's first rate.
   c1 = mae_config("tiny-retfound")
   c1.train.update(batch_size=4, accum_iter=1, warmup_epochs=0, learning_rate=1e-3)
   plain, _ = mae_trainer.make_optimizer(c1, total_steps=10, steps_per_epoch=10)
 
   def grads(p, x, at):
-    return jax.grad(lambda q: mae_trainer.make_train_step(model, SETTINGS, optax.set_to_zero(), lr, 0,
-                                                          CFG.patch_size)(
-        {"params": q, "opt_state": (), "step": jnp.int32(at)}, x)[1]["loss"])(p)
+    return jax.grad(lambda q: mae_trainer.make_train_step(model, SETTINGS, optax.set_to_zero(), lr, CFG.patch_size)(
+        {"params": q, "opt_state": (), "step": jnp.int32(at)}, x, 0)[1]["loss"])(p)
   mean = jax.tree.map(lambda a, b: (a + b) / 2, grads(params, images[0], 0), grads(params, images[1], 1))
   updates, _ = plain.update(mean, plain.init(params), params)
   expected = optax.apply_updates(params, updates)
@@ -281,3 +281,27 @@ def test_gradient_accumulation_updates_every_k_steps_with_the_mean_gradient():
   assert float(m1["lr"]) == float(m2["lr"]) == pytest.approx(1e-3)  # Both steps belong to update 0.
   c.train.learning_rate = 0.0
   assert mae_trainer.peak_learning_rate(c)[0] == pytest.approx(1.5e-4 * 4 * 2 / 256)
+
+
+def test_the_seed_is_an_input_of_the_step_with_the_bits_of_a_constant_seed():
+  """config.seed enters the MAE step as an int32 input (runs/step_seed.py): one program for every seed, and for
+  each seed the same masks and losses as the seed written into the program as a constant (the step before)."""
+  c = mae_config("tiny-retfound")
+  c.train.update(batch_size=4, warmup_epochs=0, learning_rate=1e-3)
+  model = MaskedAutoencoder(CFG, SETTINGS)
+  params = mae_trainer.init_params(CFG, SETTINGS, 0)
+  images = jax.random.normal(jax.random.PRNGKey(5), (4, 32, 32, 3))
+  tx, lr = mae_trainer.make_optimizer(c, total_steps=10, steps_per_epoch=10)
+  train_step = mae_trainer.make_train_step(model, SETTINGS, tx, lr, CFG.patch_size)
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(3)}
+  with_input = jax.jit(train_step)
+  losses = {}
+  for seed in (0, 7):
+    constant = jax.jit(lambda st, im: train_step(st, im, seed))  # The seed a Python int: a constant, as before.
+    got, want = with_input(state, images, jnp.int32(seed))[1], constant(state, images)[1]
+    assert float(got["loss"]) == float(want["loss"]) and float(got["grad_norm"]) == float(want["grad_norm"])
+    losses[seed] = float(got["loss"])
+  assert losses[0] != losses[7]  # The seed does choose the masks.
+  assert with_input._cache_size() == 1  # Both seeds ran one compiled program.
+  with pytest.raises(ConfigError, match="config.seed"):
+    step_seed.replicated_seed(sharding.make_mesh(), 2 ** 31)
