@@ -17,6 +17,7 @@ hardware. They are found in .aot-compilers beside the checkout or in the working
 """
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -43,10 +44,11 @@ def check_compilers_match_jaxlib(folder: Path):
     jaxlib = importlib.metadata.version("jaxlib")
   except importlib.metadata.PackageNotFoundError:
     return  # JAX's own import names what is missing.
-  prefix, suffix = "jax_cuda12_plugin-", ".dist-info"
-  for built_for in (d.name[len(prefix):-len(suffix)] for d in folder.glob(f"{prefix}*{suffix}")):
-    if built_for == jaxlib:
+  for d in folder.glob("jax_cuda*_plugin-*.dist-info"):  # CUDA 12's (requirements-aot.txt) or 13's.
+    built_for = re.fullmatch(r"jax_cuda\d+_plugin-(.+)\.dist-info", d.name)
+    if built_for is None or built_for.group(1) == jaxlib:
       continue
+    built_for = built_for.group(1)
     print(f"error: {folder} holds the compilers for jaxlib {built_for}, but this Python has jaxlib {jaxlib}: install "
           f"them again for it (pip install --no-deps --target={folder} -r requirements-aot.txt, with that file's "
           f"versions matched to jaxlib {jaxlib}), or give --compilers=DIR", file=sys.stderr)

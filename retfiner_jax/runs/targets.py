@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from pathlib import Path
 
 from retfiner_jax.errors import ConfigError
 
@@ -149,18 +150,28 @@ device_description_str: "{spec['name']}"
 INSTALL = {"tpu": "libtpu", "cuda": "the CUDA plugin and ptxas"}
 
 
+# What compiling for a platform needs, as (importable module, file inside it) pairs; any one set is enough. CUDA:
+# XLA's CUDA plugin and ptxas, from jax 0.10's CUDA 12 wheels (requirements-aot.txt) or from the CUDA 13 wheels a
+# GPU machine's `jax[cuda13]` brings (jax-cuda13-pjrt, nvidia-cuda-nvcc and nvidia-nvvm, under nvidia/cu13).
+COMPILER_SETS = {"tpu": [[("libtpu", "")]],
+                 "cuda": [[("jax_plugins.xla_cuda12", ""), ("nvidia.cuda_nvcc", "bin/ptxas")],
+                          [("jax_plugins.xla_cuda13", ""), ("nvidia.cu13", "bin/ptxas")]]}
+
+
 def missing_compiler(platform: str) -> str | None:
   """Why this platform cannot be compiled for here (a missing package, with the command that installs it), or
   None."""
   import importlib.util
 
-  def found(module):
+  def found(module, inside):
     try:
-      return importlib.util.find_spec(module) is not None
+      spec = importlib.util.find_spec(module)
     except ModuleNotFoundError:
       return False
-  needed = {"tpu": ["libtpu"], "cuda": ["jax_plugins.xla_cuda12", "nvidia.cuda_nvcc"]}[platform]
-  if all(found(m) for m in needed):
+    if spec is None:
+      return False
+    return not inside or any((Path(d) / inside).is_file() for d in spec.submodule_search_locations or ())
+  if any(all(found(*need) for need in needs) for needs in COMPILER_SETS[platform]):
     return None
   return (f"compiling for {platform.upper()} needs {INSTALL[platform]} (requirements-aot.txt): pip install "
           f"--no-deps --target=.aot-compilers -r requirements-aot.txt (in the checkout or the working directory, where the "

@@ -85,6 +85,30 @@ def test_targets_parse_and_name_their_mistakes():
   assert targets.out_of_memory_figures(gpu) == (int(82.62 * 2 ** 30), int(60.30 * 2 ** 30))
 
 
+def test_the_cuda_compilers_are_found_in_cuda_12s_or_cuda_13s_layout(tmp_path, monkeypatch):
+  """requirements-aot.txt's CUDA 12 wheels, or the CUDA 13 wheels a GPU machine's jax[cuda13] brings (plugin
+  jax_plugins/xla_cuda13, ptxas under nvidia/cu13/bin): either set is enough, half of one is not."""
+  def layout(name, files):
+    root = tmp_path / name
+    for f in files:
+      (root / f).parent.mkdir(parents=True, exist_ok=True)
+      (root / f).write_text("")
+    return root
+  cuda13 = ["jax_plugins/xla_cuda13/__init__.py", "nvidia/cu13/bin/ptxas"]
+  cuda12 = ["jax_plugins/xla_cuda12/__init__.py", "nvidia/cuda_nvcc/__init__.py", "nvidia/cuda_nvcc/bin/ptxas"]
+  cases = [("cuda13", cuda13, True), ("cuda12", cuda12, True), ("cuda13_without_ptxas", cuda13[:1], False),
+           ("ptxas_without_plugin", cuda13[1:], False)]
+  for name, files, complete in cases:
+    with monkeypatch.context() as m:
+      m.setattr(sys, "path", [str(layout(name, files))] + [p for p in sys.path if ".aot-compilers" not in p])
+      for module in [k for k in sys.modules if k.split(".")[0] in ("jax_plugins", "nvidia")]:
+        m.delitem(sys.modules, module)
+      missing = targets.missing_compiler("cuda")
+      assert (missing is None) == complete, (name, missing)
+      if not complete:
+        assert "pip install --no-deps --target=.aot-compilers -r requirements-aot.txt" in missing
+
+
 def test_tpu_v5e_data_by_fsdp_mesh_compiles_and_reports_its_memory(tmp_path):
   """The command on a v5e:2x2 slice, mesh data 2 x fsdp 2: fits, exit 0, the JSON line's keys; the arguments XLA
   counts are the parameters, optimizer state and batch that one device holds under the FSDP layout."""
@@ -216,6 +240,10 @@ def test_usage_errors_exit_2(tmp_path):
   out, _ = run_aot(f"--config={write_config(tmp_path)}", "--target=h100", f"--compilers={tmp_path / 'other'}")
   jaxlib = importlib.metadata.version("jaxlib")
   assert out.returncode == 2 and f"holds the compilers for jaxlib 0.0.1, but this Python has jaxlib {jaxlib}" in \
+      out.stderr, out.stderr[-2000:]
+  (tmp_path / "cuda13" / "jax_cuda13_plugin-0.0.2.dist-info").mkdir(parents=True)  # A GPU machine's CUDA 13 set.
+  out, _ = run_aot(f"--config={write_config(tmp_path)}", "--target=h100", f"--compilers={tmp_path / 'cuda13'}")
+  assert out.returncode == 2 and f"holds the compilers for jaxlib 0.0.2, but this Python has jaxlib {jaxlib}" in \
       out.stderr, out.stderr[-2000:]
 
 
