@@ -5,7 +5,9 @@
 # a phase that fails or times out is reported and the script goes on, and the script then exits 1 naming it.
 # Phase 0 asks the AOT tool (python -m retfiner_jax.aot) whether the shipped retfound config fits an H200 and
 # which setting of its --fit ladder does; the measured phases run at batch 128 as shipped, which it reports
-# fitting (README, "Where it fits"). Needs only the checkout plus the GPU
+# fitting (README, "Where it fits"). Phase 0b checks that cuDNN's fused attention runs and agrees with the XLA path
+# (attention_check.py); where it does not, the measured phases run with model.attention=xla and a line says so.
+# Needs only the checkout plus the GPU
 # image's JAX, PyTorch and transformers (and grain, ml_collections, tensorboardX wheels); no network.
 #
 #   bash benchmarks/gpu.sh            # on the GPU machine; JSON lines to stdout and to $OUT (default: .)
@@ -35,9 +37,10 @@ if [ "${1:-}" = "--tiny" ]; then
              --config.model.text_layers=2 --config.model.text_heads=4 --config.model.text_intermediate=96
              --config.model.contrastive_dim=32 --config.model.dtype=float32 --config.train.batch_size=8)
   IMAGES=120; HEIGHT=64; MAIN_STEPS=6
-  declare -A LIMIT=([fit]=240 [compile]=180 [large]=180 [original]=180 [vision]=180 [probe]=180 [parity]=180
-                    [main_data]=60 [main]=300 [main_warm]=300 [pipeline]=120
+  declare -A LIMIT=([fit]=240 [attention]=120 [compile]=180 [large]=180 [original]=180 [vision]=180 [probe]=180
+                    [parity]=180 [main_data]=60 [main]=300 [main_warm]=300 [pipeline]=120
                     [original_real]=300)  # Generous: phases share 2 cores.
+  ATTENTION_CHECK=(--kernel xla --batch 2 --tokens 17 --heads 2 --head-dim 8)  # The same call through XLA.
   REAL=(--vision vit_l16 --text bert_base --batch 2 --steps 1 --warmup 0)  # The original has one size.
   PIPE=(--images 48 --batch 8 --batches 2 --workers 0,2 --size 32)
   FIT=(--target=cpu "${MAIN_SIZE[@]}")
@@ -52,9 +55,10 @@ else
   MAIN_SIZE=()
   # 5,600 pairs: the 30 steps of batch 128 stay within the first epoch (no validation, one final checkpoint).
   IMAGES=5600; HEIGHT=224; MAIN_STEPS=30
-  declare -A LIMIT=([fit]=55 [compile]=45 [large]=65 [original]=40 [vision]=30 [probe]=25 [parity]=30
-                    [main_data]=25 [main]=80 [main_warm]=50 [pipeline]=35
+  declare -A LIMIT=([fit]=55 [attention]=15 [compile]=45 [large]=65 [original]=35 [vision]=30 [probe]=25
+                    [parity]=25 [main_data]=25 [main]=80 [main_warm]=50 [pipeline]=30
                     [original_real]=45)  # 480 s in all; 525 with ORIGINAL=.
+  ATTENTION_CHECK=()  # cuDNN's kernel at ViT-L's attention shapes.
   REAL=("${LARGE[@]}")
   PIPE=(--images 256 --batch 128 --batches 6 --workers 8,14)  # 496x512 PNG, as the 2026-12-04 measurement.
   FIT=(--target=h200)
@@ -76,8 +80,9 @@ rm -f "$OUT/failed_phases"
 steps() {  # 1-2. The full-size step: its cold compile, then ViT-L/16 + BERT-base, batch 128, bfloat16 (then 3
   # more steps traced: the 15 costliest kernels); the original's way in float16 autocast in a process of its own
   # (JAX's memory pool and PyTorch's do not share one GPU: batch 128 ran out of memory in one process); the ratio.
-  phase gpu_compile "${LIMIT[compile]}" "$PY" step.py "${LARGE[@]}" --dtype bfloat16 --compile-only "${COMPILE_CACHE[@]}"
-  phase gpu_step_large "${LIMIT[large]}" "$PY" step.py "${LARGE[@]}" --dtype bfloat16 "${COMPILE_CACHE[@]}" \
+  phase gpu_compile "${LIMIT[compile]}" "$PY" step.py "${LARGE[@]}" "${ATTN[@]}" --dtype bfloat16 --compile-only \
+    "${COMPILE_CACHE[@]}"
+  phase gpu_step_large "${LIMIT[large]}" "$PY" step.py "${LARGE[@]}" "${ATTN[@]}" --dtype bfloat16 "${COMPILE_CACHE[@]}" \
     --no-torch --profile "$TRACE"
   phase gpu_step_original "${LIMIT[original]}" "$PY" step.py "${LARGE[@]}" --original-only
   if [ -n "${ORIGINAL:-}" ]; then  # The real original's RFM, from the user's checkout, in its own process.
@@ -107,7 +112,7 @@ print(json.dumps(out))" | tee "$OUT/gpu_comparison.jsonl"
 vision_probe_parity() {  # 3. The vision tower alone (ViT-L/16 with a tiny text tower), bfloat16, ours only.
   # 5. The paper probe (5 seeds) vs the original's way. 6. A reference bundle of the original's numbers, checked
   # on this device in float32 ($BUNDLE, default ../shared/reference/tiny-retfound; a line says when it is absent).
-  phase gpu_step_vision "${LIMIT[vision]}" "$PY" step.py "${VISION[@]}" --dtype bfloat16 --no-torch
+  phase gpu_step_vision "${LIMIT[vision]}" "$PY" step.py "${VISION[@]}" "${ATTN[@]}" --dtype bfloat16 --no-torch
   phase gpu_probe "${LIMIT[probe]}" "$PY" probe.py --protocol paper "${PROBE[@]}"
   if [ -d "$BUNDLE" ]; then
     phase gpu_parity "${LIMIT[parity]}" "$PY" ../tools/check_reference.py "$BUNDLE"
@@ -120,15 +125,24 @@ main_command() {  # 4. The main command on the synthetic corpus: start-up phases
   # the input pipeline alone with 8 and 14 workers (host CPUs only).
   phase gpu_main_data "${LIMIT[main_data]}" "$PY" main_run.py prepare --out "$OUT/main_data" --images "$IMAGES" --height "$HEIGHT"
   phase gpu_main "${LIMIT[main]}" "$PY" main_run.py train --out "$OUT/main_data" --steps "$MAIN_STEPS" \
-    --compile-cache "$OUT/main_cache" -- "${MAIN_SIZE[@]}"
+    --compile-cache "$OUT/main_cache" -- "${MAIN_SIZE[@]}" "${MAIN_ATTN[@]}"
   phase gpu_main_warm "${LIMIT[main_warm]}" "$PY" main_run.py train --out "$OUT/main_data" --steps "$MAIN_STEPS" \
-    --compile-cache "$OUT/main_cache" -- "${MAIN_SIZE[@]}"
+    --compile-cache "$OUT/main_cache" -- "${MAIN_SIZE[@]}" "${MAIN_ATTN[@]}"
   phase gpu_pipeline "${LIMIT[pipeline]}" "$PY" pipeline.py "${PIPE[@]}"
 }
 
 "$PY" -c "import jax, json; print(json.dumps({'phase': 'devices', 'devices': [str(d) for d in jax.devices()], 'jax': jax.__version__}))" | tee "$OUT/gpu_devices.jsonl"
 # 0. Where the shipped config fits (compile-only; the GPU's own JAX needs no TPU or CUDA plugin beyond its own).
 (cd .. && export JAX_PLATFORMS=cpu && phase gpu_fit "${LIMIT[fit]}" "$PY" -m retfiner_jax.aot --config=retfound "${FIT[@]}" --fit)
+# 0b. Does cuDNN's fused attention run on this GPU and agree with the XLA path (attention_check.py)? Where it
+# does not, the measured phases run with model.attention=xla, and a line says so (the phase is named as failed).
+ATTN=(); MAIN_ATTN=()
+phase gpu_attention "${LIMIT[attention]}" "$PY" attention_check.py "${ATTENTION_CHECK[@]}"
+if ! grep -q '"ok": true' "$OUT/gpu_attention.jsonl"; then
+  ATTN=(--attention xla); MAIN_ATTN=(--config.model.attention=xla)
+  echo '{"phase": "gpu_attention", "fallback": "model.attention=xla for the step, vision and main phases: the fused kernel failed or disagreed (above)"}' \
+    | tee -a "$OUT/gpu_attention.jsonl"
+fi
 if [ -n "$TINY" ]; then  # A check of the script: the three independent groups at once (wall time, not figures).
   steps & vision_probe_parity & main_command & wait
 else  # Measurements: one phase at a time on the GPU.

@@ -210,8 +210,31 @@ def test_gpu_benchmark_script_fails_when_a_phase_fails(tmp_path):
   assert out.returncode == 1
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   assert summary["phase"] == "summary" and set(summary["failed"].split()) == {
-      "gpu_fit", "gpu_compile", "gpu_step_large", "gpu_step_original", "gpu_step_vision", "gpu_probe",
-      "gpu_parity", "gpu_main_data", "gpu_main", "gpu_main_warm", "gpu_pipeline"}
+      "gpu_fit", "gpu_attention", "gpu_compile", "gpu_step_large", "gpu_step_original", "gpu_step_vision",
+      "gpu_probe", "gpu_parity", "gpu_main_data", "gpu_main", "gpu_main_warm", "gpu_pipeline"}
+
+
+def test_gpu_benchmark_script_measures_with_xla_attention_where_the_fused_kernel_fails(tmp_path):
+  """Phase 0b (attention_check.py) failing: a line says so, and the step, vision and main phases get
+  model.attention=xla, the others nothing. A stand-in Python prints each command's arguments as a JSON line and
+  fails only the attention check."""
+  python = tmp_path / "python"
+  python.write_text('#!/bin/bash\nprintf \'{"samples_per_s": 1, "argv": "%s"}\\n\' "$*"\n'
+                    'case "$*" in *attention_check.py*) exit 1;; esac\n')
+  python.chmod(0o755)
+  out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny"], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, OUT=str(tmp_path), PYTHON=str(python),
+                                             BUNDLE=str(tmp_path)))
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert out.returncode == 1 and summary["failed"] == "gpu_attention", out.stdout[-2000:]
+  assert '"fallback": "model.attention=xla' in (tmp_path / "gpu_attention.jsonl").read_text()
+  argv = lambda name: json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[0])["argv"]
+  for name in ("gpu_compile", "gpu_step_large", "gpu_step_vision"):
+    assert "--attention xla" in argv(name), (name, argv(name))
+  for name in ("gpu_main", "gpu_main_warm"):
+    assert argv(name).endswith("--config.model.attention=xla"), (name, argv(name))
+  for name in ("gpu_step_original", "gpu_probe", "gpu_pipeline", "gpu_main_data"):
+    assert "attention" not in argv(name), (name, argv(name))
 
 
 def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
@@ -221,6 +244,8 @@ def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   fit = json.loads((tmp_path / "gpu_fit.jsonl").read_text().splitlines()[-1])  # Phase 0: the AOT tool's answer.
   assert fit["fits"] and fit["target"] == "cpu" and fit["tried"][0]["rung"] == "as configured"
+  attention = (tmp_path / "gpu_attention.jsonl").read_text()  # Phase 0b, here the same call through XLA.
+  assert json.loads(attention.splitlines()[0])["ok"] and "fallback" not in attention
   step = json.loads((tmp_path / "gpu_step_large.jsonl").read_text().splitlines()[-1])
   assert step["ours"]["samples_per_s"] > 0 and "original_style" not in step  # The original runs apart.
   assert step["malloc"] == "retain" and step["malloc_env"] == step_benchmark().RETAINED_HEAP  # Restarted with it.
