@@ -91,6 +91,20 @@ def kernel_table(trace_dir, steps: int, top: int = 15) -> dict:
           "kernels": len(totals), "top": rows}
 
 
+def profiled_kernels(run_step, trace_dir, steps: int, top: int = 15) -> dict:
+  """Traces `steps` calls of `run_step` into `trace_dir` and returns the kernel table as a "kernels" JSON record, or,
+  where tracing or reading the trace fails (the trace's layout differs between backends and JAX versions), a record
+  naming the error and the trace: a benchmark's timing and memory figures are not lost to its profile."""
+  try:
+    import jax
+    with jax.profiler.trace(str(trace_dir)):
+      for _ in range(steps):
+        run_step()
+    return {"phase": "kernels", **kernel_table(trace_dir, steps, top)}
+  except Exception as e:  # Reported in the record, never silent.
+    return {"phase": "kernels", "error": f"{type(e).__name__}: {e}"[:500], "trace": str(trace_dir), "steps": steps}
+
+
 def markdown(table: dict) -> str:
   lines = [f"{table['kernels']} kernels, {table['kernel_ms_per_step']:.2f} ms of kernel time per step "
            f"({table['source']}, {table['steps']} steps)", "",

@@ -658,3 +658,9 @@ def test_kernel_table_of_a_traced_cpu_program_ranks_its_matmul_first(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="no .xplane.pb"):
     kernels.kernel_table(tmp_path / "empty", steps=1)
+  # As step.py profiles: the table as a record, and a failure (here a trace with no kernel events: nothing ran)
+  # a record naming the error, so that the step's figures printed after it are not lost.
+  record = kernels.profiled_kernels(lambda: f(a, a).block_until_ready(), tmp_path / "again", steps=2, top=3)
+  assert record["phase"] == "kernels" and record["top"][0]["share"] > 0.5 and "error" not in record
+  failed = kernels.profiled_kernels(lambda: None, tmp_path / "idle", steps=2)
+  assert failed["phase"] == "kernels" and "no kernel events" in failed["error"] and "top" not in failed
