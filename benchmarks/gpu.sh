@@ -3,12 +3,12 @@
 # its own timeout.
 # Each phase writes its JSON lines to $OUT as they happen (a phase that is cut off keeps what it printed);
 # a phase that fails or times out is reported and the script goes on, and the script then exits 1 naming it.
-# Phase 0 asks the AOT tool (python -m retfiner_jax.aot) whether the shipped retfound config fits an H200 and
-# which setting of its --fit ladder does; the measured phases run at batch 128 as shipped, which it reports
-# fitting (README, "Where it fits"). Phase 0b checks that cuDNN's fused attention runs and agrees with the XLA path
-# (attention_check.py); where it does not, the measured phases run with model.attention=xla and a line says so.
-# Needs only the checkout plus the GPU
-# image's JAX, PyTorch and transformers (and grain, ml_collections, tensorboardX wheels); no network.
+# Phase 0 asks the AOT tool (python -m retfiner_jax.aot) whether the shipped retfound config fits the GPU (an
+# H200, or an H100 where nvidia-smi names one) and which setting of its --fit ladder does; the measured phases run
+# at batch 128 as shipped, which it reports fitting (README, "Where it fits"). Phase 0b checks that cuDNN's fused
+# attention runs and agrees with the XLA path (attention_check.py); where it does not, the measured phases run
+# with model.attention=xla and a line says so. Needs only the checkout plus the GPU image's JAX, PyTorch and
+# transformers (and grain, ml_collections, tensorboardX wheels); no network.
 #
 #   bash benchmarks/gpu.sh            # on the GPU machine; JSON lines to stdout and to $OUT (default: .)
 #   bash benchmarks/gpu.sh --tiny     # the same phases at tiny sizes (a CPU check of the script)
@@ -61,7 +61,11 @@ else
   ATTENTION_CHECK=()  # cuDNN's kernel at ViT-L's attention shapes.
   REAL=("${LARGE[@]}")
   PIPE=(--images 256 --batch 128 --batches 6 --workers 8,14)  # 496x512 PNG, as the 2026-12-04 measurement.
-  FIT=(--target=h200)
+  FIT=(--target=h200)  # The GPU; an H100 where this runs on one (its own fit, the same figures).
+  if command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null \
+      | head -1 | grep -q H100; then
+    FIT=(--target=h100)
+  fi
   COMPILE_CACHE=()  # The compile phase measures a cold compile (step.py: no cache with --compile-only).
   TRACE="$(mktemp -d)/step_trace"  # Large on a GPU: kept out of $OUT.
 fi

@@ -237,6 +237,29 @@ def test_gpu_benchmark_script_measures_with_xla_attention_where_the_fused_kernel
     assert "attention" not in argv(name), (name, argv(name))
 
 
+
+def test_gpu_benchmark_script_asks_the_fit_of_the_gpu_it_runs_on(tmp_path):
+  """Full size, with the stand-in Python of the test above (every command succeeds): phase 0 asks the AOT tool
+  about an H200, or about an H100 where nvidia-smi names one."""
+  python = tmp_path / "bin" / "python"
+  python.parent.mkdir()
+  python.write_text('#!/bin/bash\nprintf \'{"samples_per_s": 1, "argv": "%s"}\\n\' "$*"\n')
+  python.chmod(0o755)
+  fits = {}
+  for gpu in ("", "NVIDIA H100 80GB HBM3"):
+    if gpu:
+      smi = tmp_path / "bin" / "nvidia-smi"
+      smi.write_text(f'#!/bin/bash\necho "{gpu}"\n')
+      smi.chmod(0o755)
+    out_dir = tmp_path / (gpu or "none").split()[-1]
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OUT=str(out_dir), PYTHON=str(python), BUNDLE=str(tmp_path),
+                                  PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", TMPDIR=str(tmp_path)))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    fits[gpu] = json.loads((out_dir / "gpu_fit.jsonl").read_text().splitlines()[0])["argv"]
+  assert "--target=h200" in fits[""] and "--target=h100" in fits["NVIDIA H100 80GB HBM3"], fits
+
+
 def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
   bundle = shared_path("reference", "tiny-retfound")  # Checked on "the device" (here the CPU) by gpu_parity.
   out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny"], capture_output=True, text=True,
