@@ -45,10 +45,10 @@ def check_compilers_match_jaxlib(folder: Path):
   except importlib.metadata.PackageNotFoundError:
     return  # JAX's own import names what is missing.
   for d in folder.glob("jax_cuda*_plugin-*.dist-info"):  # CUDA 12's (requirements-aot.txt) or 13's.
-    built_for = re.fullmatch(r"jax_cuda\d+_plugin-(.+)\.dist-info", d.name)
-    if built_for is None or built_for.group(1) == jaxlib:
+    match = re.fullmatch(r"jax_cuda\d+_plugin-(.+)\.dist-info", d.name)
+    if match is None or match.group(1) == jaxlib:
       continue
-    built_for = built_for.group(1)
+    built_for = match.group(1)
     print(f"error: {folder} holds the compilers for jaxlib {built_for}, but this Python has jaxlib {jaxlib}: install "
           f"them again for it (pip install --no-deps --target={folder} -r requirements-aot.txt, with that file's "
           f"versions matched to jaxlib {jaxlib}), or give --compilers=DIR", file=sys.stderr)

@@ -214,14 +214,20 @@ def test_gpu_benchmark_script_fails_when_a_phase_fails(tmp_path):
       "gpu_probe", "gpu_parity", "gpu_main_data", "gpu_main", "gpu_main_warm", "gpu_pipeline"}
 
 
+def stand_in_python(path, failing: str = ""):
+  """A `python` for gpu.sh that prints each command's arguments as a JSON line and succeeds, except for commands
+  naming `failing`."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fail = f'case "$*" in *{failing}*) exit 1;; esac\n' if failing else ""
+  path.write_text('#!/bin/bash\nprintf \'{"samples_per_s": 1, "argv": "%s"}\\n\' "$*"\n' + fail)
+  path.chmod(0o755)
+  return path
+
+
 def test_gpu_benchmark_script_measures_with_xla_attention_where_the_fused_kernel_fails(tmp_path):
   """Phase 0b (attention_check.py) failing: a line says so, and the step, vision and main phases get
-  model.attention=xla, the others nothing. A stand-in Python prints each command's arguments as a JSON line and
-  fails only the attention check."""
-  python = tmp_path / "python"
-  python.write_text('#!/bin/bash\nprintf \'{"samples_per_s": 1, "argv": "%s"}\\n\' "$*"\n'
-                    'case "$*" in *attention_check.py*) exit 1;; esac\n')
-  python.chmod(0o755)
+  model.attention=xla, the others nothing. A stand-in Python fails only the attention check."""
+  python = stand_in_python(tmp_path / "python", failing="attention_check.py")
   out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny"], capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, OUT=str(tmp_path), PYTHON=str(python),
                                              BUNDLE=str(tmp_path)))
@@ -237,14 +243,10 @@ def test_gpu_benchmark_script_measures_with_xla_attention_where_the_fused_kernel
     assert "attention" not in argv(name), (name, argv(name))
 
 
-
 def test_gpu_benchmark_script_asks_the_fit_of_the_gpu_it_runs_on(tmp_path):
-  """Full size, with the stand-in Python of the test above (every command succeeds): phase 0 asks the AOT tool
-  about an H200, or about an H100 where nvidia-smi names one."""
-  python = tmp_path / "bin" / "python"
-  python.parent.mkdir()
-  python.write_text('#!/bin/bash\nprintf \'{"samples_per_s": 1, "argv": "%s"}\\n\' "$*"\n')
-  python.chmod(0o755)
+  """Full size, with a stand-in Python (every command succeeds): phase 0 asks the AOT tool about an H200, or about
+  an H100 where nvidia-smi names one."""
+  python = stand_in_python(tmp_path / "bin" / "python")
   fits = {}
   for gpu in ("", "NVIDIA H100 80GB HBM3"):
     if gpu:
@@ -643,6 +645,7 @@ def test_one_compiled_step_serves_every_seed_with_the_bits_of_a_constant_seed(co
       assert float(a[k]) == float(b[k]), (seed, k, float(a[k]), float(b[k]))
     losses[seed] = float(a["loss"])
   assert losses[0] != losses[7]  # Other masks, negatives and dropped paths.
+
 
 def kernels_benchmark():
   sys.path.insert(0, str(ROOT / "benchmarks"))
