@@ -20,6 +20,10 @@ class MissingInput(UserError, FileNotFoundError):
   """A file or folder the settings name does not exist."""
 
 
+class DiskFull(UserError, OSError):
+  """A checkpoint or export that would not fit in the free disk space, refused before anything is written."""
+
+
 class NonFiniteLoss(RuntimeError):
   """A training step or validation gave a non-finite loss, gradient or parameter: the run stops naming the step
   and its last good checkpoint (nothing non-finite is ever saved)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from retfiner_jax.models.retfiner import RetFiner, init_params
 from retfiner_jax.refine import aot, inputs
 from retfiner_jax.metrics.embeddings import COLLAPSED_COSINE
 from retfiner_jax.refine.objectives import ITM_PRIOR_LOSS, ObjectiveSettings, chance_values, make_loss_fn
-from retfiner_jax.refine.step import (abstract_batch, check_batch_divides, model_config, objective_settings,
+from retfiner_jax.refine.step import (ShardedStep, check_batch_divides, model_config, objective_settings,
                                       sharded_train_step)
 from retfiner_jax.refine.validation import evaluate, make_embed_fn
 from retfiner_jax.runs import sharding, targets
@@ -110,7 +111,9 @@ class Run:
   state: dict
   progress: Progress
   checkpoints: RunCheckpoints
-  step_fn: Callable  # (state, batch, seed) -> (state, metrics), jitted and sharded.
+  step_fn: Callable  # (state, batch, seed) -> (state, metrics), jitted and sharded; compiled before the loop.
+  compile_step: Callable  # () -> the compiled step (compile_step), run on a thread of its own (start_compile).
+  compiling: concurrent.futures.Future | None  # That thread's (compiled step, seconds), started by `setup`.
   seed: Any  # The step's seed argument: config.seed on the devices (ShardedStep.seed).
   eval_loss_fn: Callable
   embed_fn: Callable
@@ -135,8 +138,9 @@ RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.log_every", "trai
 
 
 def setup(config, workdir, log=print, explicit_model_keys=(), timings: Timings | None = None) -> Run:
-  """Builds the run (data, sharded step, parameters or the checkpoint's state); each part timed as a start-up
-  phase when `timings` is given."""
+  """Builds the run (data, sharded step, parameters or the checkpoint's state) and starts compiling the step
+  alongside (Run.compiling) where steps remain to train; each part timed as a start-up phase when `timings` is
+  given."""
   phase = timings.phase if timings is not None else lambda name: contextlib.nullcontext()
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -162,24 +166,36 @@ def setup(config, workdir, log=print, explicit_model_keys=(), timings: Timings |
   abstract_state, state_sh = built.abstract_state, built.state_shardings
   with phase("checkpoint manager"):
     checkpoints = RunCheckpoints(workdir, config.checkpoint.keep, log)
-  if checkpoints.latest_step() is None:
-    for tower in randomly_initialised(config):
-      log(RANDOM_TOWER_WARNINGS[tower])
-    with phase("parameters (initialised, pretrained weights loaded)"):
-      params = initial_params(config, cfg, log, shardings=param_sh)
-      state, progress = jax.jit(built.init_state, out_shardings=state_sh)(params), Progress()
-  else:
-    with phase("parameters (restored)"):
-      state, saved, resume_step = checkpoints.restore(with_shardings(abstract_state, state_sh), data[0])
-    saved_seed = saved.pop("seed")
-    if saved_seed != config.seed:
-      raise ConfigError(f"{workdir} was trained with seed {saved_seed}, config.seed is {config.seed}: resume with "
-                       f"the same seed, or use a new workdir")
-    progress = Progress(**saved)
-    log(f"resumed from {workdir / 'checkpoints'} at step {resume_step} (epoch {progress.epoch})")
+  # The step is compiled from its shapes alone, so its compile runs alongside the parameters and the first batch.
+  compile_fn = functools.partial(compile_step, config, built, log)
+  compiling = start_compile(compile_fn) if training_remains(checkpoints, data[5]) else None
+  try:
+    if checkpoints.latest_step() is None:
+      for tower in randomly_initialised(config):
+        log(RANDOM_TOWER_WARNINGS[tower])
+      with phase("parameters (initialised, pretrained weights loaded)"):
+        params = initial_params(config, cfg, log, shardings=param_sh)
+        state, progress = jax.jit(built.init_state, out_shardings=state_sh)(params), Progress()
+        jax.block_until_ready(state)  # Made on the devices asynchronously: the phase waits for them.
+    else:
+      with phase("parameters (restored)"):
+        state, saved, resume_step = checkpoints.restore(with_shardings(abstract_state, state_sh), data[0])
+        jax.block_until_ready(state)
+      saved_seed = saved.pop("seed")
+      if saved_seed != config.seed:
+        raise ConfigError(f"{workdir} was trained with seed {saved_seed}, config.seed is {config.seed}: resume "
+                         f"with the same seed, or use a new workdir")
+      progress = Progress(**saved)
+      log(f"resumed from {workdir / 'checkpoints'} at step {resume_step} (epoch {progress.epoch})")
+  except BaseException:
+    if compiling is not None and not compiling.done():
+      log("(the train step's compile, running alongside, has to end before this process exits: XLA cannot stop "
+          "a compile)")
+    raise
 
   return Run(config, workdir, cfg, settings, mesh, model, *data, state=state, progress=progress,
-             checkpoints=checkpoints, step_fn=built.step_fn, seed=seed, eval_loss_fn=jax.jit(sharding.traced_on(
+             checkpoints=checkpoints, step_fn=built.step_fn, compile_step=compile_fn, compiling=compiling,
+             seed=seed, eval_loss_fn=jax.jit(sharding.traced_on(
                  mesh, make_loss_fn(model, settings, token_groups=sharding.batch_shards(mesh)))),
              embed_fn=make_embed_fn(model, mesh), param_shardings=param_sh, abstract_params=abstract_params, log=log)
 
@@ -197,6 +213,11 @@ def initial_params(config, cfg: ModelConfig, log=print, shardings=None) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # The loop.
 
+# The one start-up phase that runs alongside others (on its own thread, from the checkpoint manager's end): the
+# other phases, one after the other, add up to the time to the first step.
+COMPILE_PHASE = "compile (alongside the parameters and the first batch)"
+
+
 @dataclasses.dataclass
 class Timings:
   """A run's time, each part under its own name in summary.json (`Timings.summary`)."""
@@ -206,7 +227,8 @@ class Timings:
   steady_to: tuple | None = None  # (time, step) when the last step's result was in.
   paused: float = 0.0  # Validation and checkpoint writes after steady_from.
   input: Any = None  # The loop's InputWait.
-  startup: dict = dataclasses.field(default_factory=dict)  # {phase: seconds} up to the first step, in order.
+  # {phase: seconds} up to the first step, in order; all but COMPILE_PHASE one after the other.
+  startup: dict = dataclasses.field(default_factory=dict)
 
   @contextlib.contextmanager
   def phase(self, name: str):
@@ -219,7 +241,7 @@ class Timings:
 
   @property
   def compile_seconds(self) -> float:
-    return self.startup.get("compile", 0.0)
+    return self.startup.get(COMPILE_PHASE, 0.0)
 
   def startup_line(self) -> str:
     return ("start-up: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.startup.items())
@@ -278,27 +300,53 @@ class InputWait:
     return out
 
 
-def compiled_step(r: Run, batch):
-  """The step compiled for this run's batches (`batch`: arrays or their shapes), or loaded from
-  `config.compiled_step` (saved by
+def compile_step(config, built: ShardedStep, log=print):
+  """The step compiled for this run's batches from the shapes and shardings of its arguments alone
+  (ShardedStep.abstract_args: no array is needed), or loaded from `config.compiled_step` (saved by
   `python -m retfiner_jax.aot --save`, refused unless it is this very program for these devices). Running out
   of device memory while compiling is one error with XLA's figures (aot.DeviceMemoryExceeded)."""
   started = time.time()
-  lowered = r.step_fn.lower(r.state, batch, r.seed)
-  devices = list(r.mesh.devices.flat)
-  if r.config.compiled_step:
-    step_fn = aot.load_compiled(r.config.compiled_step, lowered, devices)
-    r.log(f"loaded the compiled train step from {r.config.compiled_step} in {time.time() - started:.1f} s")
+  cfg = built.model.cfg
+  lowered = built.step_fn.lower(*built.abstract_args(config.train.batch_size, cfg.max_text_length, cfg.image_size,
+                                                     jax.process_count() > 1, config.data.image_dtype))
+  devices = list(built.mesh.devices.flat)
+  if config.compiled_step:
+    step_fn = aot.load_compiled(config.compiled_step, lowered, devices)
+    log(f"loaded the compiled train step from {config.compiled_step} in {time.time() - started:.1f} s")
     return step_fn
-  r.log("compiling the train step ...")
+  log("compiling the train step ...")
   try:
     step_fn = lowered.compile()
   except Exception as e:  # noqa: BLE001 (XLA's errors have no narrower public type)
     if targets.is_out_of_memory(e):
       raise aot.out_of_memory(e, devices) from None
     raise
-  r.log(f"compiled the train step in {time.time() - started:.1f} s")
+  log(f"compiled the train step in {time.time() - started:.1f} s")
   return step_fn
+
+
+def start_compile(compile_fn: Callable) -> concurrent.futures.Future:
+  """Runs `compile_fn` (compile_step) on a thread of its own; the future gives (its result, its seconds). XLA
+  compiles without holding Python's lock, so the thread that started it goes on with other work meanwhile."""
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+  started = time.time()
+  future = pool.submit(lambda: (compile_fn(), time.time() - started))
+  pool.shutdown(wait=False)  # The thread ends with the compile.
+  return future
+
+
+def training_remains(checkpoints: RunCheckpoints, total_steps: int) -> bool:
+  """Whether the run's latest checkpoint leaves steps to train (none: a fresh run). A rerun that only writes the
+  exports of a finished or early-stopped run compiles nothing."""
+  latest = checkpoints.latest_step()
+  if latest is None:
+    return True
+  if latest >= total_steps:
+    return False
+  try:
+    return not checkpoints.saved_progress(latest).get("stopped_early", False)
+  except Exception:  # noqa: BLE001 - a damaged checkpoint: the restore names it, and an older one may train on.
+    return True
 
 
 def check_finite(r: Run, step, metrics) -> bool:
@@ -372,18 +420,15 @@ def train_loop(r: Run, run_log: RunLog, stop: dict) -> tuple[str, int]:
     if several:  # Each row says whether this process was signalled; the step reports the maximum.
       local = dict(local, stop=np.full(len(local["pair_ids"]), stop["signal"] is not None, np.int32))
     return r.global_batch(local)
-  if step < r.total_steps:
-    # Compiled from the batch's shapes while the first batch loads (the workers start) alongside, on the host
-    # alone: the thread makes no JAX call; the batch goes to the devices after the compile.
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="first-batch") as pool:
-      started = time.time()
-      first = pool.submit(lambda: (next(r.train_iter), time.time() - started))
-      with timings.phase("compile"):
-        c = r.config
-        r.step_fn = compiled_step(r, abstract_batch(r.mesh, c.train.batch_size, r.cfg.max_text_length,
-                                                    r.cfg.image_size, several, c.data.image_dtype))
-      local, timings.startup["first batch (alongside the compile)"] = first.result()
-      batch = to_global(local)
+  if step < r.total_steps and not r.progress.stopped_early:
+    # The compile started at set-up (unless the latest checkpoint had stopped early and an older one was
+    # restored); the first batch loads (the workers start) while it goes on, and goes to the devices after it.
+    compiling = r.compiling or start_compile(r.compile_step)
+    with timings.phase("first batch"):
+      local = next(r.train_iter)
+    with timings.phase("waiting for the compile"):
+      r.step_fn, timings.startup[COMPILE_PHASE] = compiling.result()
+    batch = to_global(local)
   wait = timings.input = InputWait()  # Waits for the batches of steps (not the one fetched before the compile).
   while step < r.total_steps and not r.progress.stopped_early:
     batch = wait.next(r.train_iter, to_global) if batch is None else batch

@@ -29,14 +29,10 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from retfiner_jax.errors import UserError
+from retfiner_jax.errors import DiskFull, UserError  # noqa: F401 (DiskFull: raised here, and named so by callers)
 
 
 class NoRestorableCheckpoint(UserError, RuntimeError):
-  pass
-
-
-class DiskFull(UserError, OSError):
   pass
 
 
@@ -62,6 +58,10 @@ class RunCheckpoints:
 
   def latest_step(self):
     return self.last.latest_step()
+
+  def saved_progress(self, step: int) -> dict:
+    """The loop's progress saved with checkpoint `step` (epoch, early stopping), read without the arrays."""
+    return dict(self.last.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))["progress"])
 
   def save(self, step: int, state, data_iterator, progress: dict) -> bool:
     """Saves the step unless it is saved already; returns whether it saved."""

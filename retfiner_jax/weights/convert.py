@@ -146,6 +146,11 @@ def to_layer_layout(params: dict, scan: bool) -> dict:
       if name in sub or sorted(numbered) != list(range(len(numbered))):
         raise CheckpointError(f"{root}: layers {sorted(numbered)} are not numbered 0..N-1 (or mix layouts)")
       layers = [sub.pop(numbered[i]) for i in range(len(numbered))]
+      paths = [sorted(flatten(layer)) for layer in layers]
+      differ = [i for i, p in enumerate(paths) if p != paths[0]]
+      if differ:
+        raise CheckpointError(f"{root}: {name}_{differ[0]} does not hold the parameters {name}_0 holds (layers "
+                              f"{differ} differ from layer 0): every layer needs the same tensors")
       sub[name] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
     elif not scan and name in sub:
       if numbered:

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from retfiner_jax.errors import ConfigError
+from retfiner_jax.errors import ConfigError, DiskFull
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.weights import convert as cv
 from retfiner_jax.weights.files import readable_by_all, save_converted, unrolled_flat
@@ -194,6 +194,29 @@ def parse_formats(formats: str, tokenizer=None) -> list[str]:
   return [f for f in EXPORT_FORMATS if f in names]
 
 
+def export_bytes(params, chosen) -> int:
+  """About how many bytes the formats in `chosen` write for `params` (host arrays): each its share of them."""
+  def nbytes(tree):
+    return sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree))
+  whole, vision, text = nbytes(params), nbytes(params["vision_encoder"]), nbytes(params["text_encoder"])
+  share = {"retfiner_flax": whole, "vision_flax": vision, "pytorch": vision, "safetensors": vision,
+           "heads": whole - vision - text, "lightning": whole, "hf": 2 * text}  # hf: two folders.
+  return sum(share[f] for f in chosen)
+
+
+def check_space(params, out: Path, chosen):
+  """Refuses exports that would not fit in the free space of `out` (the earlier exports there, which they
+  replace, counted as free), before any is written."""
+  need = int(export_bytes(params, chosen) * 1.05) + (1 << 20)
+  replaced = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+  free = shutil.disk_usage(out).free + replaced
+  if free < need:
+    raise DiskFull(f"not enough disk space in {out} for the exports ({', '.join(chosen)}): they need about "
+                   f"{need / 2**20:.0f} MB, {free / 2**20:.0f} MB are free. Free some space or ask for fewer formats "
+                   f"(config.export.formats), then rerun the same command: the run's final checkpoint is complete, "
+                   f"so it trains nothing and writes the exports")
+
+
 def export_model(cfg: ModelConfig, params, out, tokenizer=None, pooler: dict | None = None, epoch: int = 0,
                  step: int = 0, log=print, formats: str = "all") -> dict:
   """Writes the model to `out` in each of `formats` (parse_formats; an earlier export's files are replaced) and
@@ -202,6 +225,7 @@ def export_model(cfg: ModelConfig, params, out, tokenizer=None, pooler: dict | N
   out.mkdir(parents=True, exist_ok=True)
   chosen = parse_formats(formats, tokenizer)
   params = jax.tree.map(np.asarray, params)
+  check_space(params, out, chosen)
   vision = vision_state_dict(cfg, params) if {"pytorch", "safetensors"} & set(chosen) else None
 
   def flax_folder(name, part):

@@ -7,6 +7,7 @@ accepts such a folder, or a PyTorch checkpoint that it converts on the fly with 
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -37,6 +38,17 @@ def abstract_params(cfg: ModelConfig):
   return jax.eval_shape(lambda i, t: RetFiner(cfg).init(jax.random.PRNGKey(0), i, t, t)["params"], images, ids)
 
 
+@functools.lru_cache(maxsize=8)
+def _param_shapes(cfg: ModelConfig) -> tuple:
+  return tuple(cv.flatten(jax.tree.map(lambda s: s.shape, abstract_params(cfg))).items())
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+  """{Flax path: shape} of the model's parameters in `cfg`'s layout (traced once per config: a run that loads
+  an FM and a BERT asks twice)."""
+  return dict(_param_shapes(cfg))
+
+
 def init_subtree(cfg: ModelConfig, name: str, seed: int = 0):
   """Fresh parameters of one encoder (to fill what a checkpoint lacks)."""
   rng = jax.random.PRNGKey(seed)
@@ -62,11 +74,14 @@ def _config_from_hf(hf: dict, base: ModelConfig, where: str) -> ModelConfig:
 
 def convert_checkpoint(path, fmt: str | None = None, variant: str | None = None,
                        model_config: ModelConfig | str | Path | None = None, extra_ignore=(), seed: int = 0,
-                       log=print):
+                       log=print, fill_missing: bool = True):
   """Reads any supported PyTorch checkpoint. Returns (ModelConfig, params (nested dict), meta dict).
 
   Sizes come from `model_config` (a ModelConfig or a JSON file), else the named `variant`, else the tensors
   (weights/sizes.py) over the format's own FM; a Hugging Face folder's config.json sets the text sizes.
+  The parameters a format may lack (RETFound's new projection, BERT's cross-attention and MLM head, ...) are
+  freshly initialised from `seed` (`fill_missing`), or left out for the caller's own initialisation to stand
+  (`fill_missing=False`: what a training run does, weights/files.py load_pretrained).
   """
   path = Path(path)
   if not path.exists():
@@ -128,9 +143,9 @@ def convert_checkpoint(path, fmt: str | None = None, variant: str | None = None,
 
   # The tables name the unrolled layout; the result is put in the configured one at the end.
   unrolled = cfg.replace(scan_layers=False)
-  expected = cv.flatten(jax.tree.map(lambda s: s.shape, abstract_params(unrolled)))
+  expected = param_shapes(unrolled)
   flat, report = cv.import_state(state, table, expected, ignore, allow, tied, grid=cfg.grid_size)
-  if report.initialised:
+  if report.initialised and fill_missing:
     by_root = {e.flax_path[0] for e in table if e.torch_key in report.initialised}
     for root in sorted(by_root):
       fresh = cv.flatten({root: init_subtree(unrolled, root, seed)})
@@ -288,7 +303,9 @@ def load_pretrained(config, cfg: ModelConfig, params: dict, log=print) -> dict:
       raise MissingInput(
           f"config.weights.{name} = {path}: not found. Give a converted folder (python tools/convert_weights.py "
           f"--input CHECKPOINT --output DIR) or the PyTorch checkpoint itself.")
-    _, loaded, meta = load_weights(path, fmt=fmt, model_config=cfg, log=log)
+    # What a PyTorch checkpoint lacks keeps the run's own initialisation (config.seed), as with a converted
+    # folder that lacks it.
+    _, loaded, meta = load_weights(path, fmt=fmt, model_config=cfg, log=log, fill_missing=False)
     if part == "vision":
       if "vision_encoder" not in loaded:
         raise ConfigError(f"config.weights.vision = {path} holds no vision encoder")

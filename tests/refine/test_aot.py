@@ -5,6 +5,7 @@ The compiled-memory figures are XLA's own for each target; the checks here are t
 (arguments equal the state and batch each device holds, counted by hand from the shardings), that a step made
 too large for a device is reported as not fitting while --fit finds a setting that fits, and that a saved step
 gives the same losses as compiling."""
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -312,12 +313,12 @@ def test_running_out_of_memory_while_compiling_is_one_message_with_the_figures_a
       raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
                          "temporaries (18.38G) exceeds available HBM (15.75G).")
 
-  real = trainer.compiled_step
+  real = trainer.compile_step
 
-  def fake(r, batch):
-    r.step_fn = type("F", (), {"lower": lambda self, *a: FakeLowered()})()
-    return real(r, batch)
-  monkeypatch.setattr(trainer, "compiled_step", fake)
+  def fake(config, built, log=print):  # The real compile_step, given a step whose lowering gives FakeLowered.
+    return real(config, dataclasses.replace(built, step_fn=type("F", (), {"lower": lambda self, *a: FakeLowered()})()),
+                log)
+  monkeypatch.setattr(trainer, "compile_step", fake)
   with pytest.raises(aot.DeviceMemoryExceeded) as e:
     trainer.run(run_config(corpus), tmp_path / "oom", lambda *a, **k: None)
   assert "needs 18.38 GiB per device for its temporaries, 15.75 GiB available" in str(e.value)

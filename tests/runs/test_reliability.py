@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from retfiner_jax.errors import ConfigError
+from retfiner_jax.errors import ConfigError, DiskFull
 from retfiner_jax.refine import inputs, trainer
 from retfiner_jax.runs.checkpoints import NoRestorableCheckpoint, ResumeMismatch, RunCheckpoints
 from retfiner_jax.runs.run_log import read_metrics
@@ -457,6 +457,15 @@ def test_exports_follow_config_and_a_death_during_them_is_finished_by_a_rerun_wi
   assert not (work / "summary.json").exists() and (work / "export" / "retfiner_flax").exists()
   _, first, _ = weight_files.load_converted(work / "export" / "retfiner_flax")
   rows = (work / "metrics.jsonl").read_text()
+  monkeypatch.undo()
+  # Exports that cannot fit on the disk are refused before any is written, naming the way on.
+  import shutil
+  real = shutil.disk_usage
+  monkeypatch.setattr(exports.shutil, "disk_usage", lambda p: real(p)._replace(free=0))
+  with pytest.raises(DiskFull, match=r"for the exports \(retfiner_flax, pytorch, lightning\): they need about \d+ MB, "
+                     r"\d+ MB are free.*rerun the same command: the run's final checkpoint is complete"):
+    trainer.run(config, work, log=lambda *a: None)
+  assert not (work / "export" / "retfiner_lightning.ckpt").exists()
   monkeypatch.undo()
   lines = []
   summary = trainer.run(config, work, log=lambda line, **_: lines.append(line))

@@ -131,6 +131,11 @@ def test_layer_layouts_convert_both_ways_and_match_the_model(tmp_path):
   with pytest.raises(convert.CheckpointError, match="numbered"):
     convert.to_layer_layout({"vision_encoder": {"blocks_0": {"w": np.zeros(2)}, "blocks_2": {"w": np.zeros(2)}}},
                             scan=True)
+  uneven = {"text_encoder": {"layer_0": {"w": np.zeros(2), "crossattention": {"b": np.zeros(2)}},
+                             "layer_1": {"w": np.zeros(2)}}}
+  with pytest.raises(convert.CheckpointError, match=r"text_encoder: layer_1 does not hold the parameters layer_0 "
+                     r"holds \(layers \[1\] differ"):
+    convert.to_layer_layout(uneven, scan=True)
 
 
 def test_vision_export_loads_strictly_into_the_fm(tmp_path):
