@@ -29,7 +29,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from retfiner_jax.errors import DiskFull, UserError  # noqa: F401 (DiskFull: raised here, and named so by callers)
+from retfiner_jax.disk_space import shortfall, tree_nbytes
+from retfiner_jax.errors import DiskFull, UserError
 
 
 class NoRestorableCheckpoint(UserError, RuntimeError):
@@ -38,10 +39,6 @@ class NoRestorableCheckpoint(UserError, RuntimeError):
 
 class ResumeMismatch(UserError, RuntimeError):
   pass
-
-
-def _nbytes(tree) -> int:
-  return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree))
 
 
 class RunCheckpoints:
@@ -67,7 +64,7 @@ class RunCheckpoints:
     """Saves the step unless it is saved already; returns whether it saved."""
     if step in self.last.all_steps():
       return False
-    self._check_space(_nbytes(state), f"checkpoint {step}")
+    self._check_space(tree_nbytes(state), f"checkpoint {step}")
     self.last.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                  data=grain.checkpoint.CheckpointSave(data_iterator),
                                                  progress=ocp.args.JsonSave(progress)), force=True)
@@ -127,16 +124,15 @@ class RunCheckpoints:
     """Saves the best parameters unless this step is saved already (a resumed run validating it again)."""
     if step in self.best.all_steps():
       return False
-    self._check_space(_nbytes(params), f"best checkpoint {step}")
+    self._check_space(tree_nbytes(params), f"best checkpoint {step}")
     self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                  metrics=ocp.args.JsonSave(metrics)), force=True)
     return True
 
   def _check_space(self, nbytes: int, what: str):
-    need = int(nbytes * 1.05) + (1 << 20)  # Arrays plus metadata and the iterator state.
-    free = shutil.disk_usage(self.workdir).free
-    if free < need:
-      latest = self.last.latest_step()
+    short = shortfall(self.workdir, nbytes)  # Arrays plus metadata and the iterator state.
+    if short:
+      (need, free), latest = short, self.last.latest_step()
       raise DiskFull(
           f"not enough disk space in {self.workdir} for {what}: it needs about {need / 2**20:.0f} MB, "
           f"{free / 2**20:.0f} MB are free. Free some space (or set --config.checkpoint.keep=1, or use a workdir on "

@@ -269,7 +269,7 @@ def import_state(state: dict, table: list[Entry], expected_shapes: dict, ignore:
     if not np.issubdtype(x.dtype, np.floating):
       problems.append(f"{entry.torch_key}: expected a floating-point tensor, got {x.dtype}")
       continue
-    out[entry.flax_path] = x.astype(np.float32, copy=False)  # Copied once, where the layers are stacked.
+    out[entry.flax_path] = x.astype(np.float32, copy=False)  # No copy of float32: layers are copied when stacked.
     report.loaded.append(entry.torch_key)
   for decoder_key, source_key in tied:
     if decoder_key in state:

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from retfiner_jax.disk_space import shortfall, tree_nbytes
 from retfiner_jax.errors import ConfigError, DiskFull
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.weights import convert as cv
@@ -195,10 +196,8 @@ def parse_formats(formats: str, tokenizer=None) -> list[str]:
 
 
 def export_bytes(params, chosen) -> int:
-  """About how many bytes the formats in `chosen` write for `params` (host arrays): each its share of them."""
-  def nbytes(tree):
-    return sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree))
-  whole, vision, text = nbytes(params), nbytes(params["vision_encoder"]), nbytes(params["text_encoder"])
+  """About how many bytes the formats in `chosen` write for `params`: each its share of them."""
+  whole, vision, text = (tree_nbytes(t) for t in (params, params["vision_encoder"], params["text_encoder"]))
   share = {"retfiner_flax": whole, "vision_flax": vision, "pytorch": vision, "safetensors": vision,
            "heads": whole - vision - text, "lightning": whole, "hf": 2 * text}  # hf: two folders.
   return sum(share[f] for f in chosen)
@@ -207,10 +206,10 @@ def export_bytes(params, chosen) -> int:
 def check_space(params, out: Path, chosen):
   """Refuses exports that would not fit in the free space of `out` (the earlier exports there, which they
   replace, counted as free), before any is written."""
-  need = int(export_bytes(params, chosen) * 1.05) + (1 << 20)
   replaced = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-  free = shutil.disk_usage(out).free + replaced
-  if free < need:
+  short = shortfall(out, export_bytes(params, chosen), replaced)
+  if short:
+    need, free = short
     raise DiskFull(f"not enough disk space in {out} for the exports ({', '.join(chosen)}): they need about "
                    f"{need / 2**20:.0f} MB, {free / 2**20:.0f} MB are free. Free some space or ask for fewer formats "
                    f"(config.export.formats), then rerun the same command: the run's final checkpoint is complete, "
