@@ -55,12 +55,21 @@ def check_compilers_match_jaxlib(folder: Path):
     sys.exit(2)
 
 
+def targets_this_cpu(argv) -> bool:
+  """`--target=cpu` (or `--target cpu`), the last --target given and no --topology."""
+  values = [a.split("=", 1)[1] for a in argv if a.startswith("--target=")]
+  values += [b for a, b in zip(argv, argv[1:]) if a == "--target"]
+  return bool(values) and values[-1] == "cpu" and not any(a.startswith("--topology") for a in argv)
+
+
 def prepare_environment(argv):
   """Before JAX is imported (the config file imports it while flags are parsed): the CPU as JAX's only platform,
   since the TPU and GPU devices are compile-only and the CUDA plugin's driver check would fail first, and the
   compilers' folder on the import path (also for processes this one starts)."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # Compiling takes no TPU: several processes may.
+  if targets_this_cpu(argv):
+    return  # No compilers needed; a folder built for another jaxlib would only put its plugin in the way.
   folder = compilers_folder(argv)
   if folder is not None and folder.is_dir():
     check_compilers_match_jaxlib(folder)
