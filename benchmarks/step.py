@@ -10,7 +10,8 @@ achieved FLOP/s. A JSON line per phase as it happens (init, lower, compile, firs
 memory; each flushed, so a run cut off still leaves its figures), then the summary line (`"benchmark": "step"`).
 `--compile-only` lowers and compiles the step from abstract shapes (no parameters are made), prints one JSON
 line with `lower_s`, `compile_s` and the program's size, and stops; it compiles cold (no compilation cache)
-unless `--compile-cache` names one.
+unless `--compile-cache` names one. `--fusion-autotuner off` compiles without XLA's GPU fusion autotuner (its
+cost in compile time, and with a timed run its effect on the step).
 `--original=PATH` times the real original's RFM step instead, from a checkout of it at PATH, in a process of its
 own (benchmarks/original_rfm.py, run with `--original-python`).
 
@@ -280,6 +281,9 @@ def main():
                  help="config.model.attention: auto = cuDNN's fused attention in the ViT on GPU in bfloat16, else xla")
   p.add_argument("--prng", default="auto", choices=PRNG_CHOICES,
                  help="the step's random bits (config.train.prng): auto = threefry on CPU, rbg on GPU/TPU")
+  p.add_argument("--fusion-autotuner", default="on", choices=("on", "off"),
+                 help="XLA's GPU fusion autotuner (xla_gpu_experimental_enable_fusion_autotuner; on by default from "
+                      "JAX 0.11): off compiles faster and may give slower kernels")
   p.add_argument("--no-torch", action="store_true", help="time only this project's step")
   p.add_argument("--original-only", action="store_true",
                  help="time only the original-style PyTorch step, in a process where JAX stays on the CPU (on a "
@@ -335,7 +339,7 @@ def main():
   setup = {"vision": a.vision, "text": a.text, "batch": a.batch, "dtype": a.dtype, "remat": cfg.remat,
            "attention": cfg.attention,
            "scan_layers": cfg.scan_layers, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-           "prng": prng_impl(a.prng, backend)}
+           "prng": prng_impl(a.prng, backend), "fusion_autotuner": a.fusion_autotuner}
   ours_mem = torch_mem = -1
   if not gpu and a.memory_of is None and not a.compile_only and not a.no_memory:  # Before this process holds anything.
     ours_mem = memory_in_subprocess(a, "ours")
@@ -362,7 +366,8 @@ def main():
   program_lines = lowered.as_text().count("\n")
   emit({"phase": "lower", "lower_s": lower_s, "stablehlo_lines": program_lines, **setup})
   start = time.perf_counter()
-  compiled = lowered.compile()
+  options = {"xla_gpu_experimental_enable_fusion_autotuner": False} if a.fusion_autotuner == "off" else {}
+  compiled = lowered.compile(options)
   compile_s = time.perf_counter() - start
   compiled_lines = compiled.as_text().count("\n")
   emit({"phase": "compile", "compile_s": compile_s, "compiled_hlo_lines": compiled_lines,
