@@ -260,6 +260,10 @@ def test_gpu_benchmark_script_asks_the_fit_of_the_gpu_it_runs_on(tmp_path):
                                   PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", TMPDIR=str(tmp_path)))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     fits[gpu] = json.loads((out_dir / "gpu_fit.jsonl").read_text().splitlines()[0])["argv"]
+    # The cold compile without XLA's fusion autotuner; the timed step compiles with it, as main does.
+    argv = {name: json.loads((out_dir / f"{name}.jsonl").read_text().splitlines()[0])["argv"]
+            for name in ("gpu_compile", "gpu_step_large")}
+    assert "--fusion-autotuner off" in argv["gpu_compile"] and "fusion" not in argv["gpu_step_large"], argv
   assert "--target=h200" in fits[""] and "--target=h100" in fits["NVIDIA H100 80GB HBM3"], fits
 
 
@@ -282,6 +286,7 @@ def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
                                                 original["original_style"]["samples_per_s"])
   compiled = json.loads((tmp_path / "gpu_compile.jsonl").read_text().splitlines()[-1])
   assert compiled["benchmark"] == "step_compile" and compiled["compile_cache"] == str(tmp_path / "xla_cache")
+  assert compiled["fusion_autotuner"] == "off"
   large = [json.loads(line) for line in (tmp_path / "gpu_step_large.jsonl").read_text().splitlines()]
   assert [r["compile_s"] for r in large if r.get("phase") == "compile"][0] < compiled["compile_s"]  # A cache hit.
   (kernels,) = [r for r in large if r.get("phase") == "kernels"]  # The profiled steps' costliest kernels.
