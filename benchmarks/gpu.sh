@@ -55,8 +55,8 @@ else
   MAIN_SIZE=()
   # 5,600 pairs: the 30 steps of batch 128 stay within the first epoch (no validation, one final checkpoint).
   IMAGES=5600; HEIGHT=224; MAIN_STEPS=30
-  declare -A LIMIT=([fit]=55 [attention]=15 [compile]=45 [large]=65 [original]=35 [vision]=30 [probe]=25
-                    [parity]=25 [main_data]=25 [main]=80 [main_warm]=50 [pipeline]=30
+  declare -A LIMIT=([fit]=40 [attention]=15 [compile]=45 [large]=65 [original]=35 [vision]=30 [probe]=25
+                    [parity]=25 [main_data]=25 [main]=95 [main_warm]=50 [pipeline]=30
                     [original_real]=45)  # 480 s in all; 525 with ORIGINAL=.
   ATTENTION_CHECK=()  # cuDNN's kernel at ViT-L's attention shapes.
   REAL=("${LARGE[@]}")
