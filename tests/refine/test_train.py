@@ -215,11 +215,11 @@ def test_gpu_benchmark_script_fails_when_a_phase_fails(tmp_path):
       "gpu_probe", "gpu_parity", "gpu_main_data", "gpu_main", "gpu_main_warm", "gpu_pipeline"}
 
 
-def stand_in_python(path, failing: str = ""):
+def stand_in_python(path, failing: str = "", status: int = 1):
   """A `python` for gpu.sh that prints each command's arguments as a JSON line and succeeds, except for commands
-  naming `failing`."""
+  naming `failing`, which exit with `status` (124: as `timeout` reports a command it cut off)."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  fail = f'case "$*" in *{failing}*) exit 1;; esac\n' if failing else ""
+  fail = f'case "$*" in *{failing}*) exit {status};; esac\n' if failing else ""
   path.write_text('#!/bin/bash\nprintf \'{"samples_per_s": 1, "argv": "%s"}\\n\' "$*"\n' + fail)
   path.chmod(0o755)
   return path
@@ -242,6 +242,22 @@ def test_gpu_benchmark_script_measures_with_xla_attention_where_the_fused_kernel
     assert argv(name).endswith("--config.model.attention=xla"), (name, argv(name))
   for name in ("gpu_step_original", "gpu_probe", "gpu_pipeline", "gpu_main_data"):
     assert "attention" not in argv(name), (name, argv(name))
+
+
+def test_gpu_benchmark_script_keeps_the_shipped_attention_where_the_check_is_cut_off(tmp_path):
+  """Phase 0b cut off by its limit (exit 124) found nothing wrong: a line says so, and no phase is given
+  model.attention=xla."""
+  python = stand_in_python(tmp_path / "python", failing="attention_check.py", status=124)
+  out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny"], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, OUT=str(tmp_path), PYTHON=str(python),
+                                             BUNDLE=str(tmp_path), FUSION_AUTOTUNER_OFF="1"))
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert out.returncode == 1 and summary["failed"] == "gpu_attention", out.stdout[-2000:]
+  check = (tmp_path / "gpu_attention.jsonl").read_text()
+  assert '"unfinished": "cut off by its limit' in check and "fallback" not in check, check
+  for name in ("gpu_compile", "gpu_step_large", "gpu_step_vision", "gpu_main", "gpu_main_warm"):
+    argv = json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[0])["argv"]
+    assert "attention" not in argv, (name, argv)
 
 
 def test_gpu_benchmark_script_asks_the_fit_of_the_gpu_it_runs_on(tmp_path):
