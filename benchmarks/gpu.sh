@@ -114,11 +114,11 @@ steps() {  # 1-2. The full-size step, ViT-L/16 + BERT-base, batch 128, bfloat16:
   fi
   "$PY" -c "import json, sys
 # Each phase's summary: its last line with a 'benchmark' key (the kernel table may follow it).
-last = lambda name: [json.loads(l) for l in open(f'$OUT/{name}.jsonl').read().splitlines() if '\"benchmark\"' in l][-1]
-large = last('gpu_step_large')
-ours, original = large['ours'], last('gpu_step_original')['original_style']
+summary = lambda name: [json.loads(l) for l in open(f'$OUT/{name}.jsonl').read().splitlines() if '\"benchmark\"' in l][-1]
+large = summary('gpu_step_large')
+ours, original = large['ours'], summary('gpu_step_original')['original_style']
 try:
-  real = last('gpu_step_original_real')
+  real = summary('gpu_step_original_real')
 except (OSError, IndexError, ValueError):  # The phase failed before its summary (reported above).
   real = {}
 out = {'phase': 'comparison', 'ours_samples_per_s': ours['samples_per_s'],

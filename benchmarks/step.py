@@ -47,6 +47,7 @@ from retfiner_jax.models.attention import ATTENTION_CHOICES, resolve_attention  
 from retfiner_jax.models.common import resolve_remat  # noqa: E402
 from retfiner_jax.models.config import REMAT_CHOICES, ModelConfig, get_variant  # noqa: E402
 from retfiner_jax.models.retfiner import RetFiner, init_params  # noqa: E402
+from retfiner_jax.refine.aot import FUSION_AUTOTUNER_OFF  # noqa: E402
 from retfiner_jax.refine.flops import step_flops  # noqa: E402
 from retfiner_jax.refine.objectives import ObjectiveSettings  # noqa: E402
 from retfiner_jax.refine.step import PRNG_CHOICES, make_train_step, prng_impl  # noqa: E402
@@ -367,8 +368,7 @@ def main():
   program_lines = lowered.as_text().count("\n")
   emit({"phase": "lower", "lower_s": lower_s, "stablehlo_lines": program_lines, **setup})
   start = time.perf_counter()
-  options = {"xla_gpu_experimental_enable_fusion_autotuner": False} if a.fusion_autotuner == "off" else {}
-  compiled = lowered.compile(options)
+  compiled = lowered.compile(FUSION_AUTOTUNER_OFF if a.fusion_autotuner == "off" else {})
   compile_s = time.perf_counter() - start
   compiled_lines = compiled.as_text().count("\n")
   emit({"phase": "compile", "compile_s": compile_s, "compiled_hlo_lines": compiled_lines,

@@ -93,6 +93,11 @@ def lower_step(config, devices, cfg, settings):
   return built, lowered, args, time.perf_counter() - started
 
 
+# XLA's GPU fusion autotuner off (on by default from JAX 0.11): compiler_options' and benchmarks/step.py's
+# --fusion-autotuner off.
+FUSION_AUTOTUNER_OFF = {"xla_gpu_experimental_enable_fusion_autotuner": False}
+
+
 def compiler_options(devices) -> dict:
   """XLA options for compiling without the device: XLA cannot autotune Triton's matmul tilings without a GPU, and
   one default tiling fails on the step's fused transposed matmul, so GPU matmuls go to cuBLAS (a difference of
@@ -101,7 +106,7 @@ def compiler_options(devices) -> dict:
   H200 compiled in 24.5 s instead of 54.6 s here, to the same optimised program (benchmarks/README.md)."""
   if devices[0].platform not in ("cuda", "gpu"):
     return {}
-  return {"xla_gpu_enable_triton_gemm": False, "xla_gpu_experimental_enable_fusion_autotuner": False}
+  return {"xla_gpu_enable_triton_gemm": False, **FUSION_AUTOTUNER_OFF}
 
 
 def fingerprint(lowered, devices) -> dict:

@@ -203,10 +203,20 @@ def export_bytes(params, chosen) -> int:
   return sum(share[f] for f in chosen)
 
 
-def check_space(params, out: Path, chosen):
-  """Refuses exports that would not fit in the free space of `out` (the earlier exports there, which they
-  replace, counted as free), before any is written."""
-  replaced = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+def export_paths(cfg: ModelConfig, out: Path) -> dict:
+  """Where each format is written under `out` (a file, or a folder for the Flax and Hugging Face formats)."""
+  return {"retfiner_flax": out / "retfiner_flax", "vision_flax": out / "vision_flax",
+          "pytorch": out / f"vision_{cfg.backbone}.pth", "safetensors": out / f"vision_{cfg.backbone}.safetensors",
+          "heads": out / "heads.safetensors", "lightning": out / "retfiner_lightning.ckpt", "hf": out / "text"}
+
+
+def check_space(params, paths: dict, out: Path, chosen):
+  """Refuses exports that would not fit in the free space of `out` (an earlier export of a chosen format, which
+  it replaces, counted as free), before any is written."""
+  def size(path: Path) -> int:
+    files = [path] if path.is_file() else path.rglob("*") if path.is_dir() else []
+    return sum(f.stat().st_size for f in files if f.is_file())
+  replaced = sum(size(paths[f]) for f in chosen)
   short = shortfall(out, export_bytes(params, chosen), replaced)
   if short:
     need, free = short
@@ -224,31 +234,30 @@ def export_model(cfg: ModelConfig, params, out, tokenizer=None, pooler: dict | N
   out.mkdir(parents=True, exist_ok=True)
   chosen = parse_formats(formats, tokenizer)
   params = jax.tree.map(np.asarray, params)
-  check_space(params, out, chosen)
+  where = export_paths(cfg, out)
+  check_space(params, where, out, chosen)
   vision = vision_state_dict(cfg, params) if {"pytorch", "safetensors"} & set(chosen) else None
 
   def flax_folder(name, part):
-    if (out / name).exists():
-      shutil.rmtree(out / name)
-    save_converted(out / name, cfg, part, {"source": "retfiner_jax training", "source_format": cfg.backbone,
-                                           "contents": sorted(part)},
+    if where[name].exists():
+      shutil.rmtree(where[name])
+    save_converted(where[name], cfg, part, {"source": "retfiner_jax training", "source_format": cfg.backbone,
+                                            "contents": sorted(part)},
                    pooler=pooler if name == "retfiner_flax" else None)
-    return {name: str(out / name)}
+    return {name: str(where[name])}
 
-  def file(name, path, write):
-    write(path)
-    return {name: str(path)}
+  def file(name, write):
+    write(where[name])
+    return {name: str(where[name])}
 
   writers = {
       "retfiner_flax": lambda: flax_folder("retfiner_flax", params),
       "vision_flax": lambda: flax_folder("vision_flax", {"vision_encoder": params["vision_encoder"]}),
-      "pytorch": lambda: file("pytorch", out / f"vision_{cfg.backbone}.pth", lambda p: save_torch(vision, p)),
-      "safetensors": lambda: file("safetensors", out / f"vision_{cfg.backbone}.safetensors",
-                                  lambda p: save_safetensors(vision, p)),
-      "heads": lambda: file("heads", out / "heads.safetensors", lambda p: save_safetensors(heads_state_dict(params), p)),
-      "lightning": lambda: file("lightning", out / "retfiner_lightning.ckpt",
-                                lambda p: save_lightning(cfg, params, p, epoch, step)),
-      "hf": lambda: hf_bert(cfg, params, out / "text", tokenizer, pooler),
+      "pytorch": lambda: file("pytorch", lambda p: save_torch(vision, p)),
+      "safetensors": lambda: file("safetensors", lambda p: save_safetensors(vision, p)),
+      "heads": lambda: file("heads", lambda p: save_safetensors(heads_state_dict(params), p)),
+      "lightning": lambda: file("lightning", lambda p: save_lightning(cfg, params, p, epoch, step)),
+      "hf": lambda: hf_bert(cfg, params, where["hf"], tokenizer, pooler),
   }
   paths, seconds = {}, {}
   for name in chosen:

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from retfiner_jax import disk_space
 from retfiner_jax.errors import ConfigError, DiskFull
 from retfiner_jax.refine import inputs, trainer
 from retfiner_jax.runs.checkpoints import NoRestorableCheckpoint, ResumeMismatch, RunCheckpoints
@@ -382,13 +383,29 @@ def test_the_checker_names_every_bad_row_and_warns_about_conversions(tmp_path, c
   assert "warning: 1 duplicate rows, same image, slice and report as an earlier row (28 = 26)" in out
 
 
+def test_exports_count_as_free_only_the_files_they_replace(tmp_path, monkeypatch):
+  """An earlier export of a chosen format is replaced, so its bytes count as free; one of a format not chosen
+  stays on the disk, so its bytes do not."""
+  from retfiner_jax.weights import exports
+  params = {"vision_encoder": {"w": np.zeros(1 << 18, np.float32)}, "text_encoder": {"w": np.zeros(4, np.float32)}}
+  paths = exports.export_paths(types.SimpleNamespace(backbone="retfound"), tmp_path)
+  need = exports.export_bytes(params, ["pytorch"])  # 1 MB of vision weights.
+  real = disk_space.shutil.disk_usage
+  monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda p: real(p)._replace(free=3 << 19))  # 1.5 MB free.
+  paths["lightning"].write_bytes(b"\0" * need)  # Left as it is by a pytorch export: still too little room.
+  with pytest.raises(DiskFull, match=r"exports \(pytorch\)"):
+    exports.check_space(params, paths, tmp_path, ["pytorch"])
+  paths["pytorch"].write_bytes(b"\0" * need)  # Replaced by it: now enough.
+  exports.check_space(params, paths, tmp_path, ["pytorch"])
+
+
 def test_a_checkpoint_that_cannot_fit_on_disk_stops_with_one_message(tmp_path, monkeypatch):
   import shutil
   from retfiner_jax.runs import checkpoints
   folder = _two_checkpoints(tmp_path)  # Steps 1 and 2 exist.
   saver = RunCheckpoints(tmp_path, keep=2, log=lambda *a: None)
   real = shutil.disk_usage
-  monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: real(p)._replace(free=100 << 10))
+  monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda p: real(p)._replace(free=100 << 10))
   iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
   big = {"w": jnp.zeros((1 << 20,), jnp.float32)}  # 4 MB.
   with pytest.raises(checkpoints.DiskFull, match=r"checkpoint 3: it needs about 5 MB, 0 MB are free.*resumes "
@@ -461,7 +478,7 @@ def test_exports_follow_config_and_a_death_during_them_is_finished_by_a_rerun_wi
   # Exports that cannot fit on the disk are refused before any is written, naming the way on.
   import shutil
   real = shutil.disk_usage
-  monkeypatch.setattr(exports.shutil, "disk_usage", lambda p: real(p)._replace(free=0))
+  monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda p: real(p)._replace(free=0))
   with pytest.raises(DiskFull, match=r"for the exports \(retfiner_flax, pytorch, lightning\): they need about \d+ MB, "
                      r"\d+ MB are free.*rerun the same command: the run's final checkpoint is complete"):
     trainer.run(config, work, log=lambda *a: None)
