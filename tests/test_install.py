@@ -39,3 +39,30 @@ def test_installed_console_scripts_run_from_another_folder(tmp_path):
   assert out.returncode == 2 and 'Did you mean "probe_count"' in out.stderr, out.stderr[-2000:]
   out = run("retfiner-mae", "--workdir=m")  # Its default config (mae_demo) found; it needs a manifest.
   assert out.returncode == 2 and "error: config.data.train_manifest is empty" in out.stderr, out.stderr[-2000:]
+
+
+def _floor(requires_python: str) -> tuple:
+  """The lowest Python a `Requires-Python` field admits, e.g. '>=3.11' -> (3, 11); () if it names none."""
+  floors = [tuple(int(p) for p in spec.strip()[2:].strip().split(".")[:2])
+            for spec in requires_python.split(",") if spec.strip().startswith(">=")]
+  return max(floors, default=())
+
+
+def test_the_declared_python_is_one_the_pinned_packages_install_on():
+  """pyproject.toml's requires-python is no lower than any pinned runtime package's own floor, so that pip on an
+  older Python stops at this project, by name, instead of failing to resolve a pin."""
+  from importlib import metadata
+  import re
+  import tomllib
+  declared = _floor(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
+  assert declared, "pyproject.toml: requires-python names no lower bound"
+  pins = re.findall(r"^([A-Za-z0-9_.-]+)==\S+", (ROOT / "requirements.txt").read_text(), flags=re.M)
+  assert len(pins) >= 10, pins
+  needs = {}
+  for name in pins:
+    field = metadata.metadata(name).get("Requires-Python") or ""
+    if _floor(field):
+      needs[name] = _floor(field)
+  assert needs, "no pinned package states its Python"
+  higher = {name: floor for name, floor in needs.items() if floor > declared}
+  assert not higher, f"pyproject.toml requires-python allows {declared}, but these pins need more: {higher}"
