@@ -29,7 +29,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from retfiner_jax.disk_space import shortfall, tree_nbytes
+from retfiner_jax.disk_space import shortfall, size_text, tree_nbytes
 from retfiner_jax.errors import DiskFull, UserError
 
 
@@ -134,8 +134,8 @@ class RunCheckpoints:
     if short:
       (need, free), latest = short, self.last.latest_step()
       raise DiskFull(
-          f"not enough disk space in {self.workdir} for {what}: it needs about {need / 2**20:.0f} MB, "
-          f"{free / 2**20:.0f} MB are free. Free some space (or set --config.checkpoint.keep=1, or use a workdir on "
+          f"not enough disk space in {self.workdir} for {what}: it needs about {size_text(need)}, "
+          f"{size_text(free)} are free. Free some space (or set --config.checkpoint.keep=1, or use a workdir on "
           f"a larger disk) and rerun the same command: it resumes from "
           + (f"step {latest}" if latest is not None else "the start (no checkpoint was written yet)"))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from retfiner_jax.disk_space import shortfall, tree_nbytes
+from retfiner_jax.disk_space import shortfall, size_text, tree_nbytes
 from retfiner_jax.errors import ConfigError, DiskFull
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.weights import convert as cv
@@ -210,18 +210,34 @@ def export_paths(cfg: ModelConfig, out: Path) -> dict:
           "heads": out / "heads.safetensors", "lightning": out / "retfiner_lightning.ckpt", "hf": out / "text"}
 
 
+def partial_path(path: Path) -> Path:
+  """Where an export is written before it is complete (export_model renames it then)."""
+  return path.with_name(path.name + ".partial")
+
+
+def _remove(path: Path):
+  if path.is_dir():
+    shutil.rmtree(path)
+  elif path.exists() or path.is_symlink():
+    path.unlink()
+
+
 def check_space(params, paths: dict, out: Path, chosen):
-  """Refuses exports that would not fit in the free space of `out` (an earlier export of a chosen format, which
-  it replaces, counted as free), before any is written."""
+  """Refuses exports that would not fit in the free space of `out`, before any is written. Formats are written
+  in `chosen`'s order, each beside its earlier export until complete (export_model), so an earlier export of a
+  chosen format counts as free only for the formats written after it; one of a format not chosen stays."""
   def size(path: Path) -> int:
     files = [path] if path.is_file() else path.rglob("*") if path.is_dir() else []
     return sum(f.stat().st_size for f in files if f.is_file())
-  replaced = sum(size(paths[f]) for f in chosen)
-  short = shortfall(out, export_bytes(params, chosen), replaced)
+  short = None
+  for k in range(1, len(chosen) + 1):  # While the k-th format is written.
+    short = shortfall(out, export_bytes(params, chosen[:k]), sum(size(paths[f]) for f in chosen[:k - 1]))
+    if short:
+      break
   if short:
     need, free = short
     raise DiskFull(f"not enough disk space in {out} for the exports ({', '.join(chosen)}): they need about "
-                   f"{need / 2**20:.0f} MB, {free / 2**20:.0f} MB are free. Free some space or ask for fewer formats "
+                   f"{size_text(need)}, {size_text(free)} are free. Free some space or ask for fewer formats "
                    f"(config.export.formats), then rerun the same command: the run's final checkpoint is complete, "
                    f"so it trains nothing and writes the exports")
 
@@ -229,35 +245,43 @@ def check_space(params, paths: dict, out: Path, chosen):
 def export_model(cfg: ModelConfig, params, out, tokenizer=None, pooler: dict | None = None, epoch: int = 0,
                  step: int = 0, log=print, formats: str = "all") -> dict:
   """Writes the model to `out` in each of `formats` (parse_formats; an earlier export's files are replaced) and
-  logs each one's seconds; returns {kind: path}."""
+  logs each one's seconds; returns {kind: path}. Each format is written under a `.partial` name and renamed when
+  complete, so a process killed while exporting leaves no half-written file under an export's name (and an
+  earlier export of that format whole); the next export removes what such a kill left."""
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   chosen = parse_formats(formats, tokenizer)
   params = jax.tree.map(np.asarray, params)
   where = export_paths(cfg, out)
+  for path in where.values():
+    _remove(partial_path(path))
   check_space(params, where, out, chosen)
   vision = vision_state_dict(cfg, params) if {"pytorch", "safetensors"} & set(chosen) else None
 
-  def flax_folder(name, part):
-    if where[name].exists():
-      shutil.rmtree(where[name])
-    save_converted(where[name], cfg, part, {"source": "retfiner_jax training", "source_format": cfg.backbone,
-                                            "contents": sorted(part)},
-                   pooler=pooler if name == "retfiner_flax" else None)
+  def staged(name, write):  # write(path) makes the file or folder at `path`.
+    partial = partial_path(where[name])
+    write(partial)
+    _remove(where[name])
+    partial.replace(where[name])
     return {name: str(where[name])}
 
-  def file(name, write):
-    write(where[name])
-    return {name: str(where[name])}
+  def flax_folder(name, part):
+    return staged(name, lambda path: save_converted(
+        path, cfg, part, {"source": "retfiner_jax training", "source_format": cfg.backbone, "contents": sorted(part)},
+        pooler=pooler if name == "retfiner_flax" else None))
+
+  def hf_folders():
+    staged("hf", lambda path: hf_bert(cfg, params, path, tokenizer, pooler))
+    return {"hf_encoder": str(where["hf"] / ENCODER), "hf_cross_attention": str(where["hf"] / CROSS_ATTENTION)}
 
   writers = {
       "retfiner_flax": lambda: flax_folder("retfiner_flax", params),
       "vision_flax": lambda: flax_folder("vision_flax", {"vision_encoder": params["vision_encoder"]}),
-      "pytorch": lambda: file("pytorch", lambda p: save_torch(vision, p)),
-      "safetensors": lambda: file("safetensors", lambda p: save_safetensors(vision, p)),
-      "heads": lambda: file("heads", lambda p: save_safetensors(heads_state_dict(params), p)),
-      "lightning": lambda: file("lightning", lambda p: save_lightning(cfg, params, p, epoch, step)),
-      "hf": lambda: hf_bert(cfg, params, where["hf"], tokenizer, pooler),
+      "pytorch": lambda: staged("pytorch", lambda p: save_torch(vision, p)),
+      "safetensors": lambda: staged("safetensors", lambda p: save_safetensors(vision, p)),
+      "heads": lambda: staged("heads", lambda p: save_safetensors(heads_state_dict(params), p)),
+      "lightning": lambda: staged("lightning", lambda p: save_lightning(cfg, params, p, epoch, step)),
+      "hf": hf_folders,
   }
   paths, seconds = {}, {}
   for name in chosen:

@@ -383,20 +383,31 @@ def test_the_checker_names_every_bad_row_and_warns_about_conversions(tmp_path, c
   assert "warning: 1 duplicate rows, same image, slice and report as an earlier row (28 = 26)" in out
 
 
-def test_exports_count_as_free_only_the_files_they_replace(tmp_path, monkeypatch):
-  """An earlier export of a chosen format is replaced, so its bytes count as free; one of a format not chosen
-  stays on the disk, so its bytes do not."""
+def test_exports_count_as_free_only_the_files_they_have_replaced(tmp_path, monkeypatch):
+  """Each format is written beside its earlier export until complete, so an earlier export of a chosen format
+  counts as free only for the formats written after it; one of a format not chosen stays on the disk."""
   from retfiner_jax.weights import exports
   params = {"vision_encoder": {"w": np.zeros(1 << 18, np.float32)}, "text_encoder": {"w": np.zeros(4, np.float32)}}
   paths = exports.export_paths(types.SimpleNamespace(backbone="retfound"), tmp_path)
-  need = exports.export_bytes(params, ["pytorch"])  # 1 MB of vision weights.
+  one = exports.export_bytes(params, ["pytorch"])  # 1 MB of vision weights, as the safetensors format writes.
+  mb = 1 << 20
   real = disk_space.shutil.disk_usage
-  monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda p: real(p)._replace(free=3 << 19))  # 1.5 MB free.
-  paths["lightning"].write_bytes(b"\0" * need)  # Left as it is by a pytorch export: still too little room.
-  with pytest.raises(DiskFull, match=r"exports \(pytorch\)"):
+
+  def free(nbytes):
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda p: real(p)._replace(free=nbytes))
+  # One format: about 1.05 MB + 1 MB of room; its earlier file is no help, it stays until the new one is whole.
+  paths["pytorch"].write_bytes(b"\0" * one)
+  free(int(1.5 * mb))
+  with pytest.raises(DiskFull, match=r"exports \(pytorch\): they need about 2.0 MB, 1.5 MB are free"):
     exports.check_space(params, paths, tmp_path, ["pytorch"])
-  paths["pytorch"].write_bytes(b"\0" * need)  # Replaced by it: now enough.
+  free(int(2.5 * mb))
   exports.check_space(params, paths, tmp_path, ["pytorch"])
+  # Two formats (3.2 MB with the margin): the earlier .pth, replaced first, makes room for the safetensors.
+  exports.check_space(params, paths, tmp_path, ["pytorch", "safetensors"])
+  paths["pytorch"].unlink()
+  paths["lightning"].write_bytes(b"\0" * one)  # A format not chosen: stays, so it is no help.
+  with pytest.raises(DiskFull, match=r"exports \(pytorch, safetensors\): they need about 3.1 MB, 2.5 MB are free"):
+    exports.check_space(params, paths, tmp_path, ["pytorch", "safetensors"])
 
 
 def test_a_checkpoint_that_cannot_fit_on_disk_stops_with_one_message(tmp_path, monkeypatch):
@@ -408,7 +419,7 @@ def test_a_checkpoint_that_cannot_fit_on_disk_stops_with_one_message(tmp_path, m
   monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda p: real(p)._replace(free=100 << 10))
   iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
   big = {"w": jnp.zeros((1 << 20,), jnp.float32)}  # 4 MB.
-  with pytest.raises(checkpoints.DiskFull, match=r"checkpoint 3: it needs about 5 MB, 0 MB are free.*resumes "
+  with pytest.raises(checkpoints.DiskFull, match=r"checkpoint 3: it needs about 5.2 MB, 0.1 MB are free.*resumes "
                                                   r"from step 2"):
     saver.save(3, big, iterator, {"epoch": 3})
   with pytest.raises(checkpoints.DiskFull, match=r"best checkpoint 3"):
@@ -479,8 +490,8 @@ def test_exports_follow_config_and_a_death_during_them_is_finished_by_a_rerun_wi
   import shutil
   real = shutil.disk_usage
   monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda p: real(p)._replace(free=0))
-  with pytest.raises(DiskFull, match=r"for the exports \(retfiner_flax, pytorch, lightning\): they need about \d+ MB, "
-                     r"\d+ MB are free.*rerun the same command: the run's final checkpoint is complete"):
+  with pytest.raises(DiskFull, match=r"for the exports \(retfiner_flax, pytorch, lightning\): they need about [\d.]+ MB, "
+                     r"[\d.]+ MB are free.*rerun the same command: the run's final checkpoint is complete"):
     trainer.run(config, work, log=lambda *a: None)
   assert not (work / "export" / "retfiner_lightning.ckpt").exists()
   monkeypatch.undo()
@@ -496,6 +507,51 @@ def test_exports_follow_config_and_a_death_during_them_is_finished_by_a_rerun_wi
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)))
   assert any(line.startswith("exported the refined model") and "lightning (" in line for line in lines)
 
+
+
+def test_an_export_killed_mid_file_leaves_the_earlier_export_whole(tmp_path, monkeypatch):
+  """Each export format is written under a `.partial` name and renamed when complete: a process killed half-way
+  through a file (here a writer that writes part of it, then dies) leaves the earlier export of that format whole
+  under its name, and the next export replaces both it and the leftover."""
+  import torch
+  from retfiner_jax.models.config import get_variant
+  from retfiner_jax.models.retfiner import init_params
+  from retfiner_jax.weights import exports
+  cfg = get_variant("tiny-retfound").replace(dtype="float32")
+  before, after = (jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(seed))) for seed in (0, 1))
+  out = tmp_path / "export"
+  formats = "retfiner_flax,pytorch"
+  paths = exports.export_model(cfg, before, out, log=lambda *a: None, formats=formats)
+  pth, flax_folder = Path(paths["pytorch"]), Path(paths["retfiner_flax"])
+  vision_key = next(iter(exports.vision_state_dict(cfg, before)))
+
+  def saved_vision(path):
+    return torch.load(path, weights_only=True)[vision_key].numpy()
+
+  def saved_flax(folder):
+    return jax.tree.leaves(weight_files.load_converted(folder)[1])
+  assert np.array_equal(saved_vision(pth), exports.vision_state_dict(cfg, before)[vision_key])
+  real_save_torch = exports.save_torch
+
+  def dies_half_way(state, path, **extra):
+    real_save_torch(state, path, **extra)
+    Path(path).write_bytes(Path(path).read_bytes()[:1000])  # What a kill in mid-write leaves.
+    raise KeyboardInterrupt("killed while writing the .pth")
+  monkeypatch.setattr(exports, "save_torch", dies_half_way)
+  with pytest.raises(KeyboardInterrupt):
+    exports.export_model(cfg, after, out, log=lambda *a: None, formats=formats)
+  monkeypatch.undo()
+  # The Flax folder (written first) is the new one; the .pth under its name is the earlier one, whole.
+  assert all(np.array_equal(a, b) for a, b in zip(saved_flax(flax_folder), jax.tree.leaves(after)))
+  assert np.array_equal(saved_vision(pth), exports.vision_state_dict(cfg, before)[vision_key])
+  leftover = exports.partial_path(pth)
+  assert leftover.exists() and leftover.stat().st_size == 1000
+  with pytest.raises(Exception):
+    torch.load(leftover, weights_only=True)
+  exports.export_model(cfg, after, out, log=lambda *a: None, formats=formats)
+  assert np.array_equal(saved_vision(pth), exports.vision_state_dict(cfg, after)[vision_key])
+  assert not leftover.exists() and not exports.partial_path(flax_folder).exists()
+  assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", pth.name, flax_folder.name])
 
 def with_export_formats(config, formats):
   config.export.formats = formats
