@@ -48,7 +48,7 @@ from retfiner_jax.probe.run import probe_dataset
 from retfiner_jax.probe.settings import ProbeSettings
 from retfiner_jax.refine import trainer
 from retfiner_jax.refine.objectives import chance_values
-from retfiner_jax.runs import compile_cache
+from retfiner_jax.runs import compile_cache, whole_files
 from retfiner_jax.runs.run_log import read_metrics
 from retfiner_jax.textpretrain import trainer as text_pretraining
 from retfiner_jax.textpretrain.objectives import TextPretrainSettings
@@ -117,7 +117,7 @@ def cached_json(path: Path, what: str, compute, log):
     return json.loads(path.read_text())
   log(what)
   results = compute()
-  path.write_text(json.dumps(results, indent=1))
+  whole_files.write_json(path, results)
   return results
 
 
@@ -393,7 +393,7 @@ def run_seed(config, workdir: Path, corpus: dict, vocab: Path, run: int, runs: i
              "refinement": {k: summary[k] for k in ("steps", "epochs", "best_val_loss", "steady_samples_per_second")},
              "mae": {"fm_steps": fm["steps"], "fm_images": fm["images_seen"], "control_images": images,
                      "control_steps": control_steps}}
-  done.write_text(json.dumps(results, indent=1))
+  whole_files.write_json(done, results)
   return results
 
 
@@ -506,7 +506,7 @@ def run(config, workdir, seeds: int = 1, log=print) -> dict:
   learnt = aggregate_learnt(per_seed, d.tasks)
   results = {"corpus": corpus, "runs": seeds, "tasks": tasks, "gains": gains, "learnt": learnt,
              "per_seed": per_seed, "wall_seconds": time.time() - start}
-  (workdir / "results.json").write_text(json.dumps(results, indent=1))
+  whole_files.write_json(workdir / "results.json", results)
   plot(tasks, workdir / "results.png")
   spread = f" (mean ± sample std over {seeds} seeds)" if seeds > 1 else " (one seed)"
   log(f"\nlinear-probe balanced accuracy (%) on the probe corpus, and zero-shot of the refined model{spread}")

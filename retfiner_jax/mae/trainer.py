@@ -17,8 +17,6 @@ to WORKDIR/export/:
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from retfiner_jax.errors import ConfigError, MissingInput, NonFiniteLoss
 from retfiner_jax.models.common import model_images
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.mae import MaeSettings, MaskedAutoencoder, reconstruction_loss, sincos_pos_embed
-from retfiner_jax.runs import sharding, step_seed
+from retfiner_jax.runs import sharding, step_seed, whole_files
 from retfiner_jax.runs.checkpoints import RunCheckpoints
 from retfiner_jax.runs.run_log import RunLog, read_metrics
 from retfiner_jax.weights import exports
@@ -194,15 +192,15 @@ def export(cfg: ModelConfig, s: MaeSettings, params: dict, out: Path, log=print)
   meta = {"source": "retfiner_jax MAE pretraining", "source_format": cfg.backbone}
   paths = {}
   for name, part in (("vision_flax", {"vision_encoder": params["vision_encoder"]}), ("mae_flax", params)):
-    if (out / name).exists():
-      shutil.rmtree(out / name)
-    weight_files.save_converted(out / name, cfg, part, dict(meta, contents=sorted(part), mae=dataclasses.asdict(s)))
+    whole_files.make_whole(out / name, lambda folder: weight_files.save_converted(
+        folder, cfg, part, dict(meta, contents=sorted(part), mae=dataclasses.asdict(s))))
     paths[name] = str(out / name)
   vision = exports.vision_state_dict(cfg, params)
-  exports.save_safetensors(vision, out / f"vision_{cfg.backbone}.safetensors")
+  whole_files.make_whole(out / f"vision_{cfg.backbone}.safetensors", lambda p: exports.save_safetensors(vision, p))
   paths["safetensors"] = str(out / f"vision_{cfg.backbone}.safetensors")
   try:
-    exports.save_fm_checkpoint(vision, out / f"vision_{cfg.backbone}.pth")  # {"model": ...}, as MAE saves it.
+    whole_files.make_whole(out / f"vision_{cfg.backbone}.pth",  # {"model": ...}, as MAE saves it.
+                           lambda p: exports.save_fm_checkpoint(vision, p))
     paths["pytorch"] = str(out / f"vision_{cfg.backbone}.pth")
   except ImportError:
     log("torch not installed: no .pth file (the .safetensors file holds the same tensors)")
@@ -316,7 +314,7 @@ def _run(config, workdir: Path, log) -> dict:
     logged = read_metrics(workdir / "metrics.jsonl")  # Also when a finished run is only exported again.
     summary["final_loss"] = logged[-1]["loss"] if logged else None
     summary["exported"] = export(cfg, s, jax.device_get(state["params"]), workdir / "export", log)
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+  whole_files.write_json(workdir / "summary.json", summary)
   return summary
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from retfiner_jax.errors import ConfigError, MissingInput
 from retfiner_jax.probe import paper
 from retfiner_jax.probe.features import cache_key, cached_features, extract_features, file_identity
+from retfiner_jax.runs import whole_files
 from retfiner_jax.weights import files as weight_files
 from retfiner_jax.probe.folders import (ProbeDataError, load_gray_u8, load_images, read_image_folder,
                                         stratified_split, unreadable)
@@ -121,7 +122,7 @@ def set_aside_previous_results(out_dir: Path, log=print):
 def write_outputs(out_dir, results: dict, confusions: dict, log=print):
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+  whole_files.write_json(out_dir / "results.json", results)
   with (out_dir / "results.csv").open("w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["dataset", "encoder"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")])

@@ -16,7 +16,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +34,7 @@ from retfiner_jax.refine.objectives import ITM_PRIOR_LOSS, ObjectiveSettings, ch
 from retfiner_jax.refine.step import (ShardedStep, check_batch_divides, model_config, objective_settings,
                                       sharded_train_step)
 from retfiner_jax.refine.validation import evaluate, make_embed_fn
-from retfiner_jax.runs import sharding, targets
+from retfiner_jax.runs import sharding, targets, whole_files
 from retfiner_jax.runs.checkpoints import RunCheckpoints
 from retfiner_jax.runs.run_log import RunLog, losses_line, plot_run
 from retfiner_jax.runs.signals import signals_requesting_stop
@@ -559,7 +558,7 @@ def finish(r: Run, status: str, step: int, samples: int, seconds: float) -> dict
   end["checkpoint writes"] = time.time() - started
   r.log(f"checkpoint writes finished in {end['checkpoint writes']:.1f} s")
   if primary:
-    (r.workdir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
+    whole_files.write_json(r.workdir / "summary.json", summary, allow_nan=False)
   return summary
 
 

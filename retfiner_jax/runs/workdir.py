@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 
 from retfiner_jax.errors import ConfigError
+from retfiner_jax.runs import whole_files
 
 
 def prepare_workdir(workdir) -> Path:
@@ -36,7 +37,7 @@ def check_resume_config(config, workdir: Path, resumable: tuple[str, ...], log=p
   if not (workdir / "checkpoints").is_dir() or not any((workdir / "checkpoints").iterdir()) \
       or not saved_path.exists():
     if jax.process_index() == 0:  # One writer on a shared workdir.
-      saved_path.write_text(json.dumps(new, indent=1))
+      whole_files.write_json(saved_path, new)
     return
   old, now = _flat(json.loads(saved_path.read_text())), _flat(new)
   changed = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))

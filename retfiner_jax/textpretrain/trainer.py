@@ -11,7 +11,6 @@ pairwise cosine over held-out reports) before and after.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from retfiner_jax.errors import ConfigError, NonFiniteLoss
 from retfiner_jax.metrics.embeddings import mean_pairwise_cosine
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.retfiner import RetFiner, init_params
-from retfiner_jax.runs import step_seed
+from retfiner_jax.runs import step_seed, whole_files
 from retfiner_jax.textpretrain.objectives import TextPretrainSettings, make_loss_fn
 from retfiner_jax.weights import files as weight_files
 
@@ -104,13 +103,11 @@ def run(cfg: ModelConfig, train_manifest, val_manifest, tokenizer, out_dir, *, s
   log(f"text tower pretrained in {time.time() - started:.0f} s: [CLS] mean pairwise cosine over "
       f"{len(val['input_ids'])} held-out reports {spread_before['mean']:.4f} -> {spread_after['mean']:.4f}")
   export = out_dir / "text_flax"
-  if export.exists():  # Left by an interrupted export: written again.
-    shutil.rmtree(export)
-  weight_files.save_converted(export, cfg, {"text_encoder": jax.tree.map(np.asarray, text)},
-                              {"source_format": "textpretrain", "steps": n})
+  whole_files.make_whole(export, lambda folder: weight_files.save_converted(
+      folder, cfg, {"text_encoder": jax.tree.map(np.asarray, text)}, {"source_format": "textpretrain", "steps": n}))
   summary = {"status": "finished", "steps": n, "seconds": time.time() - started, "exported": str(export),
              "cls_cosine_before": spread_before, "cls_cosine_after": spread_after, "history": history,
              "settings": {**settings.__dict__, "epochs": epochs, "batch_size": batch_size,
                           "learning_rate": learning_rate, "weight_decay": weight_decay, "seed": seed}}
-  done.write_text(json.dumps(summary, indent=1))
+  whole_files.write_json(done, summary)
   return summary

@@ -8,7 +8,6 @@ importing uses, so an export converts back to the same parameters.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 from retfiner_jax.disk_space import shortfall, size_text, tree_nbytes
 from retfiner_jax.errors import ConfigError, DiskFull
 from retfiner_jax.models.config import ModelConfig
+from retfiner_jax.runs import whole_files
 from retfiner_jax.weights import convert as cv
 from retfiner_jax.weights.files import readable_by_all, save_converted, unrolled_flat
 
@@ -210,18 +210,6 @@ def export_paths(cfg: ModelConfig, out: Path) -> dict:
           "heads": out / "heads.safetensors", "lightning": out / "retfiner_lightning.ckpt", "hf": out / "text"}
 
 
-def partial_path(path: Path) -> Path:
-  """Where an export is written before it is complete (export_model renames it then)."""
-  return path.with_name(path.name + ".partial")
-
-
-def _remove(path: Path):
-  if path.is_dir():
-    shutil.rmtree(path)
-  elif path.exists() or path.is_symlink():
-    path.unlink()
-
-
 def check_space(params, paths: dict, out: Path, chosen):
   """Refuses exports that would not fit in the free space of `out`, before any is written. Formats are written
   in `chosen`'s order, each beside its earlier export until complete (export_model), so an earlier export of a
@@ -253,17 +241,13 @@ def export_model(cfg: ModelConfig, params, out, tokenizer=None, pooler: dict | N
   chosen = parse_formats(formats, tokenizer)
   params = jax.tree.map(np.asarray, params)
   where = export_paths(cfg, out)
-  for path in where.values():
-    _remove(partial_path(path))
+  for path in where.values():  # What an export killed half-way left.
+    whole_files.remove(whole_files.partial_path(path))
   check_space(params, where, out, chosen)
   vision = vision_state_dict(cfg, params) if {"pytorch", "safetensors"} & set(chosen) else None
 
   def staged(name, write):  # write(path) makes the file or folder at `path`.
-    partial = partial_path(where[name])
-    write(partial)
-    _remove(where[name])
-    partial.replace(where[name])
-    return {name: str(where[name])}
+    return {name: str(whole_files.make_whole(where[name], write))}
 
   def flax_folder(name, part):
     return staged(name, lambda path: save_converted(

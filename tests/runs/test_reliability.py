@@ -21,6 +21,7 @@ from retfiner_jax.errors import ConfigError, DiskFull
 from retfiner_jax.refine import inputs, trainer
 from retfiner_jax.runs.checkpoints import NoRestorableCheckpoint, ResumeMismatch, RunCheckpoints
 from retfiner_jax.runs.run_log import read_metrics
+from retfiner_jax.runs import whole_files
 from retfiner_jax.runs.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLocked
 from retfiner_jax.weights import files as weight_files
 from conftest import ROOT, random_batch, tiny_config, train_losses
@@ -544,14 +545,58 @@ def test_an_export_killed_mid_file_leaves_the_earlier_export_whole(tmp_path, mon
   # The Flax folder (written first) is the new one; the .pth under its name is the earlier one, whole.
   assert all(np.array_equal(a, b) for a, b in zip(saved_flax(flax_folder), jax.tree.leaves(after)))
   assert np.array_equal(saved_vision(pth), exports.vision_state_dict(cfg, before)[vision_key])
-  leftover = exports.partial_path(pth)
+  leftover = whole_files.partial_path(pth)
   assert leftover.exists() and leftover.stat().st_size == 1000
   with pytest.raises(Exception):
     torch.load(leftover, weights_only=True)
   exports.export_model(cfg, after, out, log=lambda *a: None, formats=formats)
   assert np.array_equal(saved_vision(pth), exports.vision_state_dict(cfg, after)[vision_key])
-  assert not leftover.exists() and not exports.partial_path(flax_folder).exists()
+  assert not leftover.exists() and not whole_files.partial_path(flax_folder).exists()
   assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", pth.name, flax_folder.name])
+
+
+def test_files_a_later_run_reads_are_whole_or_absent(tmp_path):
+  """whole_files: a write that dies half-way leaves what was under the name before (or nothing), never a part;
+  the next write replaces the leftover. Used for every JSON a rerun reads (summaries, the demo's stage results,
+  the workdir's config) and for the exports."""
+  summary = tmp_path / "summary.json"
+  whole_files.write_json(summary, {"status": "finished", "steps": 3})
+
+  def dies_half_way(path):
+    path.write_text('{"status": "fini')
+    raise KeyboardInterrupt
+  with pytest.raises(KeyboardInterrupt):
+    whole_files.make_whole(summary, dies_half_way)
+  assert json.loads(summary.read_text()) == {"status": "finished", "steps": 3}
+  with pytest.raises(KeyboardInterrupt):
+    whole_files.make_whole(tmp_path / "results.json", dies_half_way)
+  assert not (tmp_path / "results.json").exists()
+  whole_files.write_json(summary, {"status": "finished", "steps": 4}, allow_nan=False)
+  assert json.loads(summary.read_text()) == {"status": "finished", "steps": 4}
+  with pytest.raises(ValueError):  # allow_nan=False reaches json.dumps; the earlier file stays.
+    whole_files.write_json(summary, {"loss": float("nan")}, allow_nan=False)
+  assert json.loads(summary.read_text())["steps"] == 4
+  # A folder: the earlier one stays whole until the new one is complete, then is replaced.
+  folder = tmp_path / "text_flax"
+
+  def folder_of(text, dies=False):
+    def write(path):
+      path.mkdir()
+      (path / "a").write_text(text)
+      if dies:
+        raise KeyboardInterrupt
+      (path / "b").write_text(text)
+    return write
+  whole_files.make_whole(folder, folder_of("old"))
+  with pytest.raises(KeyboardInterrupt):
+    whole_files.make_whole(folder, folder_of("new", dies=True))
+  assert {p.name: p.read_text() for p in folder.iterdir()} == {"a": "old", "b": "old"}
+  whole_files.make_whole(folder, folder_of("new"))
+  assert {p.name: p.read_text() for p in folder.iterdir()} == {"a": "new", "b": "new"}
+  # What the dead write left stays beside (never under) the name until that name is written again.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json.partial", "summary.json", "text_flax"]
+  whole_files.write_json(tmp_path / "results.json", [])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "summary.json", "text_flax"]
 
 def with_export_formats(config, formats):
   config.export.formats = formats
