@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retfiner_jax.errors import UserError  # noqa: E402
 from retfiner_jax.models.config import VARIANTS  # noqa: E402
+from retfiner_jax.runs import whole_files  # noqa: E402
 from retfiner_jax.weights import convert  # noqa: E402
 from retfiner_jax.weights import exports  # noqa: E402
 from retfiner_jax.weights import files as weight_files  # noqa: E402
@@ -52,7 +53,8 @@ def main(argv=None):
     if args.export_vision:
       if "vision_encoder" not in params:
         raise convert.CheckpointError(f"{args.input}: holds no vision encoder to export")
-      exports.save_torch(exports.vision_state_dict(cfg, params), args.export_vision)
+      vision = exports.vision_state_dict(cfg, params)
+      whole_files.make_whole(args.export_vision, lambda path: exports.save_torch(vision, path))
       print(f"wrote {args.export_vision} (vision encoder, {cfg.backbone} key layout)")
     if args.export_bert:
       if "text_encoder" not in params:
@@ -66,7 +68,7 @@ def main(argv=None):
     if args.export_lightning:
       if set(params) != weight_files.WHOLE_MODEL:
         raise convert.CheckpointError(f"{args.input}: holds {sorted(params)}, not a whole RetFiner model")
-      exports.save_lightning(cfg, params, args.export_lightning)
+      whole_files.make_whole(args.export_lightning, lambda path: exports.save_lightning(cfg, params, path))
       print(f"wrote {args.export_lightning} (RetFiner's Lightning layout)")
   except (UserError, FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
