@@ -58,11 +58,8 @@ def test_the_declared_python_is_one_the_pinned_packages_install_on():
   assert declared, "pyproject.toml: requires-python names no lower bound"
   pins = re.findall(r"^([A-Za-z0-9_.-]+)==\S+", (ROOT / "requirements.txt").read_text(), flags=re.M)
   assert len(pins) >= 10, pins
-  needs = {}
-  for name in pins:
-    field = metadata.metadata(name).get("Requires-Python") or ""
-    if _floor(field):
-      needs[name] = _floor(field)
+  needs = {name: _floor(metadata.metadata(name).get("Requires-Python") or "") for name in pins}
+  needs = {name: floor for name, floor in needs.items() if floor}
   assert needs, "no pinned package states its Python"
   higher = {name: floor for name, floor in needs.items() if floor > declared}
   assert not higher, f"pyproject.toml requires-python allows {declared}, but these pins need more: {higher}"

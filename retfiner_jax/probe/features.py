@@ -16,7 +16,7 @@ import numpy as np
 
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.vit import VisionTransformer
-from retfiner_jax.runs import sharding
+from retfiner_jax.runs import sharding, whole_files
 
 REPRESENTATIONS = ("concat", "cls", "mean")
 
@@ -95,7 +95,9 @@ def cached_features(cache_dir, key: str, compute):
       return {k: z[k] for k in z.files}, True
   out = compute()
   cache_dir.mkdir(parents=True, exist_ok=True)
-  tmp = cache_dir / f".{key}.tmp.npz"
-  np.savez(tmp, **out)
-  os.replace(tmp, path)
+
+  def write(partial):  # Through a file: np.savez would add ".npz" to the partial name.
+    with partial.open("wb") as f:
+      np.savez(f, **out)
+  whole_files.make_whole(path, write)
   return out, False

@@ -20,7 +20,7 @@ import numpy as np
 from retfiner_jax.errors import ConfigError, UserError
 from retfiner_jax.refine.flops import step_flops
 from retfiner_jax.refine.step import check_batch_divides, model_config, objective_settings, sharded_train_step
-from retfiner_jax.runs import sharding, targets
+from retfiner_jax.runs import sharding, targets, whole_files
 
 GIB = targets.GIB
 SAVED_FORMAT = "retfiner-jax compiled train step, version 1"
@@ -190,9 +190,7 @@ def save_compiled(compiled, lowered, devices, path, report: dict):
             "target": report["target"], "executable": payload, "in_tree": in_tree, "out_tree": out_tree}
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_bytes(pickle.dumps(record))
-  tmp.replace(path)  # Never a half-written file under the final name.
+  whole_files.make_whole(path, lambda partial: partial.write_bytes(pickle.dumps(record)))
 
 
 def load_compiled(path, lowered, devices):

@@ -195,12 +195,11 @@ def parse_formats(formats: str, tokenizer=None) -> list[str]:
   return [f for f in EXPORT_FORMATS if f in names]
 
 
-def export_bytes(params, chosen) -> int:
-  """About how many bytes the formats in `chosen` write for `params`: each its share of them."""
+def export_shares(params) -> dict:
+  """About how many bytes each format writes for `params`."""
   whole, vision, text = (tree_nbytes(t) for t in (params, params["vision_encoder"], params["text_encoder"]))
-  share = {"retfiner_flax": whole, "vision_flax": vision, "pytorch": vision, "safetensors": vision,
-           "heads": whole - vision - text, "lightning": whole, "hf": 2 * text}  # hf: two folders.
-  return sum(share[f] for f in chosen)
+  return {"retfiner_flax": whole, "vision_flax": vision, "pytorch": vision, "safetensors": vision,
+          "heads": whole - vision - text, "lightning": whole, "hf": 2 * text}  # hf: two folders.
 
 
 def export_paths(cfg: ModelConfig, out: Path) -> dict:
@@ -217,11 +216,15 @@ def check_space(params, paths: dict, out: Path, chosen):
   def size(path: Path) -> int:
     files = [path] if path.is_file() else path.rglob("*") if path.is_dir() else []
     return sum(f.stat().st_size for f in files if f.is_file())
+  share = export_shares(params)
+  written = replaced = 0
   short = None
-  for k in range(1, len(chosen) + 1):  # While the k-th format is written.
-    short = shortfall(out, export_bytes(params, chosen[:k]), sum(size(paths[f]) for f in chosen[:k - 1]))
+  for name in chosen:  # While `name` is written: the formats before it have replaced their earlier exports.
+    written += share[name]
+    short = shortfall(out, written, replaced)
     if short:
       break
+    replaced += size(paths[name])
   if short:
     need, free = short
     raise DiskFull(f"not enough disk space in {out} for the exports ({', '.join(chosen)}): they need about "

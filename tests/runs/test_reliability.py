@@ -20,8 +20,8 @@ from retfiner_jax import disk_space
 from retfiner_jax.errors import ConfigError, DiskFull
 from retfiner_jax.refine import inputs, trainer
 from retfiner_jax.runs.checkpoints import NoRestorableCheckpoint, ResumeMismatch, RunCheckpoints
-from retfiner_jax.runs.run_log import read_metrics
 from retfiner_jax.runs import whole_files
+from retfiner_jax.runs.run_log import read_metrics
 from retfiner_jax.runs.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLocked
 from retfiner_jax.weights import files as weight_files
 from conftest import ROOT, random_batch, tiny_config, train_losses
@@ -390,7 +390,7 @@ def test_exports_count_as_free_only_the_files_they_have_replaced(tmp_path, monke
   from retfiner_jax.weights import exports
   params = {"vision_encoder": {"w": np.zeros(1 << 18, np.float32)}, "text_encoder": {"w": np.zeros(4, np.float32)}}
   paths = exports.export_paths(types.SimpleNamespace(backbone="retfound"), tmp_path)
-  one = exports.export_bytes(params, ["pytorch"])  # 1 MB of vision weights, as the safetensors format writes.
+  one = exports.export_shares(params)["pytorch"]  # 1 MB of vision weights, as the safetensors format writes.
   mb = 1 << 20
   real = disk_space.shutil.disk_usage
 
@@ -509,7 +509,6 @@ def test_exports_follow_config_and_a_death_during_them_is_finished_by_a_rerun_wi
   assert any(line.startswith("exported the refined model") and "lightning (" in line for line in lines)
 
 
-
 def test_an_export_killed_mid_file_leaves_the_earlier_export_whole(tmp_path, monkeypatch):
   """Each export format is written under a `.partial` name and renamed when complete: a process killed half-way
   through a file (here a writer that writes part of it, then dies) leaves the earlier export of that format whole
@@ -597,6 +596,7 @@ def test_files_a_later_run_reads_are_whole_or_absent(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json.partial", "summary.json", "text_flax"]
   whole_files.write_json(tmp_path / "results.json", [])
   assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "summary.json", "text_flax"]
+
 
 def with_export_formats(config, formats):
   config.export.formats = formats
