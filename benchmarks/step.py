@@ -51,7 +51,7 @@ from retfiner_jax.refine.aot import FUSION_AUTOTUNER_OFF  # noqa: E402
 from retfiner_jax.refine.flops import step_flops  # noqa: E402
 from retfiner_jax.refine.objectives import ObjectiveSettings  # noqa: E402
 from retfiner_jax.refine.step import PRNG_CHOICES, make_train_step, prng_impl  # noqa: E402
-from retfiner_jax.runs import compile_cache  # noqa: E402
+from retfiner_jax.runs import compile_cache, compile_options  # noqa: E402
 
 _VISION_FIELDS = ("backbone", "image_size", "vision_dim", "vision_depth", "vision_heads", "vision_mlp_dim",
                   "vision_projection")
@@ -120,7 +120,8 @@ def memory_in_subprocess(args, which: str) -> int:
   import subprocess
   cmd = [sys.executable, __file__, "--vision", args.vision, "--text", args.text, "--batch", str(args.batch),
          "--dtype", args.dtype, "--remat", args.remat, "--attention", args.attention, "--malloc", args.malloc,
-         "--memory-of", which, "--compile-cache", args.compile_cache]
+         "--memory-of", which, "--compile-cache", args.compile_cache,
+         "--cpu-fusion-emitters", args.cpu_fusion_emitters]
   if args.unrolled:
     cmd.append("--unrolled")
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
@@ -286,6 +287,9 @@ def main():
   p.add_argument("--fusion-autotuner", default="on", choices=("on", "off"),
                  help="XLA's GPU fusion autotuner (xla_gpu_experimental_enable_fusion_autotuner; on by default from "
                       "JAX 0.11): off compiles faster and may give slower kernels")
+  p.add_argument("--cpu-fusion-emitters", default="shipped", choices=("shipped", "xla-default"),
+                 help="on CPU: shipped = the options main compiles its step with (runs/compile_options.py: XLA's "
+                      "elemental fusion emitters up to JAX 0.10), xla-default = XLA's own default emitters")
   p.add_argument("--no-torch", action="store_true", help="time only this project's step")
   p.add_argument("--original-only", action="store_true",
                  help="time only the original-style PyTorch step, in a process where JAX stays on the CPU (on a "
@@ -342,6 +346,10 @@ def main():
            "attention": cfg.attention,
            "scan_layers": cfg.scan_layers, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "prng": prng_impl(a.prng, backend), "fusion_autotuner": a.fusion_autotuner}
+  options = {} if a.cpu_fusion_emitters == "xla-default" else compile_options.for_train_step(jax.devices())
+  if a.fusion_autotuner == "off":
+    options.update(FUSION_AUTOTUNER_OFF)
+  setup["compiler_options"] = {k: str(v) for k, v in sorted(options.items())}
   ours_mem = torch_mem = -1
   if not gpu and a.memory_of is None and not a.compile_only and not a.no_memory:  # Before this process holds anything.
     ours_mem = memory_in_subprocess(a, "ours")
@@ -368,7 +376,7 @@ def main():
   program_lines = lowered.as_text().count("\n")
   emit({"phase": "lower", "lower_s": lower_s, "stablehlo_lines": program_lines, **setup})
   start = time.perf_counter()
-  compiled = lowered.compile(FUSION_AUTOTUNER_OFF if a.fusion_autotuner == "off" else {})
+  compiled = lowered.compile(options)
   compile_s = time.perf_counter() - start
   compiled_lines = compiled.as_text().count("\n")
   emit({"phase": "compile", "compile_s": compile_s, "compiled_hlo_lines": compiled_lines,
@@ -447,7 +455,7 @@ def main():
   peak = max(matmul_rates)  # The machine's best rate in this run, measured before and after the timed steps.
   out = {"benchmark": "step", "vision": a.vision, "text": a.text, "batch": a.batch, "dtype": a.dtype,
          "remat": cfg.remat, "attention": cfg.attention, "scan_layers": cfg.scan_layers, "lower_s": lower_s,
-         "compile_s": compile_s,
+         "compile_s": compile_s, "compiler_options": setup["compiler_options"],
          "fused": not a.plain, "block": a.block, "malloc": a.malloc,
          "malloc_env": {k: os.environ.get(k) for k in RETAINED_HEAP}, "device": jax.devices()[0].device_kind,
          "machine": platform.processor() or platform.machine(), "jax": jax.__version__,

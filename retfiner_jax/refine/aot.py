@@ -20,7 +20,7 @@ import numpy as np
 from retfiner_jax.errors import ConfigError, UserError
 from retfiner_jax.refine.flops import step_flops
 from retfiner_jax.refine.step import check_batch_divides, model_config, objective_settings, sharded_train_step
-from retfiner_jax.runs import sharding, targets, whole_files
+from retfiner_jax.runs import compile_options, sharding, targets, whole_files
 
 GIB = targets.GIB
 SAVED_FORMAT = "retfiner-jax compiled train step, version 1"
@@ -103,10 +103,12 @@ def compiler_options(devices) -> dict:
   one default tiling fails on the step's fused transposed matmul, so GPU matmuls go to cuBLAS (a difference of
   megabytes, not gigabytes, in memory). XLA's fusion autotuner (on by default from JAX 0.11) compiles every
   candidate of every fusion but, with nothing to time them on, keeps the defaults: off, the shipped step for an
-  H200 compiled in 24.5 s instead of 54.6 s here, to the same optimised program (benchmarks/README.md)."""
-  if devices[0].platform not in ("cuda", "gpu"):
-    return {}
-  return {"xla_gpu_enable_triton_gemm": False, **FUSION_AUTOTUNER_OFF}
+  H200 compiled in 24.5 s instead of 54.6 s here, to the same optimised program (benchmarks/README.md). Beside
+  them, what `main` compiles its step with (runs/compile_options.py)."""
+  options = compile_options.for_train_step(devices)
+  if devices[0].platform in ("cuda", "gpu"):
+    options.update({"xla_gpu_enable_triton_gemm": False, **FUSION_AUTOTUNER_OFF})
+  return options
 
 
 def fingerprint(lowered, devices) -> dict:

@@ -34,7 +34,7 @@ from retfiner_jax.refine.objectives import ITM_PRIOR_LOSS, ObjectiveSettings, ch
 from retfiner_jax.refine.step import (ShardedStep, check_batch_divides, model_config, objective_settings,
                                       sharded_train_step)
 from retfiner_jax.refine.validation import evaluate, make_embed_fn
-from retfiner_jax.runs import sharding, targets, whole_files
+from retfiner_jax.runs import compile_options, sharding, targets, whole_files
 from retfiner_jax.runs.checkpoints import RunCheckpoints
 from retfiner_jax.runs.run_log import RunLog, losses_line, plot_run
 from retfiner_jax.runs.signals import signals_requesting_stop
@@ -313,9 +313,10 @@ def compile_step(config, built: ShardedStep, log=print):
     step_fn = aot.load_compiled(config.compiled_step, lowered, devices)
     log(f"loaded the compiled train step from {config.compiled_step} in {time.time() - started:.1f} s")
     return step_fn
-  log("compiling the train step ...")
+  options = compile_options.for_train_step(devices)
+  log(f"compiling the train step{compile_options.described(options)} ...")
   try:
-    step_fn = lowered.compile()
+    step_fn = lowered.compile(options)
   except Exception as e:  # noqa: BLE001 (XLA's errors have no narrower public type)
     if targets.is_out_of_memory(e):
       raise aot.out_of_memory(e, devices) from None

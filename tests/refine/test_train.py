@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, shared_path, tiny_config
 from retfiner_jax.refine import inputs, trainer
-from retfiner_jax.runs import sharding
+from retfiner_jax.runs import compile_options, sharding
 from retfiner_jax.runs.run_log import read_metrics
 
 
@@ -124,7 +124,7 @@ from retfiner_jax.models.config import get_variant
 from retfiner_jax.models.retfiner import SCANNED_STACKS, RetFiner, init_params
 from retfiner_jax.refine.objectives import ObjectiveSettings
 from retfiner_jax.refine.step import make_train_step
-from retfiner_jax.runs import sharding
+from retfiner_jax.runs import compile_options, sharding
 from retfiner_jax.runs.run_log import read_metrics
 from retfiner_jax.weights import files as weight_files
 import optax
@@ -573,6 +573,9 @@ def test_random_text_tower_start_up_line_chance_values_collapse_warning_and_the_
   # The accelerator settings as resolved for this CPU run (issue 35): written into the run log.
   assert ("attention kernel: xla (scores and softmax in float32 by XLA's ops) (config.model.attention=auto); "
           "rematerialisation: none (config.model.remat=auto)") in text
+  # The step compiled with the project's XLA options for this platform (runs/compile_options.py), named in the log.
+  options = compile_options.for_train_step(jax.devices())
+  assert f"compiling the train step{compile_options.described(options)} ..." in lines
   # Start-up phases (issue 36): each timed once, in order, logged once at the first step. The compile runs on a
   # thread of its own alongside the parameters and the first batch; the other phases, one after the other, add
   # up to the time to the first step, and the compile fits within the phases it runs alongside.

@@ -20,6 +20,7 @@ from conftest import shared_path
 from retfiner_jax.refine import reference
 from retfiner_jax.refine.objectives import OBJECTIVES, ObjectiveSettings, compute_objectives, sample_views
 from retfiner_jax.refine.step import make_optimizer
+from retfiner_jax.runs import compile_options
 from torch_reference import TorchRetFiner
 
 STEPS = 20
@@ -63,11 +64,13 @@ def jax_trajectory(bundle, draws, lr, weight_decay, tx=None):
                                                        weight_decay=weight_decay))))
   grad_fn = jax.value_and_grad(lambda p, v, neg: compute_objectives(model, p, batch, v, negatives=neg), has_aux=True)
 
-  @jax.jit
   def step(params, opt, views, negatives):
     (_, metrics), grads = grad_fn(params, views, negatives)
     updates, opt = tx.update(grads, opt, params)
     return optax.apply_updates(params, updates), opt, metrics
+  # Compiled as main compiles its train step (runs/compile_options.py: on CPU with JAX 0.10, XLA's elemental
+  # fusion emitters), so the comparison with PyTorch covers that program.
+  step = jax.jit(step, compiler_options=compile_options.for_train_step(jax.devices()))
 
   opt, curve = tx.init(params), []
   for views, neg_image, neg_text in draws:
