@@ -312,7 +312,7 @@ def test_running_out_of_memory_while_compiling_is_one_message_with_the_figures_a
   """An out-of-memory error while compiling (libtpu's wording) stops the run with XLA's figures, not a traceback;
   `main` adds the aot --fit command built from its own --config flags (aot.fit_command)."""
   class FakeLowered:
-    def compile(self):
+    def compile(self, compiler_options=None):  # As jax.stages.Lowered.compile.
       raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
                          "temporaries (18.38G) exceeds available HBM (15.75G).")
 
