@@ -124,7 +124,7 @@ from retfiner_jax.models.config import get_variant
 from retfiner_jax.models.retfiner import SCANNED_STACKS, RetFiner, init_params
 from retfiner_jax.refine.objectives import ObjectiveSettings
 from retfiner_jax.refine.step import make_train_step
-from retfiner_jax.runs import compile_options, sharding
+from retfiner_jax.runs import sharding
 from retfiner_jax.runs.run_log import read_metrics
 from retfiner_jax.weights import files as weight_files
 import optax

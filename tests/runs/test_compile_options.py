@@ -1,5 +1,6 @@
 """The XLA options the train step is compiled with (runs/compile_options.py): which platforms and JAX versions get
-them, that this JAX's XLA knows them, and that main, the AOT tool and benchmarks/step.py all pass them."""
+them, that this JAX's XLA knows them, and that the AOT tool passes them (main's: its log line, checked in
+tests/refine/test_train.py)."""
 import types
 
 import jax
