@@ -18,6 +18,11 @@ Accounting, per kernel:
 - FLOPs: 2 x (output elements) x (contracted size) for each dot or cuBLAS matmul, inside a fusion or not.
   cuDNN's fused attention is counted in bytes only (its FLOPs are not in the program's text).
 
+With the chip's peak rates it adds a bound: kernels run one at a time (XLA's GPU programs run their kernels on one
+stream, except those launched asynchronously: fusion-start and the like), each taking at least its FLOPs at the
+peak and its bytes at the bandwidth; and the same bound with the asynchronous ones left out, as if they overlapped
+the rest perfectly.
+
 The report groups kernels by class (matmul, fused attention, other fusions, copies) and by where they come from:
 the forward or backward pass (an op name under `transpose(` is the backward) of each part of the model (the op
 name's module path), and lists the kernels with the most traffic.
@@ -281,7 +286,7 @@ def kernels(program: Program) -> list[dict]:
         written = output_bytes(program, instruction)
         flops = matmul_flops(program, computation, instruction) if is_matmul(instruction) else 0
       pass_, part = source(op_name(program, instruction))
-      out.append(dict(name=instruction["name"], launches=times, read=read * times, written=written * times,
+      out.append(dict(name=instruction["name"], launches=times, asynchronous=opcode.endswith("-start"), read=read * times, written=written * times,
                       flops=flops * times, passes=pass_, part=part,
                       kind="fill (constant broadcast)" if is_fill(program, instruction) else kernel_class(program, instruction, flops),
                       shape=re.sub(r"\{[0-9,]*\}", "", instruction["shape"])[:80]))
@@ -290,11 +295,15 @@ def kernels(program: Program) -> list[dict]:
   return walk(program.entry, 1)
 
 
-def serial_bound_seconds(rows: list[dict], peak_tflops: float, memory_tbps: float) -> float:
+def serial_bound_seconds(rows: list[dict], peak_tflops: float, memory_tbps: float,
+                         overlap_asynchronous: bool = False) -> float:
   """A lower bound on the step's time where kernels run one at a time: each launch takes at least its FLOPs at
   the chip's peak and at least its bytes at the memory's peak bandwidth, whichever is longer (a roofline per
-  kernel; fused attention's FLOPs are not counted, so its bound is its bytes alone)."""
-  return sum(max(r["flops"] / (peak_tflops * 1e12), (r["read"] + r["written"]) / (memory_tbps * 1e12)) for r in rows)
+  kernel; fused attention's FLOPs are not counted, so its bound is its bytes alone). `overlap_asynchronous`:
+  leave out the kernels XLA launches asynchronously (fusion-start, async-start, copy-start: they may run beside
+  the others), as if they overlapped perfectly: the bound where that overlap is best."""
+  return sum(max(r["flops"] / (peak_tflops * 1e12), (r["read"] + r["written"]) / (memory_tbps * 1e12))
+             for r in rows if not (overlap_asynchronous and r.get("asynchronous")))
 
 
 def summary(rows: list[dict], top: int) -> dict:
@@ -351,9 +360,13 @@ def main(argv=None):
   report["program"] = args.program
   if args.peak_tflops:
     bound = serial_bound_seconds(rows, args.peak_tflops, args.memory_tbps)
-    report["serial_bound"] = dict(peak_tflops=args.peak_tflops, memory_tbps=args.memory_tbps, seconds=round(bound, 5))
+    overlapped = serial_bound_seconds(rows, args.peak_tflops, args.memory_tbps, overlap_asynchronous=True)
+    report["serial_bound"] = dict(peak_tflops=args.peak_tflops, memory_tbps=args.memory_tbps, seconds=round(bound, 5),
+                                  seconds_if_asynchronous_overlap=round(overlapped, 5))
     if args.model_tflop:
       report["serial_bound"]["mfu_at_most"] = round(args.model_tflop / (bound * args.peak_tflops), 4)
+      report["serial_bound"]["mfu_at_most_if_asynchronous_overlap"] = round(
+          args.model_tflop / (overlapped * args.peak_tflops), 4)
   if args.json:
     print(json.dumps(report))
     return report
@@ -366,7 +379,10 @@ def main(argv=None):
     b = report["serial_bound"]
     print(f"one kernel at a time, each at {b['peak_tflops']:g} TFLOP/s or {b['memory_tbps']:g} TB/s (whichever is "
           f"slower): at least {b['seconds'] * 1e3:.1f} ms a step"
-          + (f", so at most {100 * b['mfu_at_most']:.1f} % MFU" if "mfu_at_most" in b else ""))
+          + (f", so at most {100 * b['mfu_at_most']:.1f} % MFU" if "mfu_at_most" in b else "")
+          + f"; {b['seconds_if_asynchronous_overlap'] * 1e3:.1f} ms"
+          + (f" ({100 * b['mfu_at_most_if_asynchronous_overlap']:.1f} %)" if "mfu_at_most" in b else "")
+          + " if the asynchronously launched kernels overlapped the others perfectly")
   for title, table in (("by class", report["by_class"]), ("by source (the 15 with most traffic)", report["by_source"])):
     print(f"\n{title}: GB, TFLOP, launches")
     for name, g in list(table.items())[:15]:

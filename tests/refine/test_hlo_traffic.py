@@ -124,6 +124,7 @@ def test_bytes_and_flops_of_a_written_out_program_equal_hand_computation():
   assert by_name["stored"]["read"] == 4 * (8 * 32 * 4 + 4) and by_name["stored"]["written"] == 4 * 8 * 32 * 4
   assert by_name["slice"]["kind"] == by_name["stored"]["kind"] == "scan stack slice/update"
   assert not any(r.get("launches_uncertain") for r in rows)  # The loop's trip count is known.
+  assert not any(r["asynchronous"] for r in rows)
   # cuBLAS: both operands read, the bf16[64,32] result written, the s8 workspace not; 2*64*32*128 FLOPs.
   assert by_name["gemm"]["read"] == 64 * 128 * 2 + 128 * 32 * 2
   assert by_name["gemm"]["written"] == 64 * 32 * 2
@@ -144,6 +145,9 @@ def test_the_serial_bound_is_each_kernels_slower_limit_summed():
   rows = [dict(flops=4e12, read=1e12, written=1e12),   # 4 s of FLOPs at 1 TFLOP/s, 1 s of bytes at 2 TB/s: 4 s.
           dict(flops=0, read=3e12, written=1e12)]      # Bytes only: 2 s.
   assert hlo_traffic.serial_bound_seconds(rows, peak_tflops=1, memory_tbps=2) == pytest.approx(6.0)
+  rows[1]["asynchronous"] = True  # Launched asynchronously: left out where it may overlap the rest.
+  assert hlo_traffic.serial_bound_seconds(rows, 1, 2) == pytest.approx(6.0)
+  assert hlo_traffic.serial_bound_seconds(rows, 1, 2, overlap_asynchronous=True) == pytest.approx(4.0)
 
 
 def test_a_scanned_matmul_compiled_by_xla_counts_every_trip():
