@@ -52,6 +52,7 @@ if [ "${1:-}" = "--tiny" ]; then
   # FUSION_AUTOTUNER_OFF=1 the compile phase fills it: XLA:CPU has no such autotuner, so the program is the same).
   COMPILE_CACHE=(--compile-cache "$OUT/xla_cache")
   TRACE="$OUT/step_trace"
+  MEMORY=()  # No bound on the CPU (step.py gives one on a GPU only); the traffic record is still made.
 else
   LARGE=(--vision vit_l16 --text bert_base --batch 128 --steps 3 --warmup 1)
   VISION=(--vision vit_l16 --text tiny --batch 128 --steps 3 --warmup 1)  # The vision tower alone.
@@ -68,9 +69,14 @@ else
   REAL=("${LARGE[@]}")
   PIPE=(--images 256 --batch 128 --batches 6 --workers 8,14)  # 496x512 PNG, as the 2026-12-04 measurement.
   FIT=(--target=h200)  # The issue's GPU; an H100 where this runs on one (its own fit, the same figures).
-  if command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null \
-      | head -1 | grep -q H100; then
+  # The memory's peak bandwidth, for the bounds step.py's traffic record sets on the step (H200: 4.8 TB/s; H100
+  # SXM, "H100 80GB HBM3": 3.35; another H100 gets none, rather than a wrong one).
+  MEMORY=(--memory-tbps 4.8)
+  GPU_NAME="$(command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null | head -1)"
+  if echo "$GPU_NAME" | grep -q H100; then
     FIT=(--target=h100)
+    MEMORY=()
+    if echo "$GPU_NAME" | grep -q "H100 80GB HBM3"; then MEMORY=(--memory-tbps 3.35); fi
   fi
   COMPILE_CACHE=()  # step.py's default cache, empty on a fresh machine: the full step's compile is cold, and
   # the optional compile phase's too (no cache with --compile-only).
@@ -102,7 +108,7 @@ steps() {  # 1-2. The full-size step, ViT-L/16 + BERT-base, batch 128, bfloat16:
       | tee "$OUT/gpu_compile.jsonl"
   fi
   phase gpu_step_large "${LIMIT[large]}" "$PY" step.py "${LARGE[@]}" "${ATTN[@]}" --dtype bfloat16 "${COMPILE_CACHE[@]}" \
-    --no-torch --profile "$TRACE"
+    --no-torch --profile "$TRACE" "${MEMORY[@]}"
   phase gpu_step_original "${LIMIT[original]}" "$PY" step.py "${LARGE[@]}" --original-only
   if [ -n "${ORIGINAL:-}" ]; then  # The real original's RFM, from the user's checkout, in its own process.
     phase gpu_step_original_real "${LIMIT[original_real]}" "$PY" step.py "${REAL[@]}" --original "$ORIGINAL" \
@@ -132,7 +138,8 @@ print(json.dumps(out))" | tee "$OUT/gpu_comparison.jsonl"
 vision_probe_parity() {  # 3. The vision tower alone (ViT-L/16 with a tiny text tower), bfloat16, ours only.
   # 5. The paper probe (5 seeds) vs the original's way. 6. A reference bundle of the original's numbers, checked
   # on this device in float32 ($BUNDLE, default ../shared/reference/tiny-retfound; a line says when it is absent).
-  phase gpu_step_vision "${LIMIT[vision]}" "$PY" step.py "${VISION[@]}" "${ATTN[@]}" --dtype bfloat16 --no-torch
+  phase gpu_step_vision "${LIMIT[vision]}" "$PY" step.py "${VISION[@]}" "${ATTN[@]}" --dtype bfloat16 --no-torch \
+    "${MEMORY[@]}"
   phase gpu_probe "${LIMIT[probe]}" "$PY" probe.py --protocol paper "${PROBE[@]}"
   if [ -d "$BUNDLE" ]; then
     phase gpu_parity "${LIMIT[parity]}" "$PY" ../tools/check_reference.py "$BUNDLE"

@@ -1,6 +1,7 @@
 """Where an optimised XLA program moves its bytes: memory traffic and matmul FLOPs per kernel, read from the text.
 
   python benchmarks/hlo_traffic.py PROGRAM.hlo[.gz] [--top 25] [--json]
+      [--peak-tflops 989 --memory-tbps 4.8 [--model-tflop 63.984]]
 
 PROGRAM is XLA's optimised program as text: what `python -m retfiner_jax.aot ... --hlo=FILE` writes, or the
 `*after_optimizations.txt` of `XLA_FLAGS=--xla_dump_to=DIR`. No device is needed, so it describes the GPU program
@@ -11,8 +12,8 @@ loop count once per iteration (XLA's known trip count), and of a conditional's b
 not times; the time of each kernel is the profile's (`benchmarks/kernels.py`, on the hardware).
 
 Accounting, per kernel:
-- read: every operand's size, except that a fusion operand used only by (dynamic-)slices inside the fusion
-  counts the slices' sizes (a scan's layer reading its slice of a stacked weight or residual);
+- read: every operand's size, except that a (dynamic-)slice, or a fusion operand used only by (dynamic-)slices
+  inside the fusion, counts the slices' sizes (a scan's layer reading its slice of a stacked weight or residual);
 - written: every output's size, except that a fusion whose result is a dynamic-update-slice into one of its
   operands writes only the update, in place (a scan's layer saving its residual), and that operand is not read;
 - FLOPs: 2 x (output elements) x (contracted size) for each dot or cuBLAS matmul, inside a fusion or not.
@@ -36,7 +37,7 @@ import json
 import re
 from pathlib import Path
 
-BYTES_PER_ELEMENT = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
+BYTES_PER_ELEMENT = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
                      "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
                      "c128": 16}
 ARRAY = re.compile(r"\b(" + "|".join(sorted(BYTES_PER_ELEMENT, key=len, reverse=True)) + r")\[([0-9,]*)\]")
@@ -57,7 +58,7 @@ def array_bytes(shape: str) -> int:
     count = 1
     for d in filter(None, dims.split(",")):
       count *= int(d)
-    total += count * BYTES_PER_ELEMENT[dtype]
+    total += int(count * BYTES_PER_ELEMENT[dtype])
   return total
 
 
@@ -242,9 +243,10 @@ def source(name: str) -> tuple[str, str]:
   return ("backward" if backward else "forward"), ("/".join(parts[:2]) if parts else "(no op name)")
 
 
-def kernels(program: Program) -> list[dict]:
+def kernels(program: Program, every_branch: bool = False) -> list[dict]:
   """Every kernel launch of the program with its traffic, per step (loops multiplied out). A loop whose trip count
-  XLA did not work out counts once, and its kernels say so (`launches_uncertain`)."""
+  XLA did not work out counts once, and its kernels say so (`launches_uncertain`). Of a conditional, the costliest
+  branch; `every_branch`: all of them (to look kernels up by name; their sum is then no step's)."""
 
   def walk(computation: str, times: int) -> list[dict]:
     out = []
@@ -262,7 +264,10 @@ def kernels(program: Program) -> list[dict]:
         names = (program.called(instruction, "branch_computations") or program.called(instruction, "true_computation")
                  + program.called(instruction, "false_computation"))
         branches = [walk(b, times) for b in names]
-        out += max(branches, key=lambda b: sum(r["read"] + r["written"] for r in b), default=[])
+        if every_branch:
+          out += [row for branch in branches for row in branch]
+        else:
+          out += max(branches, key=lambda b: sum(r["read"] + r["written"] for r in b), default=[])
         continue
       if opcode == "call":
         for callee in program.called(instruction, "to_apply"):
@@ -281,6 +286,9 @@ def kernels(program: Program) -> list[dict]:
           written, flops = array_bytes(tuple_elements(instruction["shape"])[-2]), 0
       elif opcode in ("fusion", "fusion-start") and fused:
         read, written, flops = fusion_traffic(program, fused[0])
+      elif opcode in ("slice", "dynamic-slice"):  # Reads what it takes, not its whole operand.
+        read = written = array_bytes(instruction["shape"])
+        flops = 0
       else:
         read = sum(array_bytes(program.operand_shape(computation, o)) for o in instruction["operands"])
         written = output_bytes(program, instruction)

@@ -8,7 +8,9 @@ torch.optim.AdamW; on a GPU in float16 autocast. After warm-up the two alternate
 (1: step by step). Model FLOPs are counted analytically (and checked against XLA's cost analysis) to give
 achieved FLOP/s. A JSON line per phase as it happens (init, lower, compile, first step, every timed step,
 memory; each flushed, so a run cut off still leaves its figures), then the summary line (`"benchmark": "step"`)
-and, with `--profile`, the kernel table after it (`"phase": "kernels"`).
+and, with `--profile`, the kernel table after it (`"phase": "kernels"`). After the compile, the compiled program's
+device-memory traffic and matmul FLOPs (`"phase": "traffic"`, benchmarks/hlo_traffic.py), with `--memory-tbps` the
+bounds they set on the step's time; the kernel table then gives each kernel's bytes and achieved bandwidth.
 `--compile-only` lowers and compiles the step from abstract shapes (no parameters are made), prints one JSON
 line with `lower_s`, `compile_s` and the program's size, and stops; it compiles cold (no compilation cache)
 unless `--compile-cache` names one. `--fusion-autotuner off` compiles without XLA's GPU fusion autotuner (its
@@ -268,6 +270,40 @@ def summarise(records, block):
           "minor_faults_per_step": med(records, "minor_faults")}
 
 
+def program_traffic(program_text: str, peak_tflops, memory_tbps, model_flops: float):
+  """The "traffic" record of a compiled step (benchmarks/hlo_traffic.py: bytes moved and matmul FLOPs per step, by
+  class, the heaviest kernels; with both peaks, the serial bounds on the step's time and the MFU they allow) and
+  each kernel's bytes per step by name. A program the reader cannot parse gives a record naming the error."""
+  import hlo_traffic
+  try:
+    program = hlo_traffic.Program(program_text)
+    rows = hlo_traffic.kernels(program)
+  except Exception as e:  # Reported in the record, never silent; the timing goes on.
+    return {"phase": "traffic", "error": f"{type(e).__name__}: {e}"[:500]}, {}
+  report = hlo_traffic.summary(rows, top=10)
+  record = {"phase": "traffic", **{k: report[k] for k in (
+      "total_gb", "gb_outside_matmuls", "matmul_tflop", "launches", "by_class", "heaviest")}}
+  if peak_tflops and memory_tbps:
+    for key, overlap in (("serial_bound_s", False), ("serial_bound_s_if_asynchronous_overlap", True)):
+      bound = hlo_traffic.serial_bound_seconds(rows, peak_tflops, memory_tbps, overlap_asynchronous=overlap)
+      record[key] = bound
+      record[key.replace("serial_bound_s", "mfu_at_most")] = model_flops / (bound * peak_tflops * 1e12)
+    record.update(peak_tflops=peak_tflops, memory_tbps=memory_tbps)
+  by_name = {r["name"]: r["read"] + r["written"] for r in hlo_traffic.kernels(program, every_branch=True)}
+  return record, by_name
+
+
+def with_traffic(kernel_record: dict, bytes_by_kernel: dict) -> dict:
+  """The kernel table with each kernel's bytes per step and achieved bandwidth, where its name is an instruction
+  of the compiled program (the trace's device "XLA Ops" lines are named so)."""
+  for row in kernel_record.get("top", []):
+    moved = bytes_by_kernel.get(row["name"])
+    if moved is not None:
+      row["gb_per_step"] = moved / 1e9
+      row["tbps"] = moved / (row["ms_per_step"] * 1e-3) / 1e12 if row["ms_per_step"] > 0 else None
+  return kernel_record
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--vision", default="vit_b16", choices=sorted(VISION))
@@ -317,6 +353,9 @@ def main():
   p.add_argument("--no-memory", action="store_true", help="CPU: skip the peak-memory subprocesses")
   p.add_argument("--peak-tflops", type=float, default=989.0,
                  help="GPU: the dense bfloat16 peak for MFU (H100/H200 SXM: 989)")
+  p.add_argument("--memory-tbps", type=float, default=None,
+                 help="GPU: the memory's peak bandwidth in TB/s (H200: 4.8, H100 SXM: 3.35), for the bounds that the "
+                      "program's traffic sets on the step's time (the traffic record)")
   p.add_argument("--memory-of", choices=["ours", "original"], help=argparse.SUPPRESS)
   p.add_argument("--malloc", default="retain", choices=["retain", "system"],
                  help="CPU: 'retain' keeps freed memory in the process (RETAINED_HEAP); 'system': glibc's defaults")
@@ -381,6 +420,9 @@ def main():
   compiled_lines = compiled.as_text().count("\n")
   emit({"phase": "compile", "compile_s": compile_s, "compiled_hlo_lines": compiled_lines,
         "compile_cache": a.compile_cache or str(compile_cache.default_dir())})
+  traffic, bytes_by_kernel = program_traffic(compiled.as_text(), a.peak_tflops if gpu else None, a.memory_tbps,
+                                             step_flops(cfg, a.batch, True, settings))
+  emit(traffic)
   if a.compile_only:
     emit({"benchmark": "step_compile", **setup, "lower_s": lower_s, "compile_s": compile_s,
           "stablehlo_lines": program_lines, "compiled_hlo_lines": compiled_lines,
@@ -464,6 +506,10 @@ def main():
                   "model_flops": ours_flops, "xla_flops": xla_flops, "achieved_flops_per_s": ours_flops / med},
          "matmul_peak_flops_per_s": peak, "matmul_rates_before_after": matmul_rates}
   out["ours"]["fraction_of_matmul_peak"] = out["ours"]["achieved_flops_per_s"] / peak
+  if "serial_bound_s" in traffic:  # How far the measured step is from what its memory traffic allows.
+    out["ours"]["traffic_gb"] = traffic["total_gb"]
+    out["ours"]["serial_bound_s"] = traffic["serial_bound_s"]
+    out["ours"]["times_serial_bound"] = med / traffic["serial_bound_s"]
   if gpu:  # Model FLOP utilisation against the device's dense bfloat16 peak.
     out["peak_flops_per_s"] = a.peak_tflops * 1e12
     out["ours"]["mfu"] = out["ours"]["achieved_flops_per_s"] / out["peak_flops_per_s"]
@@ -479,7 +525,7 @@ def main():
   if a.profile:  # After the timing and the summary, so that tracing costs none of it and a run cut off while
     # tracing keeps both; a failure is a record, not the end.
     from kernels import profiled_kernels
-    emit(profiled_kernels(ours_step, a.profile, a.profile_steps))
+    emit(with_traffic(profiled_kernels(ours_step, a.profile, a.profile_steps), bytes_by_kernel))
 
 
 if __name__ == "__main__":

@@ -133,6 +133,9 @@ def test_bytes_and_flops_of_a_written_out_program_equal_hand_computation():
   # the f32[16] one of the other branch.
   branch = [r for r in rows if r["name"] in ("f", "s")]
   assert [(r["read"], r["written"]) for r in branch] == [(256 * 4, 256 * 4)]
+  # Every branch's kernels where asked (to look a kernel of a profile up by name).
+  every = {r["name"]: r for r in hlo_traffic.kernels(hlo_traffic.Program(PROGRAM), every_branch=True)}
+  assert (every["s"]["read"], every["s"]["written"]) == (16 * 4, 16 * 4)  # A slice reads only what it takes.
 
   report = hlo_traffic.summary(rows, top=3)
   assert report["matmul_tflop"] == round((4 * 2 * 8 * 32 * 16 + 2 * 64 * 32 * 128) / 1e12, 3)

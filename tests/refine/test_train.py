@@ -282,6 +282,8 @@ def test_gpu_benchmark_script_asks_the_fit_of_the_gpu_it_runs_on(tmp_path):
     compile_record = json.loads((out_dir / "gpu_compile.jsonl").read_text().splitlines()[0])
     large = json.loads((out_dir / "gpu_step_large.jsonl").read_text().splitlines()[0])["argv"]
     assert "fusion" not in large, large
+    # The memory's bandwidth for the traffic bounds: an H200's unless nvidia-smi names an H100 SXM.
+    assert f"--memory-tbps {3.35 if gpu else 4.8}" in large, large
     if gpu:
       assert "--fusion-autotuner off" in compile_record["argv"], compile_record
     else:
@@ -315,9 +317,16 @@ def test_gpu_benchmark_script_runs_on_cpu_with_tiny_sizes(tmp_path):
   assert [r["compile_s"] for r in large if r.get("phase") == "compile"][0] < compiled["compile_s"]  # A cache hit.
   (kernels,) = [r for r in large if r.get("phase") == "kernels"]  # The profiled steps' costliest kernels.
   assert kernels["steps"] == 3 and 0 < len(kernels["top"]) <= 15 and kernels["kernel_ms_per_step"] > 0
+  # The compiled program's traffic (benchmarks/hlo_traffic.py); the kernels it names, their bytes and bandwidth.
+  # No bound on the CPU: the script gives no bandwidth there.
+  (traffic,) = [r for r in large if r.get("phase") == "traffic"]
+  assert traffic["total_gb"] > traffic["gb_outside_matmuls"] > 0 and traffic["matmul_tflop"] > 0
+  assert "serial_bound_s" not in traffic and "serial_bound_s" not in step["ours"]
+  named = [row for row in kernels["top"] if "gb_per_step" in row]
+  assert named and all(row["tbps"] == pytest.approx(row["gb_per_step"] / row["ms_per_step"]) for row in named)
   assert compiled["compile_s"] > 0 and compiled["stablehlo_lines"] > 1000 and compiled["scan_layers"]
   phases = [json.loads(line).get("phase") for line in (tmp_path / "gpu_step_vision.jsonl").read_text().splitlines()]
-  assert phases[:4] == ["lower", "compile", "init", "first_step"] and phases.count("step") == 2
+  assert phases[:5] == ["lower", "compile", "traffic", "init", "first_step"] and phases.count("step") == 2
   # The reference bundle of the original's numbers, checked on the device the script runs on (here the CPU).
   assert "PASS (losses within" in (tmp_path / "gpu_parity.jsonl").read_text()
   main = json.loads((tmp_path / "gpu_main.jsonl").read_text().splitlines()[-1])
