@@ -278,9 +278,10 @@ def program_traffic(program_text: str, peak_tflops, memory_tbps, model_flops: fl
   try:
     program = hlo_traffic.Program(program_text)
     rows = hlo_traffic.kernels(program)
+    report = hlo_traffic.summary(rows, top=10)
+    by_name = {r["name"]: r["read"] + r["written"] for r in hlo_traffic.kernels(program, every_branch=True)}
   except Exception as e:  # Reported in the record, never silent; the timing goes on.
     return {"phase": "traffic", "error": f"{type(e).__name__}: {e}"[:500]}, {}
-  report = hlo_traffic.summary(rows, top=10)
   record = {"phase": "traffic", **{k: report[k] for k in (
       "total_gb", "gb_outside_matmuls", "matmul_tflop", "launches", "by_class", "heaviest")}}
   if peak_tflops and memory_tbps:
@@ -289,7 +290,6 @@ def program_traffic(program_text: str, peak_tflops, memory_tbps, model_flops: fl
       record[key] = bound
       record[key.replace("serial_bound_s", "mfu_at_most")] = model_flops / (bound * peak_tflops * 1e12)
     record.update(peak_tflops=peak_tflops, memory_tbps=memory_tbps)
-  by_name = {r["name"]: r["read"] + r["written"] for r in hlo_traffic.kernels(program, every_branch=True)}
   return record, by_name
 
 
