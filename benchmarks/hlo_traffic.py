@@ -246,7 +246,8 @@ def source(name: str) -> tuple[str, str]:
 def kernels(program: Program, every_branch: bool = False) -> list[dict]:
   """Every kernel launch of the program with its traffic, per step (loops multiplied out). A loop whose trip count
   XLA did not work out counts once, and its kernels say so (`launches_uncertain`). Of a conditional, the costliest
-  branch; `every_branch`: all of them (to look kernels up by name; their sum is then no step's)."""
+  branch; `every_branch`: all of them, the others' kernels marked `outside_costliest_branch` (to look kernels up
+  by name; `counted` gives back the rows a step's totals take)."""
 
   def walk(computation: str, times: int) -> list[dict]:
     out = []
@@ -264,10 +265,11 @@ def kernels(program: Program, every_branch: bool = False) -> list[dict]:
         names = (program.called(instruction, "branch_computations") or program.called(instruction, "true_computation")
                  + program.called(instruction, "false_computation"))
         branches = [walk(b, times) for b in names]
-        if every_branch:
-          out += [row for branch in branches for row in branch]
-        else:
-          out += max(branches, key=lambda b: sum(r["read"] + r["written"] for r in b), default=[])
+        costliest = max(branches, key=lambda b: sum(r["read"] + r["written"] for r in b), default=[])
+        for branch in branches:
+          for row in branch if branch is not costliest else ():
+            row["outside_costliest_branch"] = True
+          out += branch
         continue
       if opcode == "call":
         for callee in program.called(instruction, "to_apply"):
@@ -300,7 +302,13 @@ def kernels(program: Program, every_branch: bool = False) -> list[dict]:
                       shape=re.sub(r"\{[0-9,]*\}", "", instruction["shape"])[:80]))
     return out
 
-  return walk(program.entry, 1)
+  rows = walk(program.entry, 1)
+  return rows if every_branch else counted(rows)
+
+
+def counted(rows: list[dict]) -> list[dict]:
+  """The rows a step's totals take: those of `kernels(..., every_branch=True)` less the other branches'."""
+  return [r for r in rows if not r.get("outside_costliest_branch")]
 
 
 def serial_bound_seconds(rows: list[dict], peak_tflops: float, memory_tbps: float,
@@ -312,6 +320,16 @@ def serial_bound_seconds(rows: list[dict], peak_tflops: float, memory_tbps: floa
   the others), as if they overlapped perfectly: the bound where that overlap is best."""
   return sum(max(r["flops"] / (peak_tflops * 1e12), (r["read"] + r["written"]) / (memory_tbps * 1e12))
              for r in rows if not (overlap_asynchronous and r.get("asynchronous")))
+
+
+def bounds(rows: list[dict], peak_tflops: float, memory_tbps: float, model_tflop: float | None = None) -> dict:
+  """Both serial bounds (seconds), and with the step's model FLOPs the MFU each allows."""
+  out = dict(peak_tflops=peak_tflops, memory_tbps=memory_tbps)
+  for key, overlap in (("serial_bound_s", False), ("serial_bound_s_if_asynchronous_overlap", True)):
+    out[key] = serial_bound_seconds(rows, peak_tflops, memory_tbps, overlap_asynchronous=overlap)
+    if model_tflop:
+      out[key.replace("serial_bound_s", "mfu_at_most")] = model_tflop / (out[key] * peak_tflops)
+  return out
 
 
 def summary(rows: list[dict], top: int) -> dict:
@@ -367,14 +385,7 @@ def main(argv=None):
   report = summary(rows, args.top)
   report["program"] = args.program
   if args.peak_tflops:
-    bound = serial_bound_seconds(rows, args.peak_tflops, args.memory_tbps)
-    overlapped = serial_bound_seconds(rows, args.peak_tflops, args.memory_tbps, overlap_asynchronous=True)
-    report["serial_bound"] = dict(peak_tflops=args.peak_tflops, memory_tbps=args.memory_tbps, seconds=round(bound, 5),
-                                  seconds_if_asynchronous_overlap=round(overlapped, 5))
-    if args.model_tflop:
-      report["serial_bound"]["mfu_at_most"] = round(args.model_tflop / (bound * args.peak_tflops), 4)
-      report["serial_bound"]["mfu_at_most_if_asynchronous_overlap"] = round(
-          args.model_tflop / (overlapped * args.peak_tflops), 4)
+    report["serial_bound"] = bounds(rows, args.peak_tflops, args.memory_tbps, args.model_tflop)
   if args.json:
     print(json.dumps(report))
     return report
@@ -386,9 +397,9 @@ def main(argv=None):
   if "serial_bound" in report:
     b = report["serial_bound"]
     print(f"one kernel at a time, each at {b['peak_tflops']:g} TFLOP/s or {b['memory_tbps']:g} TB/s (whichever is "
-          f"slower): at least {b['seconds'] * 1e3:.1f} ms a step"
+          f"slower): at least {b['serial_bound_s'] * 1e3:.1f} ms a step"
           + (f", so at most {100 * b['mfu_at_most']:.1f} % MFU" if "mfu_at_most" in b else "")
-          + f"; {b['seconds_if_asynchronous_overlap'] * 1e3:.1f} ms"
+          + f"; {b['serial_bound_s_if_asynchronous_overlap'] * 1e3:.1f} ms"
           + (f" ({100 * b['mfu_at_most_if_asynchronous_overlap']:.1f} %)" if "mfu_at_most" in b else "")
           + " if the asynchronously launched kernels overlapped the others perfectly")
   for title, table in (("by class", report["by_class"]), ("by source (the 15 with most traffic)", report["by_source"])):

@@ -276,21 +276,16 @@ def program_traffic(program_text: str, peak_tflops, memory_tbps, model_flops: fl
   each kernel's bytes per step by name. A program the reader cannot parse gives a record naming the error."""
   import hlo_traffic
   try:
-    program = hlo_traffic.Program(program_text)
-    rows = hlo_traffic.kernels(program)
+    every = hlo_traffic.kernels(hlo_traffic.Program(program_text), every_branch=True)  # One walk for both uses.
+    rows = hlo_traffic.counted(every)
     report = hlo_traffic.summary(rows, top=10)
-    by_name = {r["name"]: r["read"] + r["written"] for r in hlo_traffic.kernels(program, every_branch=True)}
   except Exception as e:  # Reported in the record, never silent; the timing goes on.
     return {"phase": "traffic", "error": f"{type(e).__name__}: {e}"[:500]}, {}
   record = {"phase": "traffic", **{k: report[k] for k in (
       "total_gb", "gb_outside_matmuls", "matmul_tflop", "launches", "by_class", "heaviest")}}
   if peak_tflops and memory_tbps:
-    for key, overlap in (("serial_bound_s", False), ("serial_bound_s_if_asynchronous_overlap", True)):
-      bound = hlo_traffic.serial_bound_seconds(rows, peak_tflops, memory_tbps, overlap_asynchronous=overlap)
-      record[key] = bound
-      record[key.replace("serial_bound_s", "mfu_at_most")] = model_flops / (bound * peak_tflops * 1e12)
-    record.update(peak_tflops=peak_tflops, memory_tbps=memory_tbps)
-  return record, by_name
+    record.update(hlo_traffic.bounds(rows, peak_tflops, memory_tbps, model_flops / 1e12))
+  return record, {r["name"]: r["read"] + r["written"] for r in every}
 
 
 def with_traffic(kernel_record: dict, bytes_by_kernel: dict) -> dict:
@@ -417,12 +412,15 @@ def main():
   start = time.perf_counter()
   compiled = lowered.compile(options)
   compile_s = time.perf_counter() - start
-  compiled_lines = compiled.as_text().count("\n")
+  compiled_text = compiled.as_text()
+  compiled_lines = compiled_text.count("\n")
   emit({"phase": "compile", "compile_s": compile_s, "compiled_hlo_lines": compiled_lines,
         "compile_cache": a.compile_cache or str(compile_cache.default_dir())})
-  traffic, bytes_by_kernel = program_traffic(compiled.as_text(), a.peak_tflops if gpu else None, a.memory_tbps,
-                                             step_flops(cfg, a.batch, True, settings))
-  emit(traffic)
+  traffic, bytes_by_kernel = {}, {}
+  if a.memory_of is None:  # Not in the peak-memory subprocesses, which measure one step and stop.
+    traffic, bytes_by_kernel = program_traffic(compiled_text, a.peak_tflops if gpu else None, a.memory_tbps,
+                                               step_flops(cfg, a.batch, True, settings))
+    emit(traffic)
   if a.compile_only:
     emit({"benchmark": "step_compile", **setup, "lower_s": lower_s, "compile_s": compile_s,
           "stablehlo_lines": program_lines, "compiled_hlo_lines": compiled_lines,
