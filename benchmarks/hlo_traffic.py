@@ -381,6 +381,9 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if (args.peak_tflops is None) != (args.memory_tbps is None):
     parser.error("--peak-tflops and --memory-tbps go together")
+  for name in ("peak_tflops", "memory_tbps", "model_tflop"):
+    if getattr(args, name) is not None and getattr(args, name) <= 0:
+      parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
   rows = kernels(read_program(args.program))
   report = summary(rows, args.top)
   report["program"] = args.program

@@ -360,6 +360,8 @@ def main():
       p.error(f"--{name} must be at least 1, got {getattr(a, name)}")
   if a.warmup < 0:
     p.error(f"--warmup must be 0 or more, got {a.warmup}")
+  if a.memory_tbps is not None and a.memory_tbps <= 0:
+    p.error(f"--memory-tbps must be positive, got {a.memory_tbps}")
   if a.compile_cache is None:
     a.compile_cache = compile_cache.OFF if a.compile_only else ""
   if a.original_only and a.original:

@@ -169,6 +169,12 @@ def test_a_scanned_matmul_compiled_by_xla_counts_every_trip():
   assert sum(r["read"] + r["written"] for r in rows) >= 5 * (64 * 48 * 4 + 32 * 48 * 4)
 
 
+def test_a_rate_that_is_not_positive_is_refused_by_name(capsys):
+  with pytest.raises(SystemExit):
+    hlo_traffic.main(["absent.hlo", "--peak-tflops", "989", "--memory-tbps", "0"])
+  assert "--memory-tbps must be positive, got 0.0" in capsys.readouterr().err
+
+
 def test_a_missing_or_foreign_file_is_named(tmp_path):
   with pytest.raises(SystemExit, match="no such file"):
     hlo_traffic.read_program(str(tmp_path / "absent.hlo"))
