@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from retfiner_jax.models.layout import rows_over_devices
 
@@ -66,10 +67,33 @@ def attention(query, key, value, bias=None, on_probs=None, fused: bool = False):
   scores = scores / jnp.sqrt(jnp.float32(depth))
   if bias is not None:
     scores = scores + bias
-  probs = jax.nn.softmax(scores, axis=-1)
+  probs = softmax_keeping_probs(scores)
   if on_probs is not None:
     probs = on_probs(probs)
-  return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(value.dtype), value), 1, 2)
+  context = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(value.dtype), value)
+  # Named for a layer rematerialised whole (common.keeping), as the probabilities: only a matmul could recompute it.
+  return jnp.swapaxes(checkpoint_name(context, "attention_context"), 1, 2)
+
+
+def _softmax(x):
+  unnormalized = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+  return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+
+
+@jax.custom_jvp
+def softmax_keeping_probs(x):
+  """jax.nn.softmax over the last axis, the same operations and the same derivative rule, except that the
+  probabilities the rule reuses are named 'attention_probs' (checkpoint_name). jax.nn.softmax's rule recomputes
+  them inside itself, out of a checkpoint policy's sight, so a layer rematerialised whole could keep them only by
+  recomputing the scores' matmul."""
+  return _softmax(x)
+
+
+@softmax_keeping_probs.defjvp
+def _softmax_keeping_probs_jvp(primals, tangents):
+  (x,), (x_dot,) = primals, tangents
+  y = checkpoint_name(_softmax(x), "attention_probs")
+  return y, y * (x_dot - (y * x_dot).sum(axis=-1, keepdims=True))
 
 
 def fused_attention(query, key, value, kernel: str = "cudnn"):

@@ -21,10 +21,12 @@ REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
 
 
 def resolve_remat(choice: str, platform: str) -> str:
-  """config.model.remat for a run on `platform`. none: XLA keeps what the backward pass needs. elementwise:
-  LayerNorm and GELU in the ViT blocks and BERT layers are recomputed from their inputs (no matmul is recomputed;
-  the same values). dots, full: whole layers recomputed but for their matmuls' outputs, or entirely. auto:
-  elementwise on accelerators, none on CPU, where memory is plenty and recomputing would only cost time."""
+  """config.model.remat for a run on `platform`. none: XLA keeps what the backward pass needs. elementwise: only
+  elementwise work is recomputed, never a matmul, and the values are the same: a layer that names what it keeps
+  (`stack`'s `keeps`: the ViT block) is recomputed whole from those values; in the others (BERT's layers) LayerNorm
+  and GELU are recomputed from their inputs. dots, full: whole layers recomputed but for their matmuls'
+  outputs, or entirely. auto: elementwise on accelerators, none on CPU, where memory is plenty and recomputing
+  would only cost time."""
   if choice not in REMAT_CHOICES:
     raise ValueError(f"config.model.remat must be one of {REMAT_CHOICES}, got {choice!r}")
   if choice == "auto":
@@ -55,10 +57,11 @@ def compute_dtype(cfg: ModelConfig):
   return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
-# remat 'elementwise': LayerNorm and GELU recomputed in the backward pass from their inputs, which the step keeps
-# anyway. Left to itself XLA keeps their float32 and elementwise intermediates for every layer instead: the H200
-# program of the full step held six float32 (B, 197, 1024) and four (B, 197, 4096) buffers per ViT block, about
-# 32 GiB at batch 128. Recomputing them is elementwise work and reductions, no matmul, and gives the same values.
+# remat 'elementwise' in BERT's layers: LayerNorm and GELU recomputed in the backward pass from their inputs, which
+# the step keeps anyway. Left to itself XLA keeps their float32 and elementwise intermediates for every layer
+# instead: the H200 program of the full step held six float32 (B, 197, 1024) and four (B, 197, 4096) buffers per
+# ViT block, about 32 GiB at batch 128. Recomputing them is elementwise work and reductions, no matmul, and gives
+# the same values. (The ViT's blocks are recomputed whole from what they name: maybe_remat's `keeps`.)
 _RecomputedLayerNorm = nn.remat(nn.LayerNorm)
 
 
@@ -109,18 +112,41 @@ def torch_linear(features: int, fan_in: int, dtype, use_bias: bool = True, name=
                   kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"))
 
 
-def maybe_remat(module_cls, policy: str, scanned: bool = False, static_argnums=()):
-  """The module class, rematerialised in the backward pass by the named policy ('none': as is).
-  `static_argnums` (counting `self` as 0) name the call arguments that are Python values, such as `train`."""
+# The forward primitives of cuDNN's fused attention (jax.nn.dot_product_attention, implementation 'cudnn'): their
+# outputs, the attention's output and softmax statistics, are what its backward kernel takes besides q, k and v.
+_FUSED_ATTENTION_FORWARD = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")
+
+
+def _fused_attention_outputs(prim, *_, **__) -> bool:
+  return prim.name in _FUSED_ATTENTION_FORWARD
+
+
+def keeping(names):
+  """The checkpoint policy of a layer rematerialised whole under remat 'elementwise': it keeps the values the layer
+  names (jax.ad_checkpoint.checkpoint_name, the identity outside such a checkpoint) and cuDNN's attention outputs (recomputing those would rerun the attention's matmuls); all
+  else is recomputed. The names must cover every matmul output the backward pass needs (the layer's own job):
+  keeping a matmul's output with its bias added, rather than the product itself, lets XLA fuse the bias into the
+  copy the scan keeps (keeping the bare product, XLA:GPU ran each such matmul twice in the forward pass)."""
+  return jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.save_only_these_names(*names),
+                                                         _fused_attention_outputs)
+
+
+def maybe_remat(module_cls, policy: str, scanned: bool = False, static_argnums=(), keeps=()):
+  """The module class, rematerialised in the backward pass by the named policy ('none': as is). 'elementwise' with
+  `keeps` (names the layer gives values with checkpoint_name): the whole layer, recomputed from those; without: as
+  is (its LayerNorm and GELU recompute themselves: layer_norm, gelu). `static_argnums` (counting `self` as 0) name
+  the call arguments that are Python values, such as `train`."""
   policy = resolve_remat(policy, jax.default_backend())
-  if policy in ("none", "elementwise"):  # elementwise: inside the layers (layer_norm, gelu).
+  if policy == "none" or (policy == "elementwise" and not keeps):
     return module_cls
+  checkpoint_policy = keeping(keeps) if policy == "elementwise" else REMAT_POLICIES[policy]
   # Inside a scan the loop already keeps XLA from merging the recomputation away (Flax's advice).
-  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=not scanned, static_argnums=static_argnums)
+  return nn.remat(module_cls, policy=checkpoint_policy, prevent_cse=not scanned, static_argnums=static_argnums)
 
 
-def stack(layer_cls, cfg: ModelConfig, length: int, num_per_layer: int = 0, num_shared: int = 0):
-  """For a parent's `setup`: `length` layers of `layer_cls`, applied in turn by `apply_stack`.
+def stack(layer_cls, cfg: ModelConfig, length: int, num_per_layer: int = 0, num_shared: int = 0, keeps=()):
+  """For a parent's `setup`: `length` layers of `layer_cls`, applied in turn by `apply_stack`; `keeps`: see
+  `maybe_remat`.
 
   A layer is called as `layer(x, *per_layer, *shared, train) -> (x, None)`: `num_per_layer` arguments differ
   per layer (arrays with a leading layer axis, e.g. drop-path rates), `num_shared` are the same for every layer
@@ -130,11 +156,11 @@ def stack(layer_cls, cfg: ModelConfig, length: int, num_per_layer: int = 0, num_
   """
   train_argnum = 2 + num_per_layer + num_shared  # self, x, per-layer, shared, train.
   if cfg.scan_layers:
-    layer = maybe_remat(layer_cls, cfg.remat, scanned=True, static_argnums=(train_argnum,))
+    layer = maybe_remat(layer_cls, cfg.remat, scanned=True, static_argnums=(train_argnum,), keeps=keeps)
     scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(0,) * num_per_layer + (nn.broadcast,) * (num_shared + 1), length=length)
     return scanned(cfg)
-  layer = maybe_remat(layer_cls, cfg.remat, static_argnums=(train_argnum,))
+  layer = maybe_remat(layer_cls, cfg.remat, static_argnums=(train_argnum,), keeps=keeps)
   return [layer(cfg) for _ in range(length)]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from retfiner_jax.models.attention import attention, fused_where_traced
 from retfiner_jax.models.common import (apply_stack, compute_dtype, gelu, layer_norm, model_images,
@@ -17,6 +18,17 @@ from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.layout import rows_over_devices
 
 VIT_LN_EPS = 1e-6
+# What a block keeps for its backward pass where it is rematerialised whole (remat 'elementwise'): the qkv
+# projection, the residual stream between its two halves and fc1's output, each with its bias added, and the
+# attention's probabilities and output (XLA's path; cuDNN's kernel keeps its own output and statistics instead).
+# That is every matmul output the backward pass takes; its LayerNorms, GELU and (cuDNN) the padding of q, k, v to
+# an even length and the slicing back are recomputed.
+BLOCK_KEEPS = ("vit_qkv", "vit_between_halves", "vit_fc1", "attention_probs", "attention_context")
+
+
+def block_keeps(cfg: ModelConfig) -> tuple:
+  """BLOCK_KEEPS where the blocks are rematerialised whole (remat 'elementwise'; common.maybe_remat), else ()."""
+  return BLOCK_KEEPS if recomputes_elementwise(cfg) else ()
 
 
 class FusedQKVAttention(nn.Module):
@@ -30,7 +42,7 @@ class FusedQKVAttention(nn.Module):
   @nn.compact
   def __call__(self, x):
     batch, length, _ = x.shape
-    qkv = nn.Dense(3 * self.dim, dtype=self.dtype, name="qkv")(x)
+    qkv = checkpoint_name(nn.Dense(3 * self.dim, dtype=self.dtype, name="qkv")(x), "vit_qkv")
     qkv = qkv.reshape(batch, length, 3, self.heads, self.dim // self.heads)
     out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], fused=self.fused)
     return nn.Dense(self.dim, dtype=self.dtype, name="proj")(out.reshape(batch, length, self.dim))
@@ -40,11 +52,10 @@ class Mlp(nn.Module):
   hidden: int
   dim: int
   dtype: object = jnp.float32
-  recompute: bool = False  # GELU recomputed in the backward pass (remat 'elementwise').
 
   @nn.compact
   def __call__(self, x):
-    x = gelu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x), self.recompute)
+    x = gelu(checkpoint_name(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x), "vit_fc1"))
     return nn.Dense(self.dim, dtype=self.dtype, name="fc2")(x)
 
 
@@ -69,12 +80,12 @@ class Block(nn.Module):
     dropping = train and cfg.drop_path > 0
     branch = lambda y: drop_path(y, drop_rate, self.make_rng("dropout")) if dropping else y
     fused = fused_where_traced(cfg.attention, cfg.dtype)
-    recompute = recomputes_elementwise(cfg)
     x = rows_over_devices(x)
     x = x + branch(FusedQKVAttention(cfg.vision_dim, cfg.vision_heads, dtype, fused, name="attn")(
-        layer_norm(VIT_LN_EPS, "norm1", recompute)(x).astype(dtype)))
-    x = x + branch(Mlp(cfg.vision_mlp_dim, cfg.vision_dim, dtype, recompute, name="mlp")(
-        layer_norm(VIT_LN_EPS, "norm2", recompute)(x).astype(dtype)))
+        layer_norm(VIT_LN_EPS, "norm1")(x).astype(dtype)))
+    x = checkpoint_name(x, "vit_between_halves")
+    x = x + branch(Mlp(cfg.vision_mlp_dim, cfg.vision_dim, dtype, name="mlp")(
+        layer_norm(VIT_LN_EPS, "norm2")(x).astype(dtype)))
     return x, None
 
 
@@ -96,7 +107,7 @@ class VisionTransformer(nn.Module):
     self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.vision_dim))
     self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
                                 (1, 1 + cfg.grid_size ** 2, cfg.vision_dim))
-    self.blocks = stack(Block, cfg, cfg.vision_depth, num_per_layer=1)
+    self.blocks = stack(Block, cfg, cfg.vision_depth, num_per_layer=1, keeps=block_keeps(cfg))
     self.norm = layer_norm(VIT_LN_EPS)
     if cfg.vision_projection:
       self.proj = torch_linear(cfg.text_dim, cfg.vision_dim, dtype)  # RetFiner's new layer: PyTorch's init.

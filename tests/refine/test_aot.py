@@ -159,11 +159,14 @@ def test_two_h100s_with_our_description_compile_as_with_xlas_own(tmp_path):
 
 
 def test_the_h200_step_runs_fused_attention_and_keeps_no_float32_or_elementwise_residuals(tmp_path):
-  """The shipped settings on an H200 (config.model.attention and remat 'auto': cuDNN's fused attention, LayerNorm and
-  GELU recomputed) against the step before them (attention 'xla', remat 'none'), both compiled by XLA for the H200
-  at ViT-L/16's attention shapes (197 tokens, 16 heads) and a small width. What the scanned ViT blocks keep for the
-  backward pass is read from the loop state of XLA's optimised program (the H200 dump of the full step showed the
-  float32 probabilities at 7.6 GB, and six float32 and four 4096-wide buffers per block)."""
+  """The shipped settings on an H200 (config.model.attention and remat 'auto': cuDNN's fused attention, the ViT's
+  blocks recomputed whole from what they name) against the step before them (attention 'xla', remat 'none'), both
+  compiled by XLA for the H200 at ViT-L/16's attention shapes (197 tokens, 16 heads) and a small width. What the
+  scanned ViT blocks keep for the backward pass is read from the loop state of XLA's optimised program (the H200
+  dump of the full step showed the float32 probabilities at 7.6 GB, and six float32 and four 4096-wide buffers per
+  block): now per block its input and the residual stream between its halves, the qkv projection, fc1's output and
+  cuDNN's output and statistics, nothing else (vit.BLOCK_KEEPS); q, k, v padded for cuDNN, LayerNorm outputs and
+  the GELU are recomputed."""
   require_compilers("cuda")
   config = write_vit_l_attention_config(tmp_path, batch_size=2)
   scores = re.compile(r"f32\[(?:\d+,)*16,19[78],19[78]\]")
@@ -177,13 +180,15 @@ def test_the_h200_step_runs_fused_attention_and_keeps_no_float32_or_elementwise_
     # The ViT's scan: the loop whose state holds per-block (depth 2, batch 2, 197 tokens) stacks.
     vit_loop = next(line for line in program.splitlines() if " while(" in line and ",2,197,256]" in line)
     kept = lambda dtype, width: vit_loop.count(f"{dtype}[2,2,197,{width}]")
-    runs[name] = dict(report=report, program=program, f32_width=kept("f32", 256), mlp=kept("bf16", 512))
+    runs[name] = dict(report=report, program=program, f32_width=kept("f32", 256), mlp=kept("bf16", 512),
+                      width=kept("bf16", 256), qkv=kept("bf16", 768), padded=vit_loop.count("bf16[2,2,198,16,16]"))
   shipped, before = runs["shipped"], runs["before"]
   assert shipped["report"]["attention"] == "fused" and shipped["report"]["settings"]["remat"] == "elementwise"
-  assert shipped["report"]["fused_attention_calls"] >= 2  # Forward and backward.
+  assert shipped["report"]["fused_attention_calls"] == 2  # Forward and backward; the forward is not recomputed.
   assert 'custom_call_target="__cudnn$fmhaSoftmaxBackward"' in shipped["program"]
   assert not scores.findall(shipped["program"])
-  assert shipped["f32_width"] == 0 and shipped["mlp"] <= 2
+  assert shipped["f32_width"] == 0 and shipped["mlp"] == 1 and shipped["qkv"] == 1
+  assert shipped["width"] == 2 and shipped["padded"] == 1  # Input and mid-block stream; cuDNN's output.
   assert before["report"]["attention"] == "xla" and before["report"]["fused_attention_calls"] == 0
   assert "f32[2,2,16,197,197]" in scores.findall(before["program"])  # Stacked over the scanned blocks.
   assert before["f32_width"] >= 4 and before["mlp"] >= 4

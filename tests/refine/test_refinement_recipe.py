@@ -223,6 +223,40 @@ def test_every_remat_setting_gives_the_same_losses_and_gradients(remat):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
 
 
+def _matmuls(jaxpr) -> int:
+  """dot_general equations in a jaxpr and every jaxpr nested in it (scan bodies, checkpoints, custom rules)."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == "dot_general"
+    for value in eqn.params.values():
+      for inner in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(inner, jax.extend.core.ClosedJaxpr):
+          count += _matmuls(inner.jaxpr)
+        elif isinstance(inner, jax.extend.core.Jaxpr):
+          count += _matmuls(inner)
+  return count
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_elementwise_remat_recomputes_no_matmul(monkeypatch, scan_layers):
+  """remat 'elementwise' recomputes the ViT's blocks whole from the values they name (vit.BLOCK_KEEPS) and BERT's
+  LayerNorm and GELU: the gradient's program holds exactly the matmuls of remat 'none', in training mode. The
+  check can fail: a block that did not keep its attention probabilities would recompute q k^T."""
+  from retfiner_jax.models import vit
+  cfg = CFG.replace(drop_path=0.2, text_dropout=0.1, scan_layers=scan_layers)
+  params = init_params(cfg, jax.random.PRNGKey(1))
+  batch, rng = _batch(8, seed=3, cfg=cfg), jax.random.PRNGKey(5)
+
+  def matmuls(remat):
+    loss_fn = make_loss_fn(RetFiner(cfg.replace(remat=remat)), ObjectiveSettings(), train=True)
+    return _matmuls(jax.make_jaxpr(jax.grad(lambda p: loss_fn(p, batch, rng)[0]))(params).jaxpr)
+
+  plain = matmuls("none")
+  assert plain > 0 and matmuls("elementwise") == plain
+  monkeypatch.setattr(vit, "BLOCK_KEEPS", tuple(n for n in vit.BLOCK_KEEPS if n != "attention_probs"))
+  assert matmuls("elementwise") > plain
+
+
 def test_auto_remat_and_attention_resolve_to_the_cpu_path_the_references_match():
   from retfiner_jax.models.common import recomputes_elementwise, resolve_remat
   assert jax.default_backend() == "cpu" and not recomputes_elementwise(CFG.replace(remat="auto"))
