@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from retfiner_jax.models.attention import attention, padding_bias
 from retfiner_jax.models.common import (Dropout, apply_stack, compute_dtype, gelu, layer_norm, recomputes_elementwise,
@@ -18,6 +19,17 @@ from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.layout import rows_over_devices
 
 BERT_LN_EPS = 1e-12
+# What a layer keeps for its backward pass where it is rematerialised whole (remat 'elementwise'): the query, key
+# and value projections, the attention's probabilities and output (attention.py), the dropout masks, fc1's output
+# and each sub-layer's sum before its LayerNorm. That is every matmul output the backward pass takes, and the
+# random bits are not drawn again; the LayerNorms, GELU and the dropout's scaling are recomputed.
+LAYER_KEEPS = ("bert_projection", "attention_probs", "attention_context", "dropout_mask", "bert_fc1",
+               "bert_pre_norm")
+
+
+def layer_keeps(cfg: ModelConfig) -> tuple:
+  """LAYER_KEEPS where the layers are rematerialised whole (remat 'elementwise'; common.maybe_remat), else ()."""
+  return LAYER_KEEPS if recomputes_elementwise(cfg) else ()
 init_normal = nn.initializers.normal(0.02)  # BERT's initializer_range.
 
 
@@ -35,7 +47,7 @@ class BertAttention(nn.Module):
     self.key = dense(cfg.text_dim, dtype)
     self.value = dense(cfg.text_dim, dtype)
     self.output_dense = dense(cfg.text_dim, dtype)
-    self.output_LayerNorm = layer_norm(BERT_LN_EPS, recompute=recomputes_elementwise(cfg))
+    self.output_LayerNorm = layer_norm(BERT_LN_EPS)
     self.dropout = Dropout(cfg.text_dropout)
 
   def _heads(self, x):
@@ -43,7 +55,7 @@ class BertAttention(nn.Module):
 
   def keys_values(self, source):
     """(B, Lk, D) -> key, value of shape (B, Lk, H, d)."""
-    return self._heads(self.key(source)), self._heads(self.value(source))
+    return tuple(self._heads(checkpoint_name(dense(source), "bert_projection")) for dense in (self.key, self.value))
 
   def __call__(self, hidden, keys_values, bias=None, extra_index=None, train: bool = False):
     """Attention of `hidden` (R, L, D) to `keys_values` ((N, Lk, H, d) each), plus output and residual.
@@ -65,7 +77,7 @@ class BertAttention(nn.Module):
         self.sow("intermediates", name, p)
         return self.dropout(p, deterministic=not drop)
       return hook
-    query = self._heads(self.query(hidden))
+    query = self._heads(checkpoint_name(self.query(hidden), "bert_projection"))
     rows, length, heads, depth = query.shape
     images = key.shape[0]
     extra = 0 if extra_index is None else extra_index.shape[0]
@@ -89,7 +101,7 @@ class BertAttention(nn.Module):
                                                     None, on_probs("extra_probs"))])
     out = self.output_dense(context.reshape(hidden.shape[:2] + (self.cfg.text_dim,)))
     out = self.dropout(out, deterministic=not train)
-    return self.output_LayerNorm(out + hidden).astype(hidden.dtype)
+    return self.output_LayerNorm(checkpoint_name(out + hidden, "bert_pre_norm")).astype(hidden.dtype)
 
 
 class BertLayer(nn.Module):
@@ -101,7 +113,7 @@ class BertLayer(nn.Module):
     self.crossattention = BertAttention(cfg)
     self.intermediate_dense = dense(cfg.text_intermediate, dtype)
     self.output_dense = dense(cfg.text_dim, dtype)
-    self.output_LayerNorm = layer_norm(BERT_LN_EPS, recompute=recomputes_elementwise(cfg))
+    self.output_LayerNorm = layer_norm(BERT_LN_EPS)
     self.dropout = Dropout(cfg.text_dropout)
 
   def __call__(self, hidden, self_bias, image_tokens=None, extra_image_index=None, train: bool = False):
@@ -111,9 +123,9 @@ class BertLayer(nn.Module):
     if image_tokens is not None:  # No mask: every image token is visible.
       cross_kv = self.crossattention.keys_values(image_tokens.astype(hidden.dtype))
       hidden = self.crossattention(hidden, cross_kv, extra_index=extra_image_index, train=train)
-    out = self.output_dense(gelu(self.intermediate_dense(hidden), recomputes_elementwise(self.cfg)))
+    out = self.output_dense(gelu(checkpoint_name(self.intermediate_dense(hidden), "bert_fc1")))
     out = self.dropout(out, deterministic=not train)
-    return self.output_LayerNorm(out + hidden).astype(hidden.dtype), None
+    return self.output_LayerNorm(checkpoint_name(out + hidden, "bert_pre_norm")).astype(hidden.dtype), None
 
 
 class BertEmbeddings(nn.Module):
@@ -154,7 +166,7 @@ class BertTextEncoder(nn.Module):
 
   def setup(self):
     self.embeddings = BertEmbeddings(self.cfg)
-    self.layer = stack(BertLayer, self.cfg, self.cfg.text_layers, num_shared=3)
+    self.layer = stack(BertLayer, self.cfg, self.cfg.text_layers, num_shared=3, keeps=layer_keeps(self.cfg))
     self.mlm_head = MlmHead(self.cfg)
 
   def __call__(self, input_ids, self_bias, image_tokens=None, extra_image_index=None, train: bool = False):

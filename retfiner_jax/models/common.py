@@ -13,6 +13,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from retfiner_jax.data.images import NORMALISATION
 from retfiner_jax.models.config import REMAT_CHOICES, ModelConfig
@@ -22,11 +23,11 @@ REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
 
 def resolve_remat(choice: str, platform: str) -> str:
   """config.model.remat for a run on `platform`. none: XLA keeps what the backward pass needs. elementwise: only
-  elementwise work is recomputed, never a matmul, and the values are the same: a layer that names what it keeps
-  (`stack`'s `keeps`: the ViT block) is recomputed whole from those values; in the others (BERT's layers) LayerNorm
-  and GELU are recomputed from their inputs. dots, full: whole layers recomputed but for their matmuls'
-  outputs, or entirely. auto: elementwise on accelerators, none on CPU, where memory is plenty and recomputing
-  would only cost time."""
+  elementwise work is recomputed, never a matmul, and the values are the same: each layer (a ViT block, a BERT
+  layer) is recomputed whole from the values it names and keeps (`stack`'s `keeps`, `keeping`): its matmuls'
+  outputs and what else only a matmul or a random draw could give again. dots, full: whole layers recomputed but
+  for their matmuls' outputs, or entirely. auto: elementwise on accelerators, none on CPU, where memory is plenty
+  and recomputing would only cost time."""
   if choice not in REMAT_CHOICES:
     raise ValueError(f"config.model.remat must be one of {REMAT_CHOICES}, got {choice!r}")
   if choice == "auto":
@@ -35,8 +36,9 @@ def resolve_remat(choice: str, platform: str) -> str:
 
 
 def recomputes_elementwise(cfg: ModelConfig) -> bool:
-  """Whether the layers' LayerNorm and GELU are recomputed in the backward pass ('auto' left unresolved, in a
-  model built outside a run's step, resolves for the backend it is traced on)."""
+  """Whether remat resolves to 'elementwise' ('auto' left unresolved, in a model built outside a run's step,
+  resolves for the backend it is traced on): the layers then name what they keep (vit.block_keeps,
+  bert.layer_keeps)."""
   return resolve_remat(cfg.remat, jax.default_backend()) == "elementwise"
 
 
@@ -57,28 +59,15 @@ def compute_dtype(cfg: ModelConfig):
   return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
-# remat 'elementwise' in BERT's layers: LayerNorm and GELU recomputed in the backward pass from their inputs, which
-# the step keeps anyway. Left to itself XLA keeps their float32 and elementwise intermediates for every layer
-# instead: the H200 program of the full step held six float32 (B, 197, 1024) and four (B, 197, 4096) buffers per
-# ViT block, about 32 GiB at batch 128. Recomputing them is elementwise work and reductions, no matmul, and gives
-# the same values. (The ViT's blocks are recomputed whole from what they name: maybe_remat's `keeps`.)
-_RecomputedLayerNorm = nn.remat(nn.LayerNorm)
+def layer_norm(eps, name=None):
+  """LayerNorm kept in float32 in every precision mode."""
+  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, name=name)
 
 
-def layer_norm(eps, name=None, recompute: bool = False):
-  """LayerNorm kept in float32 in every precision mode; `recompute`: recomputed in the backward pass."""
-  return (_RecomputedLayerNorm if recompute else nn.LayerNorm)(epsilon=eps, dtype=jnp.float32, name=name)
-
-
-def _gelu(x):
-  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
-
-
-def gelu(x, recompute: bool = False):
+def gelu(x):
   """Exact GELU written as PyTorch writes it, x/2 (1 + erf(x/sqrt 2)): XLA's erf is one polynomial that fuses
-  into a single loop (its erfc, which jax.nn.gelu uses, costs three passes over the array on CPU). `recompute`:
-  recomputed in the backward pass from x."""
-  return jax.checkpoint(_gelu)(x) if recompute else _gelu(x)
+  into a single loop (its erfc, which jax.nn.gelu uses, costs three passes over the array on CPU)."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 class Dropout(nn.Module):
@@ -97,6 +86,7 @@ class Dropout(nn.Module):
       return jnp.zeros_like(x)
     keep = 1.0 - self.rate
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.size,)).reshape(x.shape)
+    mask = checkpoint_name(mask, "dropout_mask")  # Kept by a layer rematerialised whole (BERT's LAYER_KEEPS).
     return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
 
 
@@ -123,22 +113,25 @@ def _fused_attention_outputs(prim, *_, **__) -> bool:
 
 def keeping(names):
   """The checkpoint policy of a layer rematerialised whole under remat 'elementwise': it keeps the values the layer
-  names (jax.ad_checkpoint.checkpoint_name, the identity outside such a checkpoint) and cuDNN's attention outputs (recomputing those would rerun the attention's matmuls); all
-  else is recomputed. The names must cover every matmul output the backward pass needs (the layer's own job):
-  keeping a matmul's output with its bias added, rather than the product itself, lets XLA fuse the bias into the
-  copy the scan keeps (keeping the bare product, XLA:GPU ran each such matmul twice in the forward pass)."""
+  names among `names` (jax.ad_checkpoint.checkpoint_name, the identity outside such a checkpoint) and cuDNN's
+  attention outputs (recomputing those would rerun the attention's matmuls); all else is recomputed. The names
+  must cover every matmul output the backward pass needs (the layer's own job; tests/refine/test_refinement_recipe.py
+  counts the gradient's matmuls): keeping a matmul's output with its bias added, rather than the product itself,
+  lets XLA fuse the bias into the copy the scan keeps (keeping the bare product, XLA:GPU ran each such matmul twice
+  in the forward pass)."""
   return jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.save_only_these_names(*names),
                                                          _fused_attention_outputs)
 
 
 def maybe_remat(module_cls, policy: str, scanned: bool = False, static_argnums=(), keeps=()):
-  """The module class, rematerialised in the backward pass by the named policy ('none': as is). 'elementwise' with
-  `keeps` (names the layer gives values with checkpoint_name): the whole layer, recomputed from those; without: as
-  is (its LayerNorm and GELU recompute themselves: layer_norm, gelu). `static_argnums` (counting `self` as 0) name
-  the call arguments that are Python values, such as `train`."""
+  """The module class, rematerialised in the backward pass by the named policy ('none': as is). 'elementwise': the
+  whole layer, recomputed from the values it names with checkpoint_name and lists in `keeps`. `static_argnums`
+  (counting `self` as 0) name the call arguments that are Python values, such as `train`."""
   policy = resolve_remat(policy, jax.default_backend())
-  if policy == "none" or (policy == "elementwise" and not keeps):
+  if policy == "none":
     return module_cls
+  if policy == "elementwise" and not keeps:
+    raise ValueError(f"remat 'elementwise' of {module_cls.__name__}: the layer names no values to keep")
   checkpoint_policy = keeping(keeps) if policy == "elementwise" else REMAT_POLICIES[policy]
   # Inside a scan the loop already keeps XLA from merging the recomputation away (Flax's advice).
   return nn.remat(module_cls, policy=checkpoint_policy, prevent_cse=not scanned, static_argnums=static_argnums)

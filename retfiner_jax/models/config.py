@@ -47,7 +47,7 @@ class ModelConfig:
   # float16 mixed precision) or "float32" (the parity tests).
   dtype: str = "bfloat16"
   # Rematerialisation in the backward pass (REMAT_CHOICES): auto | none | elementwise | dots | full. auto:
-  # elementwise (LayerNorm and GELU recomputed, no matmul) on accelerators, none on CPU.
+  # elementwise (layers recomputed from what they keep, no matmul; common.resolve_remat) on accelerators, none on CPU.
   remat: str = "auto"
   # Run the ViT blocks and BERT layers as one nn.scan each (parameters stacked on a leading layer axis): one
   # layer compiled instead of all of them. False: a loop of separately named layers (`blocks_0`, `layer_0`).

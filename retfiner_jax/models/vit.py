@@ -21,8 +21,8 @@ VIT_LN_EPS = 1e-6
 # What a block keeps for its backward pass where it is rematerialised whole (remat 'elementwise'): the qkv
 # projection, the residual stream between its two halves and fc1's output, each with its bias added, and the
 # attention's probabilities and output (XLA's path; cuDNN's kernel keeps its own output and statistics instead).
-# That is every matmul output the backward pass takes; its LayerNorms, GELU and (cuDNN) the padding of q, k, v to
-# an even length and the slicing back are recomputed.
+# That is every matmul output the backward pass takes; its LayerNorms, GELU, the stochastic-depth factors (drawn
+# per sample) and (cuDNN) the padding of q, k, v to an even length and the slicing back are recomputed.
 BLOCK_KEEPS = ("vit_qkv", "vit_between_halves", "vit_fc1", "attention_probs", "attention_context")
 
 
