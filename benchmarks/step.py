@@ -310,7 +310,8 @@ def main():
                  help="steps of one implementation before switching to the other (1: strict alternation)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--remat", default="auto", choices=list(REMAT_CHOICES),
-                 help="config.model.remat: auto = elementwise (LayerNorm, GELU recomputed) on GPU/TPU, none on CPU")
+                 help="config.model.remat: auto = elementwise (layers recomputed from what they keep, no matmul) "
+                      "on GPU/TPU, none on CPU")
   p.add_argument("--attention", default="auto", choices=list(ATTENTION_CHOICES),
                  help="config.model.attention: auto = cuDNN's fused attention in the ViT on GPU in bfloat16, else xla")
   p.add_argument("--prng", default="auto", choices=PRNG_CHOICES,

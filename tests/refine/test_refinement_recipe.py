@@ -201,7 +201,7 @@ def test_validation_uses_every_row_and_redraws_when_asked():
 def test_every_remat_setting_gives_the_same_losses_and_gradients(remat):
   """config.model.remat recomputes, it does not change the numbers: training mode (dropout, stochastic depth) with
   the same keys gives the losses and gradients of remat 'none'. 'elementwise' (the accelerators' 'auto') must put
-  LayerNorm and GELU under a checkpoint, so its program differs from 'none' although its values do not."""
+  each layer under a checkpoint, so its program differs from 'none' although its values do not."""
   base = CFG.replace(drop_path=0.2, text_dropout=0.1)
   params = init_params(base, jax.random.PRNGKey(1))
   batch, rng = _batch(8, seed=3, cfg=base), jax.random.PRNGKey(5)
@@ -239,8 +239,9 @@ def _matmuls(jaxpr) -> int:
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_elementwise_remat_recomputes_no_matmul(monkeypatch, scan_layers):
-  """remat 'elementwise' recomputes the ViT's blocks whole from the values they name (vit.BLOCK_KEEPS) and BERT's
-  LayerNorm and GELU: the gradient's program holds exactly the matmuls of remat 'none', in training mode. The
+  """remat 'elementwise' recomputes the ViT's blocks and BERT's layers whole from the values they name
+  (vit.BLOCK_KEEPS, bert.LAYER_KEEPS): the gradient's program holds exactly the matmuls of remat 'none', in
+  training mode. The
   check can fail: a block that did not keep its attention probabilities would recompute q k^T."""
   from retfiner_jax.models import vit
   cfg = CFG.replace(drop_path=0.2, text_dropout=0.1, scan_layers=scan_layers)
