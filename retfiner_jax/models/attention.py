@@ -77,25 +77,33 @@ def attention(query, key, value, bias=None, on_probs=None, fused: bool = False):
   return jnp.swapaxes(checkpoint_name(context, "attention_context"), 1, 2)
 
 
-def _softmax(x):
-  unnormalized = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-  return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+def _softmax_parts(x):
+  """jax.nn.softmax's forward as JAX computes it by default (`jax_softmax_custom_jvp` off): the exponentials of x
+  less its max, and their sum (keeping the reduced axis)."""
+  unnormalized = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, initial=-jnp.inf, keepdims=True)))
+  return unnormalized, jnp.sum(unnormalized, axis=-1, keepdims=True)
 
 
 @jax.custom_jvp
 def softmax_keeping_probs(x):
-  """jax.nn.softmax over the last axis, the same operations and the same derivative rule, except that the
-  probabilities the rule reuses are named 'attention_probs' (checkpoint_name). jax.nn.softmax's rule recomputes
-  them inside itself, out of a checkpoint policy's sight, so a layer rematerialised whole could keep them only by
-  recomputing the scores' matmul."""
-  return _softmax(x)
+  """jax.nn.softmax over the last axis, the same program bit for bit (checked on CPU against JAX's default), with
+  what its derivative reuses named 'attention_probs': the exponentials and their sum. A layer rematerialised whole
+  (common.keeping) then keeps them instead of recomputing the scores' matmul: JAX's own derivatives reuse the
+  unnamed values (exp's its output; the custom softmax rule its probabilities, computed inside the rule), out of a
+  checkpoint policy's sight."""
+  unnormalized, total = _softmax_parts(x)
+  return unnormalized / total
 
 
 @softmax_keeping_probs.defjvp
 def _softmax_keeping_probs_jvp(primals, tangents):
+  # The derivative JAX takes of the forward above, operation for operation (exp: tangent times output; division:
+  # d(u / t) = du / t + (-dt u) t^-2), but reusing the named values.
   (x,), (x_dot,) = primals, tangents
-  y = checkpoint_name(_softmax(x), "attention_probs")
-  return y, y * (x_dot - (y * x_dot).sum(axis=-1, keepdims=True))
+  unnormalized, total = (checkpoint_name(a, "attention_probs") for a in _softmax_parts(x))
+  unnormalized_dot = x_dot * unnormalized
+  total_dot = jnp.sum(unnormalized_dot, axis=-1, keepdims=True)
+  return unnormalized / total, unnormalized_dot / total + -total_dot * unnormalized * jax.lax.integer_pow(total, -2)
 
 
 def fused_attention(query, key, value, kernel: str = "cudnn"):

@@ -57,6 +57,25 @@ def test_an_unmasked_padding_key_would_change_the_result():
   np.testing.assert_allclose(fused_attention(q, k, v, kernel="xla"), attention(q, k, v), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_softmax_that_names_its_residuals_is_jaxs_bit_for_bit(dtype):
+  """attention.softmax_keeping_probs against jax.nn.softmax (JAX's default derivative, which the reference bundles
+  were matched with): the same probabilities and the same gradients, to the bit, with masked (-1e9) scores too;
+  compiled as the step compiles it."""
+  from retfiner_jax.models.attention import MASKED, softmax_keeping_probs
+  keys = jax.random.split(jax.random.PRNGKey(7), 2)
+  scores = jax.random.normal(keys[0], (2, 3, 5, 7), jnp.float32) * 4
+  scores = scores.at[:, :, :, -2:].add(MASKED).astype(dtype).astype(jnp.float32)
+  weights = jax.random.normal(keys[1], scores.shape, jnp.float32)
+  results = [jax.jit(jax.value_and_grad(lambda s: jnp.sum(f(s) * weights)))(scores)
+             for f in (lambda s: jax.nn.softmax(s, axis=-1), softmax_keeping_probs)]
+  (want_value, want_grad), (value, grad) = results
+  np.testing.assert_array_equal(np.asarray(value), np.asarray(want_value))
+  np.testing.assert_array_equal(np.asarray(grad), np.asarray(want_grad))
+  np.testing.assert_array_equal(np.asarray(jax.jit(softmax_keeping_probs)(scores)),
+                                np.asarray(jax.jit(lambda s: jax.nn.softmax(s, axis=-1))(scores)))
+
+
 def test_the_choice_is_resolved_per_platform_and_dtype():
   assert resolve_attention("auto", "cpu", "bfloat16") == "xla"
   assert resolve_attention("auto", "cpu", "float32") == "xla"  # The reference bundles' path.
