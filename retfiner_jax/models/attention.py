@@ -72,8 +72,8 @@ def attention(query, key, value, bias=None, on_probs=None, fused: bool = False):
     probs = on_probs(probs)
   context = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(value.dtype), value)
   # Named for a layer rematerialised whole (common.keeping), as the probabilities: only a matmul could recompute it.
-  # (Named in this layout: named after the transpose below, XLA:GPU copied it into BERT's scan stacks transposed,
-  # 17 GB a step more than the second product into the stack that it computes this way: benchmarks/README.md.)
+  # Named before the transpose: named after it, XLA:GPU copied it into BERT's scan stacks transposed, 17 GB a step
+  # more than what it does this way, the product computed a second time straight into the stack (benchmarks/README).
   return jnp.swapaxes(checkpoint_name(context, "attention_context"), 1, 2)
 
 

@@ -30,6 +30,8 @@ LAYER_KEEPS = ("bert_projection", "attention_probs", "attention_context", "dropo
 def layer_keeps(cfg: ModelConfig) -> tuple:
   """LAYER_KEEPS where the layers are rematerialised whole (remat 'elementwise'; common.maybe_remat), else ()."""
   return LAYER_KEEPS if recomputes_elementwise(cfg) else ()
+
+
 init_normal = nn.initializers.normal(0.02)  # BERT's initializer_range.
 
 
