@@ -13,8 +13,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from retfiner_jax.models.attention import attention, padding_bias
-from retfiner_jax.models.common import (Dropout, apply_stack, compute_dtype, gelu, layer_norm, recomputes_elementwise,
-                                        stack)
+from retfiner_jax.models.common import Dropout, apply_stack, compute_dtype, gelu, layer_norm, stack
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.layout import rows_over_devices
 
@@ -25,11 +24,6 @@ BERT_LN_EPS = 1e-12
 # random bits are not drawn again; the LayerNorms, GELU and the dropout's scaling are recomputed.
 LAYER_KEEPS = ("bert_projection", "attention_probs", "attention_context", "dropout_mask", "bert_fc1",
                "bert_pre_norm")
-
-
-def layer_keeps(cfg: ModelConfig) -> tuple:
-  """LAYER_KEEPS where the layers are rematerialised whole (remat 'elementwise'; common.maybe_remat), else ()."""
-  return LAYER_KEEPS if recomputes_elementwise(cfg) else ()
 
 
 init_normal = nn.initializers.normal(0.02)  # BERT's initializer_range.
@@ -168,7 +162,7 @@ class BertTextEncoder(nn.Module):
 
   def setup(self):
     self.embeddings = BertEmbeddings(self.cfg)
-    self.layer = stack(BertLayer, self.cfg, self.cfg.text_layers, num_shared=3, keeps=layer_keeps(self.cfg))
+    self.layer = stack(BertLayer, self.cfg, self.cfg.text_layers, num_shared=3, keeps=LAYER_KEEPS)
     self.mlm_head = MlmHead(self.cfg)
 
   def __call__(self, input_ids, self_bias, image_tokens=None, extra_image_index=None, train: bool = False):

@@ -37,8 +37,8 @@ def resolve_remat(choice: str, platform: str) -> str:
 
 def recomputes_elementwise(cfg: ModelConfig) -> bool:
   """Whether remat resolves to 'elementwise' ('auto' left unresolved, in a model built outside a run's step,
-  resolves for the backend it is traced on): the layers then name what they keep (vit.block_keeps,
-  bert.layer_keeps)."""
+  resolves for the backend it is traced on): the layers are then recomputed from what they keep (vit.BLOCK_KEEPS,
+  bert.LAYER_KEEPS)."""
   return resolve_remat(cfg.remat, jax.default_backend()) == "elementwise"
 
 
@@ -138,8 +138,8 @@ def maybe_remat(module_cls, policy: str, scanned: bool = False, static_argnums=(
 
 
 def stack(layer_cls, cfg: ModelConfig, length: int, num_per_layer: int = 0, num_shared: int = 0, keeps=()):
-  """For a parent's `setup`: `length` layers of `layer_cls`, applied in turn by `apply_stack`; `keeps`: see
-  `maybe_remat`.
+  """For a parent's `setup`: `length` layers of `layer_cls`, applied in turn by `apply_stack`; `keeps`: the names
+  the layer gives what it keeps under remat 'elementwise' (`maybe_remat`; unused under the other settings).
 
   A layer is called as `layer(x, *per_layer, *shared, train) -> (x, None)`: `num_per_layer` arguments differ
   per layer (arrays with a leading layer axis, e.g. drop-path rates), `num_shared` are the same for every layer

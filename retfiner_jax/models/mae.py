@@ -16,7 +16,7 @@ import numpy as np
 
 from retfiner_jax.models.common import apply_stack, layer_norm, stack
 from retfiner_jax.models.config import ModelConfig
-from retfiner_jax.models.vit import VIT_LN_EPS, Block, VisionTransformer, block_keeps
+from retfiner_jax.models.vit import BLOCK_KEEPS, VIT_LN_EPS, Block, VisionTransformer
 
 xavier = nn.initializers.xavier_uniform()  # MAE initialises its linear layers so.
 
@@ -83,7 +83,7 @@ class MaeDecoder(nn.Module):
     self.decoder_pos_embed = self.param("decoder_pos_embed", lambda *_: jnp.asarray(
         sincos_pos_embed(s.decoder_dim, cfg.grid_size)))
     self.decoder_blocks = stack(Block, block_cfg.replace(scan_layers=False), s.decoder_depth, num_per_layer=1,
-                                keeps=block_keeps(block_cfg))  # decoder_blocks_0, ... as MAE's checkpoints.
+                                keeps=BLOCK_KEEPS)  # decoder_blocks_0, ... as MAE's checkpoints.
     self.decoder_norm = layer_norm(VIT_LN_EPS)
     self.decoder_pred = nn.Dense(cfg.patch_size ** 2 * 3, kernel_init=xavier)
 

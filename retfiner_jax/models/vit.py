@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from retfiner_jax.models.attention import attention, fused_where_traced
-from retfiner_jax.models.common import (apply_stack, compute_dtype, gelu, layer_norm, model_images,
-                                       recomputes_elementwise, stack, torch_linear)
+from retfiner_jax.models.common import (apply_stack, compute_dtype, gelu, layer_norm, model_images, stack,
+                                       torch_linear)
 from retfiner_jax.models.config import ModelConfig
 from retfiner_jax.models.layout import rows_over_devices
 
@@ -24,11 +24,6 @@ VIT_LN_EPS = 1e-6
 # That is every matmul output the backward pass takes; its LayerNorms, GELU, the stochastic-depth factors (drawn
 # per sample) and (cuDNN) the padding of q, k, v to an even length and the slicing back are recomputed.
 BLOCK_KEEPS = ("vit_qkv", "vit_between_halves", "vit_fc1", "attention_probs", "attention_context")
-
-
-def block_keeps(cfg: ModelConfig) -> tuple:
-  """BLOCK_KEEPS where the blocks are rematerialised whole (remat 'elementwise'; common.maybe_remat), else ()."""
-  return BLOCK_KEEPS if recomputes_elementwise(cfg) else ()
 
 
 class FusedQKVAttention(nn.Module):
@@ -107,7 +102,7 @@ class VisionTransformer(nn.Module):
     self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.vision_dim))
     self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
                                 (1, 1 + cfg.grid_size ** 2, cfg.vision_dim))
-    self.blocks = stack(Block, cfg, cfg.vision_depth, num_per_layer=1, keeps=block_keeps(cfg))
+    self.blocks = stack(Block, cfg, cfg.vision_depth, num_per_layer=1, keeps=BLOCK_KEEPS)
     self.norm = layer_norm(VIT_LN_EPS)
     if cfg.vision_projection:
       self.proj = torch_linear(cfg.text_dim, cfg.vision_dim, dtype)  # RetFiner's new layer: PyTorch's init.

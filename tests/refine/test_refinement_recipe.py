@@ -241,8 +241,7 @@ def _matmuls(jaxpr) -> int:
 def test_elementwise_remat_recomputes_no_matmul(monkeypatch, scan_layers):
   """remat 'elementwise' recomputes the ViT's blocks and BERT's layers whole from the values they name
   (vit.BLOCK_KEEPS, bert.LAYER_KEEPS): the gradient's program holds exactly the matmuls of remat 'none', in
-  training mode. The
-  check can fail: a block that did not keep its attention probabilities would recompute q k^T."""
+  training mode. The check can fail: a block that did not keep its attention probabilities would recompute q k^T."""
   from retfiner_jax.models import vit
   cfg = CFG.replace(drop_path=0.2, text_dropout=0.1, scan_layers=scan_layers)
   params = init_params(cfg, jax.random.PRNGKey(1))
