@@ -9,7 +9,7 @@ cache unless --compile-cache names one: run twice with the same folder for a col
 a JSON line as each milestone appears in its output (compile start and end, the start-up line, the first
 progress line), then one with summary.json (time to the first step, each start-up phase, compile seconds, steady
 samples/s, input wait, each end-of-run part's seconds) and the per-interval input wait from metrics.jsonl (the
-first logged interval left out).
+first logged interval left out). The command's own output goes to stderr as it comes, so that a failure shows why.
 """
 import argparse
 import csv
@@ -56,6 +56,7 @@ def train(a, overrides):
                  r"^checkpoint writes finished": "checkpoint_writes"}
   seen = set()
   for line in proc.stdout:
+    sys.stderr.write(line)  # The command's own output, whole (gpu.sh keeps it in the phase's .err file).
     for pattern, name in milestones.items():
       if re.search(pattern, line) and name not in seen:
         seen.add(name)
