@@ -215,6 +215,17 @@ def test_gpu_benchmark_script_fails_when_a_phase_fails(tmp_path):
       "gpu_probe", "gpu_parity", "gpu_main_data", "gpu_main", "gpu_main_warm", "gpu_pipeline"}
 
 
+def test_main_run_benchmark_shows_why_the_main_command_failed(tmp_path):
+  """benchmarks/main_run.py passes the main command's own output on (to stderr, which gpu.sh keeps in the phase's
+  .err file): a run that fails says why, here a missing manifest, beside the JSON line with its exit status."""
+  out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "main_run.py"), "train", "--out", str(tmp_path),
+                        "--steps", "2"], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stdout + out.stderr
+  assert json.loads(out.stdout.strip().splitlines()[-1])["rc"] == 2
+  manifest = tmp_path / "data" / "manifest_train.csv"
+  assert f"error: config.data.train_manifest = {manifest}: file not found" in out.stderr, out.stderr[-2000:]
+
+
 def stand_in_python(path, failing: str = "", status: int = 1):
   """A `python` for gpu.sh that prints each command's arguments as a JSON line and succeeds, except for commands
   naming `failing`, which exit with `status` (124: as `timeout` reports a command it cut off)."""
