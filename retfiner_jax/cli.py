@@ -6,6 +6,7 @@ this checkout, whatever the working directory; a path that exists is taken as gi
 """
 from __future__ import annotations
 
+import runpy
 import sys
 from pathlib import Path
 
@@ -41,16 +42,30 @@ def parse_flags(argv, default_config: str | None = None):
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
   except (AttributeError, KeyError) as e:
+    # The flag's value is not set where an override failed: the config is loaded again to find the unknown key.
+    config = flags.FLAGS["config"].value or _loaded_config(argv)
     option = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-                   and not _config_key_exists(a.split("=")[0][len("--config."):])), "--config.?")
+                   and not _config_key_exists(config, a.split("=")[0][len("--config."):])), "--config.?")
     hint = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").split("\n")[-1]
     print(f"error: {option}: no such config key. {hint}".rstrip(), file=sys.stderr, flush=True)
     sys.exit(2)
 
 
-def _config_key_exists(dotted: str) -> bool:
-  from absl import flags
-  config = flags.FLAGS["config"].value
+def _loaded_config(argv):
+  """The config that argv's --config names, loaded as ml_collections loads it (`file.py:argument` passes the
+  argument to get_config); None where that fails too (the error message then names no flag)."""
+  value = next((a[len("--config="):] for a in argv[1:] if a.startswith("--config=")), None)
+  if value is None:
+    return None
+  path, _, argument = value.partition(":")
+  try:
+    get_config = runpy.run_path(path)["get_config"]
+    return get_config(argument) if argument else get_config()
+  except Exception:  # Only for naming the flag in an error already being reported.
+    return None
+
+
+def _config_key_exists(config, dotted: str) -> bool:
   for part in dotted.split("."):
     if config is None or not hasattr(config, "keys") or part not in config:
       return False

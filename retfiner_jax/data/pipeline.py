@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from retfiner_jax.data.images import ImageError, preprocess_gray, read_image
+from retfiner_jax.errors import ConfigError
 from retfiner_jax.data.tokenizer import load_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class ImageSpec:
 
   def __post_init__(self):
     if self.image_dtype not in IMAGE_DTYPES:
-      raise ValueError(f"config.data.image_dtype must be one of {sorted(IMAGE_DTYPES)}, got {self.image_dtype!r}")
+      raise ConfigError(f"config.data.image_dtype must be one of {sorted(IMAGE_DTYPES)}, got {self.image_dtype!r}")
 
 
 IMAGE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -172,7 +173,8 @@ class ProcessShare(grain.MapDataset):
 
 def _check_share(batch_size: int, process_count: int):
   if batch_size % process_count:
-    raise ValueError(f"global batch {batch_size} is not divisible by the {process_count} processes")
+    raise ConfigError(f"config.train.batch_size {batch_size} (the global batch) must be divisible by the "
+                      f"{process_count} processes")
 
 
 def train_dataset(records, spec: ImageSpec, batch_size: int, seed: int, source: str = "manifest",
@@ -183,7 +185,8 @@ def train_dataset(records, spec: ImageSpec, batch_size: int, seed: int, source: 
   processes. `images_only`: batches of images alone (MAE pretraining; the records need no tokens)."""
   _check_share(batch_size, process_count)
   if len(records) < batch_size:
-    raise ValueError(f"{source}: {len(records)} records, fewer than one batch of {batch_size}")
+    raise ConfigError(f"{source}: {len(records)} records, fewer than one batch of {batch_size}: give more, or a "
+                      f"smaller config.train.batch_size")
   ds = grain.MapDataset.source(list(records)).shuffle(seed=seed).repeat(None)
   ds = ds.random_map((LoadImage if images_only else LoadPair)(spec, source, skip_bad), seed=seed)
   ds = ProcessShare(ds, batch_size, process_index, process_count)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from retfiner_jax.errors import ConfigError
 from retfiner_jax.models.layout import rows_over_devices
 
 # config.model.attention. auto: cuDNN's fused kernel on NVIDIA GPUs in bfloat16, XLA's ops elsewhere (CPU keeps the
@@ -27,12 +28,12 @@ def resolve_attention(choice: str, platform: str, dtype: str) -> str:
   """config.model.attention for a run on `platform` ('cpu', 'gpu'/'cuda', 'tpu') in compute `dtype` -> 'xla' or
   'fused'. 'fused' is cuDNN's flash attention: NVIDIA GPUs, bfloat16 only; asking for it elsewhere is an error."""
   if choice not in ATTENTION_CHOICES:
-    raise ValueError(f"config.model.attention must be one of {ATTENTION_CHOICES}, got {choice!r}")
+    raise ConfigError(f"config.model.attention must be one of {ATTENTION_CHOICES}, got {choice!r}")
   usable = platform in GPU_PLATFORMS and dtype != "float32"
   if choice == "auto":
     return "fused" if usable else "xla"
   if choice == "fused" and not usable:
-    raise ValueError(f"config.model.attention='fused' is cuDNN's fused attention, for NVIDIA GPUs in bfloat16; this "
+    raise ConfigError(f"config.model.attention='fused' is cuDNN's fused attention, for NVIDIA GPUs in bfloat16; this "
                      f"run is on {platform!r} in {dtype}: use 'auto' or 'xla'")
   return choice
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from retfiner_jax.data.images import NORMALISATION
+from retfiner_jax.errors import ConfigError
 from retfiner_jax.models.config import REMAT_CHOICES, ModelConfig
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
@@ -29,7 +30,7 @@ def resolve_remat(choice: str, platform: str) -> str:
   for their matmuls' outputs, or entirely. auto: elementwise on accelerators, none on CPU, where memory is plenty
   and recomputing would only cost time."""
   if choice not in REMAT_CHOICES:
-    raise ValueError(f"config.model.remat must be one of {REMAT_CHOICES}, got {choice!r}")
+    raise ConfigError(f"config.model.remat must be one of {REMAT_CHOICES}, got {choice!r}")
   if choice == "auto":
     return "none" if platform == "cpu" else "elementwise"
   return choice

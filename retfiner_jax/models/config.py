@@ -9,11 +9,22 @@ import dataclasses
 import json
 from pathlib import Path
 
+from retfiner_jax.errors import ConfigError
 from retfiner_jax.models.attention import ATTENTION_CHOICES
 
 BACKBONES = ("retfound", "visionfm", "urfound")
 # Rematerialisation in the backward pass (models/common.py resolve_remat says what each does).
 REMAT_CHOICES = ("auto", "none", "elementwise", "dots", "full")
+
+
+class InvalidModelSetting(ConfigError):
+  """A model-config value that cannot work, named with where the settings came from: `config.model.KEY` for a
+  run's config, `SOURCE: KEY` for a file."""
+
+  def __init__(self, key: str, problem: str, source: str = "model config"):
+    self.key, self.problem = key, problem
+    where = f"{source}.{key}" if source.startswith("config.") else f"{source}: {key}"
+    super().__init__(f"{where} {problem}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,21 +69,21 @@ class ModelConfig:
   attention: str = "auto"
 
   def __post_init__(self):
-    if self.backbone not in BACKBONES:
-      raise ValueError(f"model config: backbone must be one of {BACKBONES}, got {self.backbone!r}")
-    if self.dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"model config: dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-    if self.remat not in REMAT_CHOICES:
-      raise ValueError(f"model config: remat must be one of {REMAT_CHOICES}, got {self.remat!r}")
-    if self.attention not in ATTENTION_CHOICES:
-      raise ValueError(f"model config: attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
-    if not 0.0 <= self.drop_path < 1.0:
-      raise ValueError(f"model config: drop_path must be in [0, 1), got {self.drop_path}")
-    if self.vision_dim % self.vision_heads or self.text_dim % self.text_heads:
-      raise ValueError("model config: vision_dim/text_dim must be divisible by their head counts")
-    if not self.vision_projection and self.vision_dim != self.text_dim:
-      raise ValueError(
-          f"model config: vision_dim {self.vision_dim} != text_dim {self.text_dim} needs vision_projection=True")
+    def check(ok: bool, key: str, problem: str):
+      if not ok:
+        raise InvalidModelSetting(key, problem)
+    check(self.backbone in BACKBONES, "backbone", f"must be one of {BACKBONES}, got {self.backbone!r}")
+    check(self.dtype in ("float32", "bfloat16"), "dtype", f"must be 'float32' or 'bfloat16', got {self.dtype!r}")
+    check(self.remat in REMAT_CHOICES, "remat", f"must be one of {REMAT_CHOICES}, got {self.remat!r}")
+    check(self.attention in ATTENTION_CHOICES, "attention",
+          f"must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+    check(0.0 <= self.drop_path < 1.0, "drop_path", f"must be in [0, 1), got {self.drop_path}")
+    check(self.vision_dim % self.vision_heads == 0, "vision_dim",
+          f"{self.vision_dim} must be divisible by vision_heads {self.vision_heads}")
+    check(self.text_dim % self.text_heads == 0, "text_dim",
+          f"{self.text_dim} must be divisible by text_heads {self.text_heads}")
+    check(self.vision_projection or self.vision_dim == self.text_dim, "vision_projection",
+          f"must be True where vision_dim {self.vision_dim} != text_dim {self.text_dim}")
 
   @property
   def apply_final_norm(self) -> bool:
@@ -95,11 +106,14 @@ class ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-      raise ValueError(f"{source}: unknown model-config keys {unknown}; known keys: {sorted(known)}")
+      raise ConfigError(f"{source}: unknown model-config keys {unknown}; known keys: {sorted(known)}")
     d = dict(d)
     if "vision_mlp_dim" not in d and "vision_dim" in d:
       d["vision_mlp_dim"] = 4 * d["vision_dim"]
-    return cls(**d)
+    try:
+      return cls(**d)
+    except InvalidModelSetting as e:  # Named after where the settings came from: config.model.remat, a file's key.
+      raise InvalidModelSetting(e.key, e.problem, source) from None
 
   @classmethod
   def from_json(cls, path: str | Path) -> "ModelConfig":
@@ -109,7 +123,7 @@ class ModelConfig:
     try:
       d = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path}: cannot read a model config: {e}") from e
+      raise ConfigError(f"{path}: cannot read a model config: {e}") from e
     if "config" in d and isinstance(d["config"], dict):  # A reference bundle's expected.json.
       block = dict(d["config"])
       if "backbone" in d and "backbone" not in block:
@@ -146,5 +160,5 @@ VARIANTS: dict[str, ModelConfig] = {
 
 def get_variant(name: str) -> ModelConfig:
   if name not in VARIANTS:
-    raise ValueError(f"unknown model variant {name!r}; known: {sorted(VARIANTS)}")
+    raise ConfigError(f"unknown model variant {name!r}; known: {sorted(VARIANTS)}")
   return VARIANTS[name]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from retfiner_jax.errors import ConfigError
 from retfiner_jax.probe import rules
 
 PROTOCOLS = ("paper", "features")
@@ -40,9 +41,9 @@ class ProbeSettings:
 
   def __post_init__(self):
     if self.protocol not in PROTOCOLS:
-      raise ValueError(f"probe settings: protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+      raise ConfigError(f"config.probe.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
     if self.batch_size < -1:
-      raise ValueError(f"probe settings: batch_size must be >= -1, got {self.batch_size}")
+      raise ConfigError(f"config.probe.batch_size must be >= -1, got {self.batch_size}")
     object.__setattr__(self, "seeds", tuple(self.seeds))
 
   def for_backbone(self, backbone: str) -> "ProbeSettings":

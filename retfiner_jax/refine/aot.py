@@ -80,10 +80,7 @@ def with_overrides(config, overrides: dict, devices: int):
 def lower_step(config, devices, cfg, settings):
   """config (and the model config and objective settings made from it) + devices -> (ShardedStep, lowered step,
   its abstract arguments, lower seconds)."""
-  try:
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
-  except ValueError as e:
-    raise ConfigError(f"config.mesh: {e}") from None
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)  # A ConfigError names the key.
   check_batch_divides(config, mesh)
   built = sharded_train_step(config, cfg, settings, mesh)
   args = built.abstract_args(config.train.batch_size, cfg.max_text_length, cfg.image_size,

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from retfiner_jax.errors import ConfigError
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -18,11 +20,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None):
   devices = devices if devices is not None else jax.devices()
   n = len(devices)
   if fsdp < 1 or n % fsdp:
-    raise ValueError(f"mesh: fsdp={fsdp} must divide the {n} devices")
+    raise ConfigError(f"config.mesh.fsdp={fsdp} must divide the {n} devices")
   if data == -1:
     data = n // fsdp
   if data * fsdp != n:
-    raise ValueError(f"mesh: data={data} x fsdp={fsdp} != {n} devices")
+    raise ConfigError(f"config.mesh.data={data} x config.mesh.fsdp={fsdp} must be the {n} devices (data=-1: all "
+                      f"that fsdp leaves)")
   return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto),
                        devices=devices)
 

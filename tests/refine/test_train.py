@@ -103,9 +103,10 @@ def _running(pid: int) -> bool:
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
+  # A valid override first: the error names the unknown key, not the first override (it did, before 2026-12-06).
   out = subprocess.run([sys.executable, "-m", "retfiner_jax.main", "--config=configs/retfound.py",
-                        f"--workdir={tmp_path}", "--config.train.log_evry=1"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+                        f"--workdir={tmp_path}", "--config.train.epochs=2", "--config.train.log_evry=1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert out.stderr.strip().splitlines() == [
       "error: --config.train.log_evry: no such config key. 'log_evry' Did you mean \"log_every\" instead of "
@@ -113,6 +114,23 @@ def test_unknown_config_key_is_an_error(tmp_path):
   demo = subprocess.run([sys.executable, "-m", "retfiner_jax.main", "--config=configs/demo.py",
                          f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert demo.returncode != 0 and "python -m retfiner_jax.demo" in demo.stderr
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("--config.model.attention=flash", "error: config.model.attention must be one of ('auto', 'xla', 'fused'), got "
+                                       "'flash'"),
+    ("--config.model.remat=some", "error: config.model.remat must be one of ('auto', 'none', 'elementwise', 'dots', "
+                                  "'full'), got 'some'"),
+    ("--config.model.text_heads=5", "error: config.model.text_dim 768 must be divisible by text_heads 5"),
+    ("--config.mesh.fsdp=3", "error: config.mesh.fsdp=3 must divide the "),  # ... N devices (the child's N).
+])
+def test_a_setting_that_cannot_work_is_one_line_naming_its_key(tmp_path, setting, message):
+  """A bad value of a model or mesh setting: exit status 2 and one `error:` line naming the config key, before
+  any data is read (the run names no manifest), no traceback (there was one before 2026-12-06)."""
+  out = subprocess.run([sys.executable, "-m", "retfiner_jax.main", "--config=configs/retfound.py",
+                        f"--workdir={tmp_path}", setting], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr[-2000:]
 
 
 SHARDED_SCRIPT = r"""
