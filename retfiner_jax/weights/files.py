@@ -292,17 +292,24 @@ def overlay(params: dict, loaded: dict, where: str, cfg: ModelConfig) -> dict:
   return cv.unflatten(flat)
 
 
-def load_pretrained(config, cfg: ModelConfig, params: dict, log=print) -> dict:
-  """Puts the configured pretrained weights (FM, BERT, or a whole RetFiner model) into `params` (their leaves
-  replaced by numpy arrays; the others kept as they are)."""
-  fmt = config.weights.format or None
+def configured_weights(config) -> list[tuple[str, str, str | None]]:
+  """(config.weights key, path, the model part it fills or None for the whole model) of each configured source,
+  each checked to exist (MissingInput names the key): a whole RetFiner model, or the FM and/or the BERT."""
   sources = ([("retfiner", config.weights.retfiner, None)] if config.weights.retfiner else
              [(n, p, n) for n, p in (("vision", config.weights.vision), ("text", config.weights.text)) if p])
-  for name, path, part in sources:
+  for name, path, _ in sources:
     if not Path(path).exists():
       raise MissingInput(
           f"config.weights.{name} = {path}: not found. Give a converted folder (python tools/convert_weights.py "
           f"--input CHECKPOINT --output DIR) or the PyTorch checkpoint itself.")
+  return sources
+
+
+def load_pretrained(config, cfg: ModelConfig, params: dict, log=print) -> dict:
+  """Puts the configured pretrained weights (FM, BERT, or a whole RetFiner model) into `params` (their leaves
+  replaced by numpy arrays; the others kept as they are)."""
+  fmt = config.weights.format or None
+  for name, path, part in configured_weights(config):
     # What a PyTorch checkpoint lacks keeps the run's own initialisation (config.seed), as with a converted
     # folder that lacks it.
     _, loaded, meta = load_weights(path, fmt=fmt, model_config=cfg, log=log, fill_missing=False)

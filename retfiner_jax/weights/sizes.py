@@ -116,7 +116,7 @@ def resolve_model_sizes(config, explicit=(), log=print):
   changes, conflicts = [], []
   for name, path, part in sources:
     if not Path(path).exists():
-      continue  # load_pretrained names the missing file.
+      continue  # files.configured_weights names the missing file (before the compile starts).
     sizes = with_conventional_heads(sizes_of_weights(path, part), config.model)
     for key, value in sizes.items():
       if config.model[key] == value:

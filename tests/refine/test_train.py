@@ -36,8 +36,11 @@ def test_clear_errors_for_missing_inputs(corpus, tmp_path):
     trainer.run(config, tmp_path / "a", log=lambda *a: None)
   config = tiny_config(corpus)
   config.weights.vision = str(tmp_path / "missing.pth")
+  lines = []
   with pytest.raises(FileNotFoundError, match="config.weights.vision = .*missing.pth: not found.*convert_weights"):
-    trainer.run(config, tmp_path / "b", log=lambda *a: None)
+    trainer.run(config, tmp_path / "b", log=lambda *a: lines.append(" ".join(map(str, a))))
+  # Found before the step's compile starts (a full-size compile on a GPU is most of a minute; it cannot be stopped).
+  assert not [line for line in lines if "compil" in line], lines
 
 
 def test_sigterm_with_grain_workers_saves_and_leaks_no_shared_memory(corpus, tmp_path):
