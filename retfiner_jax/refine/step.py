@@ -171,11 +171,8 @@ def sharded_train_step(config, cfg: ModelConfig, settings: ObjectiveSettings, me
   """config (its train block: optimizer, micro-batches) + model config + mesh -> the ShardedStep. Nothing is
   computed: the parameters are shapes. The seed is the step's argument (ShardedStep.seed(config.seed))."""
   platform = mesh.devices.flat[0].platform
-  try:
-    cfg = cfg.replace(attention=resolve_attention(cfg.attention, platform, cfg.dtype),
-                      remat=resolve_remat(cfg.remat, platform))
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  cfg = cfg.replace(attention=resolve_attention(cfg.attention, platform, cfg.dtype),  # ConfigError: bad values.
+                    remat=resolve_remat(cfg.remat, platform))
   model, tx = RetFiner(cfg), make_optimizer(config)
   prng = prng_impl(config.train.prng, platform)
   abstract_params = weight_files.abstract_params(cfg)
