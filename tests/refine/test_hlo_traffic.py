@@ -144,6 +144,18 @@ def test_bytes_and_flops_of_a_written_out_program_equal_hand_computation():
   assert len(report["heaviest"]) == 3
 
 
+def test_an_unfilled_buffer_moves_no_bytes():
+  """The loop's stack made by AllocateBuffer (lax.empty on GPU/TPU) instead of a zero fill: no kernel, no bytes;
+  the other kernels as before."""
+  fill = "%zeros = f32[4,8,32]{2,1,0} fusion(), kind=kLoop, calls=%fused_zeros"
+  assert fill in PROGRAM
+  unfilled = PROGRAM.replace(fill, '%zeros = f32[4,8,32]{2,1,0} custom-call(), custom_call_target="AllocateBuffer"')
+  rows = {r["name"]: r for r in hlo_traffic.kernels(hlo_traffic.Program(unfilled))}
+  filled = {r["name"]: r for r in hlo_traffic.kernels(hlo_traffic.Program(PROGRAM))}
+  assert sorted(rows) == sorted(set(filled) - {"zeros"})
+  assert all(rows[n]["read"] == filled[n]["read"] and rows[n]["written"] == filled[n]["written"] for n in rows)
+
+
 def test_the_serial_bound_is_each_kernels_slower_limit_summed():
   rows = [dict(flops=4e12, read=1e12, written=1e12),   # 4 s of FLOPs at 1 TFLOP/s, 1 s of bytes at 2 TB/s: 4 s.
           dict(flops=0, read=3e12, written=1e12)]      # Bytes only: 2 s.
