@@ -35,6 +35,9 @@ def read_image_folder(root, slices: str = "centre", on_bad=None):
   if slices not in SLICE_RULES:
     raise ProbeDataError(f"data.slices must be one of {SLICE_RULES}, got {slices!r}")
   root = Path(root)
+  if not root.is_dir():
+    raise ProbeDataError(f"{root}: no such folder (expected an ImageFolder dataset ROOT/{{train,val,test}}/<class>/"
+                         f"<image>, or a dataset built from one)")
   if not (root / "train").is_dir() and is_built_dataset(root):
     from retfiner_jax.data import tfds_builders
     return tfds_builders.folder_items(root)

@@ -127,6 +127,11 @@ def test_bad_inputs_name_the_path(tmp_path):
   make(tmp_path / "one", ["train/a/1.png", "test/a/1.png"])
   with pytest.raises(folders.ProbeDataError, match=r"one/train: a split needs at least two classes"):
     folders.read_image_folder(tmp_path / "one")
+  with pytest.raises(folders.ProbeDataError, match=r"absent: no such folder"):  # Not "expected ImageFolder layout".
+    folders.read_image_folder(tmp_path / "absent")
+  make(tmp_path / "flat", ["a/1.png", "b/1.png"])  # A folder, but without the splits.
+  with pytest.raises(folders.ProbeDataError, match=r"flat: expected ImageFolder layout"):
+    folders.read_image_folder(tmp_path / "flat")
   (tmp_path / "bad.png").write_bytes(b"not an image")
   with pytest.raises(folders.ProbeDataError, match=r"bad.png: cannot decode"):
     folders.load_images([tmp_path / "bad.png"], 16, "retfound")
