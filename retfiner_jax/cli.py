@@ -36,6 +36,12 @@ def parse_flags(argv, default_config: str | None = None):
   if default_config and not any(a.startswith("--config=") for a in argv[1:]):
     argv = [argv[0], f"--config={default_config}", *argv[1:]]
   argv = [f"--config={config_path(a[len('--config='):])}" if a.startswith("--config=") else a for a in argv]
+  for value in (a[len("--config="):] for a in argv[1:] if a.startswith("--config=")):
+    if not Path(value.partition(":")[0]).is_file():  # ml_collections would raise with a traceback.
+      names = ", ".join(sorted(c.stem for c in CONFIGS.glob("*.py") if not c.name.startswith("_")))
+      print(f"error: --config={value}: no such config file (a name in configs/: {names}; or a path)",
+            file=sys.stderr, flush=True)
+      sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:  # A missing flag, a value of the wrong type.

@@ -117,6 +117,12 @@ def test_unknown_config_key_is_an_error(tmp_path):
   demo = subprocess.run([sys.executable, "-m", "retfiner_jax.main", "--config=configs/demo.py",
                          f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert demo.returncode != 0 and "python -m retfiner_jax.demo" in demo.stderr
+  # A config that is not there: one line naming the shipped ones (ml_collections' own error was a traceback).
+  typo = subprocess.run([sys.executable, "-m", "retfiner_jax.main", "--config=retfund", f"--workdir={tmp_path}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert typo.returncode == 2 and typo.stderr.strip().splitlines() == [
+      "error: --config=retfund: no such config file (a name in configs/: demo, mae_demo, probe, retfound, urfound, "
+      "visionfm; or a path)"], typo.stderr[-2000:]
 
 
 @pytest.mark.parametrize("setting, message", [
