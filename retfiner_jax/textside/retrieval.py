@@ -126,6 +126,11 @@ def run(model, manifest, workdir, itm_top_k: int = DEFAULT_ITM_TOP_K, log=print)
   if not Path(manifest).exists():
     raise MissingInput(f"--manifest {manifest}: file not found")
   records = read_manifest(manifest)
+  missing = [r for r in records if not Path(r["image"]).exists()]  # Named by row before any image is read.
+  if missing:
+    more = (f" ({len(missing)} rows in all: python -m retfiner_jax.data.check {manifest} lists them)"
+            if len(missing) > 1 else "")
+    raise MissingInput(f"--manifest {manifest} row {missing[0]['row']}: {missing[0]['image']}: file not found{more}")
   images, reports = [r["image"] for r in records], [r["report"] for r in records]
   log(f"{manifest}: {len(records)} pairs")
   image_emb, text_emb = model.embed_images(images), model.embed_texts(reports)

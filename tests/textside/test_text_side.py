@@ -188,7 +188,7 @@ def test_zero_shot_and_retrieval_commands(setting, tmp_path, capsys):
   with pytest.raises(SystemExit):  # A missing image: one line naming it.
     retrieval.main([f"--model={root / 'model'}", f"--tokenizer={vocab}", f"--workdir={tmp_path / 'ret2'}",
                     f"--manifest={_manifest_with_missing_image(root, tmp_path)}"])
-  assert capsys.readouterr().err.strip().endswith("gone.png: file not found")
+  assert capsys.readouterr().err.strip().endswith("m.csv row 2: " + str(tmp_path / "gone.png") + ": file not found")
 
 
 def _manifest_with_missing_image(root, tmp_path):
