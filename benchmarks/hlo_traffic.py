@@ -275,7 +275,7 @@ def kernels(program: Program, every_branch: bool = False) -> list[dict]:
         for callee in program.called(instruction, "to_apply"):
           out += walk(callee, times)
         continue
-      if opcode in NO_KERNEL or (opcode == "custom-call" and 'custom_call_target="AllocateBuffer"' in instruction["line"]):
+      if opcode in NO_KERNEL or 'custom_call_target="AllocateBuffer"' in instruction["line"]:
         continue  # AllocateBuffer (lax.empty's lowering on GPU and TPU) only allocates: XLA emits no kernel for it.
       fused = program.called(instruction, "calls")
       if opcode == "async-start" and fused:  # an async wrapper around one fusion or call

@@ -21,8 +21,8 @@ import ml_dtypes
 import numpy as np
 
 from retfiner_jax.data.images import ImageError, preprocess_gray, read_image
-from retfiner_jax.errors import ConfigError
 from retfiner_jax.data.tokenizer import load_tokenizer, tokenize
+from retfiner_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -36,13 +36,6 @@ def resolve_remat(choice: str, platform: str) -> str:
   return choice
 
 
-def recomputes_elementwise(cfg: ModelConfig) -> bool:
-  """Whether remat resolves to 'elementwise' ('auto' left unresolved, in a model built outside a run's step,
-  resolves for the backend it is traced on): the layers are then recomputed from what they keep (vit.BLOCK_KEEPS,
-  bert.LAYER_KEEPS)."""
-  return resolve_remat(cfg.remat, jax.default_backend()) == "elementwise"
-
-
 def model_images(images, backbone: str):
   """The ViT's input, (B, S, S, 3) normalised: given as such (the probe, the text side, the reference bundles),
   or made here, on the device, from the (B, S, S) one-channel images in [0, 1] that the training pipeline ships

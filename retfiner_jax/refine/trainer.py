@@ -167,11 +167,12 @@ def setup(config, workdir, log=print, explicit_model_keys=(), timings: Timings |
     checkpoints = RunCheckpoints(workdir, config.checkpoint.keep, log)
   # The step is compiled from its shapes alone, so its compile runs alongside the parameters and the first batch.
   compile_fn = functools.partial(compile_step, config, built, log)
-  if checkpoints.latest_step() is None:  # A fresh run: its weights must be there before the compile starts.
+  fresh = checkpoints.latest_step() is None
+  if fresh:  # Its weights must be there before the compile starts (XLA cannot stop a compile).
     weight_files.configured_weights(config)
   compiling = start_compile(compile_fn) if training_remains(checkpoints, data[5]) else None
   try:
-    if checkpoints.latest_step() is None:
+    if fresh:
       for tower in randomly_initialised(config):
         log(RANDOM_TOWER_WARNINGS[tower])
       with phase("parameters (initialised, pretrained weights loaded)"):

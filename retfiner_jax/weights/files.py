@@ -292,11 +292,9 @@ def overlay(params: dict, loaded: dict, where: str, cfg: ModelConfig) -> dict:
   return cv.unflatten(flat)
 
 
-def configured_weights(config) -> list[tuple[str, str, str | None]]:
-  """(config.weights key, path, the model part it fills or None for the whole model) of each configured source,
-  each checked to exist (MissingInput names the key): a whole RetFiner model, or the FM and/or the BERT."""
-  sources = ([("retfiner", config.weights.retfiner, None)] if config.weights.retfiner else
-             [(n, p, n) for n, p in (("vision", config.weights.vision), ("text", config.weights.text)) if p])
+def configured_weights(config) -> list[tuple[str, str, str]]:
+  """sizes.weight_sources, each checked to exist (MissingInput names the config.weights key)."""
+  sources = sizes.weight_sources(config)
   for name, path, _ in sources:
     if not Path(path).exists():
       raise MissingInput(

@@ -107,14 +107,20 @@ def sizes_of_weights(path, part: str) -> dict:
   return {k: v for k, v in sizes.items() if k in wanted}
 
 
+def weight_sources(config) -> list[tuple[str, str, str]]:
+  """(config.weights key, path, the part it fills: "retfiner" for the whole model, "vision", "text") of each
+  configured source: a whole RetFiner model, or the FM and/or the BERT."""
+  w = config.weights
+  if w.retfiner:
+    return [("retfiner", w.retfiner, "retfiner")]
+  return [(n, p, n) for n, p in (("vision", w.vision), ("text", w.text)) if p]
+
+
 def resolve_model_sizes(config, explicit=(), log=print):
   """Sets `config.model`'s sizes from the configured weights (in place). `explicit`: the config.model keys the
   command line set; the weights disagreeing with one of those is an error naming them all."""
-  w = config.weights
-  sources = [("retfiner", w.retfiner, "retfiner")] if w.retfiner else \
-      [(n, p, n) for n, p in (("vision", w.vision), ("text", w.text)) if p]
   changes, conflicts = [], []
-  for name, path, part in sources:
+  for name, path, part in weight_sources(config):
     if not Path(path).exists():
       continue  # files.configured_weights names the missing file (before the compile starts).
     sizes = with_conventional_heads(sizes_of_weights(path, part), config.model)

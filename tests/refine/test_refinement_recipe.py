@@ -258,9 +258,9 @@ def test_elementwise_remat_recomputes_no_matmul(monkeypatch, scan_layers):
 
 
 def test_auto_remat_and_attention_resolve_to_the_cpu_path_the_references_match():
-  from retfiner_jax.models.common import recomputes_elementwise, resolve_remat
-  assert jax.default_backend() == "cpu" and not recomputes_elementwise(CFG.replace(remat="auto"))
+  from retfiner_jax.models.common import resolve_remat
+  assert jax.default_backend() == "cpu" and resolve_remat("auto", jax.default_backend()) != "elementwise"
   assert [resolve_remat("auto", p) for p in ("cpu", "gpu", "tpu")] == ["none", "elementwise", "elementwise"]
-  assert recomputes_elementwise(CFG.replace(remat="elementwise"))
+  assert resolve_remat("elementwise", jax.default_backend()) == "elementwise"
   with pytest.raises(ValueError, match="remat must be one of"):
     resolve_remat("some", "cpu")
